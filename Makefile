@@ -1,0 +1,20 @@
+# The two commands of the README, and a few helpers.
+.PHONY: demo test setup install fmt clippy
+
+demo:
+	scripts/demo.sh
+
+test:
+	scripts/test.sh
+
+setup:
+	scripts/setup.sh
+
+install: setup
+	cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config
+
+fmt:
+	cargo fmt
+
+clippy:
+	cargo clippy --all-targets --features pg_test -- -D warnings

@@ -1,0 +1,5 @@
+//! In-database tests, one file per feature, run by `cargo pgrx test`. Each
+//! file keeps its tests in a `tests` schema module, where the test framework
+//! looks for them.
+
+mod stream_export;

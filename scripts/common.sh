@@ -1,0 +1,37 @@
+# Shared settings for the scripts; sourced, not run.
+PGRX_VERSION=0.18.0
+PG_BIN=/usr/lib/postgresql/15/bin
+PG_CONFIG=$PG_BIN/pg_config
+export PATH="$HOME/.cargo/bin:$PATH"
+
+# A TCP port nobody listens on right now.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Run a command as the postgres OS user (PostgreSQL refuses to run as root).
+as_postgres() {
+    if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres -- "$@"; fi
+}
+
+# Start a throwaway cluster in a fresh directory under /tmp, owned by
+# postgres, listening on 127.0.0.1:<free port>. Sets CLUSTER_DIR and PGPORT.
+# Extra server settings can be passed as arguments ("-c name=value" pairs).
+cluster_start() {
+    CLUSTER_DIR=$(mktemp -d /tmp/pg_stream_export.XXXXXX)
+    chown postgres: "$CLUSTER_DIR"
+    chmod 700 "$CLUSTER_DIR"
+    as_postgres "$PG_BIN/initdb" -D "$CLUSTER_DIR/data" -U postgres --auth=trust \
+        --encoding=UTF8 --locale=C.UTF-8 >"$CLUSTER_DIR/initdb.log" 2>&1 \
+        || { cat "$CLUSTER_DIR/initdb.log"; return 1; }
+    PGPORT=$(free_port)
+    as_postgres "$PG_BIN/pg_ctl" -D "$CLUSTER_DIR/data" -l "$CLUSTER_DIR/server.log" -w start \
+        -o "-c port=$PGPORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$CLUSTER_DIR $*" >/dev/null \
+        || { cat "$CLUSTER_DIR/server.log"; return 1; }
+    export PGHOST=127.0.0.1 PGPORT PGUSER=postgres PGDATABASE=postgres
+}
+
+cluster_stop() {
+    [ -n "${CLUSTER_DIR:-}" ] && [ -d "$CLUSTER_DIR/data" ] || return 0
+    as_postgres "$PG_BIN/pg_ctl" -D "$CLUSTER_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+}

@@ -1,0 +1,29 @@
+//! pg_stream_export: stream exports of any size out of PostgreSQL as NDJSON.
+//!
+//! The `#[pg_extern]` layer lives in [`api`]; everything it calls is either
+//! pure Rust (unit-tested without a server) or one of the few modules that
+//! talk to PostgreSQL through `pg_sys` ([`scan`], [`source`]).
+
+mod api;
+mod error;
+mod ident;
+mod scan;
+mod source;
+
+::pgrx::pg_module_magic!(name, version);
+
+/// The in-database test suites, one file per feature under `pgrx-tests/`.
+#[cfg(any(test, feature = "pg_test"))]
+#[path = "../pgrx-tests/mod.rs"]
+mod pgrx_tests;
+
+/// Required by `cargo pgrx test`; must be visible at the crate root.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,155 @@
+//! Resolving the `source` argument: a relation (resolved like `::regclass`)
+//! or a single read-only query. Everything else is `42P01`.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::{is_a, pg_sys, PgList, PgSqlErrorCode};
+
+use crate::error::raise;
+use crate::ident::{looks_like_query, quote_identifier, split_qualified_name};
+
+/// What an export reads from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A table, view, materialized view or foreign table, by its quoted,
+    /// schema-qualified name.
+    Relation { qualified_name: String },
+    /// A query, checked to be exactly one read-only SELECT / VALUES / TABLE.
+    Query(String),
+}
+
+impl Source {
+    /// Resolve `source` as the specification says: a relation if it names
+    /// one, else a query if it starts like one, else `42P01`.
+    pub fn resolve(source: &str) -> Source {
+        if let Some(qualified_name) = lookup_relation(source) {
+            return Source::Relation { qualified_name };
+        }
+        if looks_like_query(source) {
+            check_single_read_only_query(source);
+            return Source::Query(source.to_owned());
+        }
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            format!("relation \"{source}\" does not exist"),
+            Some("source must name a table, view or materialized view, or be a query starting with SELECT, WITH, VALUES or TABLE"),
+        )
+    }
+
+    /// SQL text usable in a FROM clause (a query comes back parenthesised).
+    pub fn sql_from_item(&self) -> String {
+        match self {
+            Source::Relation { qualified_name } => qualified_name.clone(),
+            Source::Query(query) => format!("({query}\n)"),
+        }
+    }
+}
+
+/// The quoted, qualified name of the relation `source` names, or `None` when
+/// it is not valid name syntax or no such relation is visible.
+fn lookup_relation(source: &str) -> Option<String> {
+    let parts = split_qualified_name(source)?;
+    if parts.len() > 3 {
+        return None;
+    }
+    let cstrings: Vec<CString> = parts
+        .iter()
+        .map(|p| CString::new(p.as_str()).ok())
+        .collect::<Option<_>>()?;
+    // SAFETY: makeRangeVar copies nothing and only stores the pointers, which
+    // stay alive (`cstrings`) until RangeVarGetRelidExtended returns; with
+    // RVR_MISSING_OK an unknown relation gives InvalidOid instead of an
+    // error. The catalog lookups return palloc'd copies or NULL.
+    unsafe {
+        let (catalog, schema, name) = match cstrings.as_slice() {
+            [name] => (std::ptr::null(), std::ptr::null(), name.as_ptr()),
+            [schema, name] => (std::ptr::null(), schema.as_ptr(), name.as_ptr()),
+            [catalog, schema, name] => (catalog.as_ptr(), schema.as_ptr(), name.as_ptr()),
+            _ => return None,
+        };
+        let range_var = pg_sys::makeRangeVar(schema.cast_mut(), name.cast_mut(), -1);
+        (*range_var).catalogname = catalog.cast_mut();
+        let oid = pg_sys::RangeVarGetRelidExtended(
+            range_var,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        if oid == pg_sys::InvalidOid {
+            return None;
+        }
+        let relname = pg_sys::get_rel_name(oid);
+        let nspname = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(oid));
+        if relname.is_null() || nspname.is_null() {
+            return None;
+        }
+        Some(format!(
+            "{}.{}",
+            quote_identifier(&CStr::from_ptr(nspname).to_string_lossy()),
+            quote_identifier(&CStr::from_ptr(relname).to_string_lossy())
+        ))
+    }
+}
+
+/// Refuse anything but exactly one SELECT-shaped statement (which covers
+/// VALUES and TABLE) without data-modifying WITH clauses.
+fn check_single_read_only_query(query: &str) {
+    let Ok(c_query) = CString::new(query) else {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "source must not contain a NUL byte",
+            None,
+        )
+    };
+    // SAFETY: raw_parser only reads the NUL-terminated string and returns a
+    // palloc'd List of RawStmt nodes (or raises a syntax error); every node
+    // is checked with is_a before it is cast.
+    let problem = unsafe {
+        let statements = PgList::<pg_sys::RawStmt>::from_pg(pg_sys::raw_parser(
+            c_query.as_ptr(),
+            pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
+        ));
+        match statements.len() {
+            1 => {
+                let stmt = statements.get_ptr(0).map(|raw| (*raw).stmt);
+                match stmt {
+                    Some(node) if is_a(node, pg_sys::NodeTag::T_SelectStmt) => {
+                        let select = node.cast::<pg_sys::SelectStmt>();
+                        if has_modifying_cte((*select).withClause) {
+                            Some("a data-modifying statement in WITH is not allowed")
+                        } else {
+                            None
+                        }
+                    }
+                    _ => Some("only SELECT, WITH, VALUES and TABLE queries can be exported"),
+                }
+            }
+            0 => Some("the query is empty"),
+            _ => Some("the query must be exactly one statement"),
+        }
+    };
+    if let Some(problem) = problem {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid source query: {problem}"),
+            Some("an export source query must be a single read-only statement"),
+        );
+    }
+}
+
+/// SAFETY: `with_clause` is NULL or a WithClause node from the raw parser.
+unsafe fn has_modifying_cte(with_clause: *mut pg_sys::WithClause) -> bool {
+    if with_clause.is_null() {
+        return false;
+    }
+    // SAFETY: the raw parser builds `ctes` as a List of CommonTableExpr.
+    unsafe {
+        let ctes = PgList::<pg_sys::CommonTableExpr>::from_pg((*with_clause).ctes);
+        let modifying = ctes.iter_ptr().any(|cte| {
+            let query = (*cte).ctequery;
+            !query.is_null() && !is_a(query, pg_sys::NodeTag::T_SelectStmt)
+        });
+        modifying
+    }
+}

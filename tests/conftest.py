@@ -1,0 +1,108 @@
+"""End-to-end harness: one throwaway PostgreSQL 15 cluster per test session.
+
+The cluster runs as the `postgres` OS user (PostgreSQL refuses root) in a
+fresh directory under /tmp, on a free local port, with the installed
+extension created in its own database. It is stopped and removed when the
+session ends, also when tests fail. At the end the server log is checked for
+backends killed by a signal: a crash fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+REPO = Path(__file__).resolve().parent.parent
+DATABASE = "e2e"
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    if os.geteuid() == pwd.getpwnam("postgres").pw_uid:
+        return cmd
+    return ["sudo", "-u", "postgres", "--", *cmd]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    directory: Path
+    port: int
+
+    @property
+    def data(self) -> Path:
+        return self.directory / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "server.log"
+
+    def dsn(self, dbname: str = DATABASE, user: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} dbname={dbname} user={user}"
+
+    def connect(self, **kwargs) -> psycopg.Connection:
+        kwargs.setdefault("autocommit", True)
+        return psycopg.connect(self.dsn(), **kwargs)
+
+    def psql(self, *args: str, input: bytes | None = None, check: bool = True,
+             options: str = "") -> subprocess.CompletedProcess:
+        """Run the real psql client against the test database."""
+        env = dict(os.environ, PGOPTIONS=options) if options else None
+        return subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.dsn(), *args],
+            input=input, capture_output=True, check=check, env=env,
+        )
+
+    def pg_ctl(self, *args: str) -> None:
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args]),
+                       check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def server():
+    directory = Path(tempfile.mkdtemp(prefix="pg_stream_export-e2e.", dir="/tmp"))
+    shutil.chown(directory, "postgres", "postgres")
+    srv = Server(directory=directory, port=_free_port())
+    started = False
+    try:
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "initdb"), "-D", str(srv.data), "-U", "postgres",
+                          "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"]),
+            check=True, capture_output=True,
+        )
+        options = (f"-c port={srv.port} -c listen_addresses=127.0.0.1 "
+                   f"-c unix_socket_directories={directory} -c fsync=off")
+        srv.pg_ctl("-l", str(srv.log), "-w", "start", "-o", options)
+        started = True
+        with psycopg.connect(srv.dsn("postgres"), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {DATABASE}")
+        with srv.connect() as conn:
+            conn.execute("CREATE EXTENSION pg_stream_export")
+        yield srv
+    finally:
+        if started:
+            srv.pg_ctl("-m", "fast", "-w", "stop")
+        log = srv.log.read_text(errors="replace") if srv.log.exists() else ""
+        shutil.rmtree(directory, ignore_errors=True)
+        if "terminated by signal" in log:
+            pytest.fail("a backend crashed during the end-to-end tests:\n" + log[-5000:])
+
+
+@pytest.fixture
+def conn(server):
+    with server.connect() as connection:
+        yield connection
