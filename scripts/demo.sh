@@ -11,7 +11,7 @@ echo "==> building and installing the extension (release)"
 cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
 
 cluster_start
-trap 'cluster_stop; echo "==> cluster stopped; its files stay in $CLUSTER_DIR (remove with: rm -rf $CLUSTER_DIR)"' EXIT
+trap 'cluster_stop; rm -rf "$CLUSTER_DIR"; echo "==> throwaway cluster stopped and removed"' EXIT
 echo "==> throwaway cluster running in $CLUSTER_DIR on port $PGPORT"
 
 psql -q -X -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION pg_stream_export'
@@ -19,7 +19,7 @@ echo "==> loading $N rows into events (bench/make_events.sql)"
 psql -q -X -v ON_ERROR_STOP=1 -v N="$N" -c 'SET TimeZone = UTC' -f bench/make_events.sql
 
 echo "==> SELECT stream_export('events') LIMIT 3"
-psql -X -At -v ON_ERROR_STOP=1 -c "SET TimeZone = UTC" -c "SELECT stream_export('events') LIMIT 3"
+PGOPTIONS='-c TimeZone=UTC' psql -X -At -v ON_ERROR_STOP=1 -c "SELECT stream_export('events') LIMIT 3"
 
 out_dir=target/demo
 mkdir -p "$out_dir"
