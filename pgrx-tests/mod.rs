@@ -2,4 +2,5 @@
 //! file keeps its tests in a `tests` schema module, where the test framework
 //! looks for them.
 
+mod encoding;
 mod stream_export;

@@ -5,6 +5,7 @@
 //! talk to PostgreSQL through `pg_sys` ([`scan`], [`source`]).
 
 mod api;
+mod encode;
 mod error;
 mod ident;
 mod scan;

@@ -8,7 +8,7 @@
 
 use std::ffi::{CStr, CString};
 
-use pgrx::{pg_sys, FromDatum, PgSqlErrorCode};
+use pgrx::{pg_guard, pg_sys, PgSqlErrorCode};
 
 use crate::error::raise;
 
@@ -16,36 +16,55 @@ use crate::error::raise;
 pub struct Cursor {
     portal_name: CString,
     closed: bool,
+    /// Reset after every row: detoasted values and output-function results.
+    row_cxt: pg_sys::MemoryContext,
 }
 
-/// One fetched batch, valid while the SPI connection of the fetch is open.
-pub struct Batch {
-    tupdesc: pg_sys::TupleDesc,
-    tuples: *mut pg_sys::HeapTuple,
-    len: usize,
+/// What receives each fetched row: parallel `values` / `nulls` arrays.
+pub type RowCallback<'a> = dyn FnMut(*const pg_sys::Datum, *const bool) + 'a;
+
+/// A DestReceiver that hands every row to a Rust closure.
+#[repr(C)]
+struct RowReceiver {
+    base: pg_sys::DestReceiver,
+    /// Points at a `&mut dyn RowCallback` on the fetching frame.
+    on_row: *mut std::ffi::c_void,
+    row_cxt: pg_sys::MemoryContext,
 }
 
-impl Batch {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// The text value of column `column` (1-based) of row `row`, or `None`
-    /// for SQL NULL.
-    pub fn text(&self, row: usize, column: i32) -> Option<&str> {
-        assert!(row < self.len, "row {row} out of range");
-        let mut is_null = false;
-        // SAFETY: `row` is within the batch, the tuple and descriptor belong
-        // to the live SPI tuple table, and the column is a text column of
-        // the query this module built; the detoasted value lives in the SPI
-        // memory context, which outlives `&self`.
-        unsafe {
-            let tuple = *self.tuples.add(row);
-            let datum = pg_sys::SPI_getbinval(tuple, self.tupdesc, column, &mut is_null);
-            <&str as FromDatum>::from_datum(datum, is_null)
+#[pg_guard]
+unsafe extern "C-unwind" fn receive_slot(
+    slot: *mut pg_sys::TupleTableSlot,
+    receiver: *mut pg_sys::DestReceiver,
+) -> bool {
+    // SAFETY: `receiver` is the `base` field of a RowReceiver (repr(C),
+    // first field) that outlives the fetch; the slot is the executor's
+    // current row, whose attributes are all deformed before use.
+    unsafe {
+        let receiver = receiver.cast::<RowReceiver>();
+        let natts = (*(*slot).tts_tupleDescriptor).natts;
+        if ((*slot).tts_nvalid as i32) < natts {
+            pg_sys::slot_getsomeattrs_int(slot, natts);
         }
+        let old = pg_sys::MemoryContextSwitchTo((*receiver).row_cxt);
+        let on_row = &mut *(*receiver).on_row.cast::<&mut RowCallback>();
+        on_row((*slot).tts_values, (*slot).tts_isnull);
+        pg_sys::MemoryContextSwitchTo(old);
+        pg_sys::MemoryContextReset((*receiver).row_cxt);
     }
+    true
 }
+
+#[pg_guard]
+unsafe extern "C-unwind" fn receiver_noop_startup(
+    _receiver: *mut pg_sys::DestReceiver,
+    _operation: i32,
+    _tupdesc: pg_sys::TupleDesc,
+) {
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn receiver_noop(_receiver: *mut pg_sys::DestReceiver) {}
 
 /// Run `body` inside an SPI connection.
 fn with_spi<R>(body: impl FnOnce() -> R) -> R {
@@ -90,7 +109,12 @@ impl Cursor {
             // ERROR here. The portal outlives SPI_finish (portals belong to
             // the transaction), and its name is copied before returning.
             unsafe {
-                let plan = pg_sys::SPI_prepare(c_sql.as_ptr(), 0, std::ptr::null_mut());
+                let plan = pg_sys::SPI_prepare_cursor(
+                    c_sql.as_ptr(),
+                    0,
+                    std::ptr::null_mut(),
+                    pg_sys::CURSOR_OPT_NO_SCROLL as i32,
+                );
                 if plan.is_null() {
                     raise(
                         PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
@@ -118,49 +142,74 @@ impl Cursor {
                 CStr::from_ptr((*portal).name).to_owned()
             }
         });
+        // SAFETY: a plain child of the current context (the caller's
+        // long-lived one); freed with it, never explicitly.
+        let row_cxt = unsafe {
+            pg_sys::AllocSetContextCreateInternal(
+                pg_sys::CurrentMemoryContext,
+                c"pg_stream_export row".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            )
+        };
         Cursor {
             portal_name,
             closed: false,
+            row_cxt,
         }
     }
 
-    /// Fetch up to `rows` rows and hand them to `consume`; returns how many
-    /// rows the batch had (0 at the end). The batch is freed afterwards.
-    pub fn fetch<R>(&mut self, rows: i64, consume: impl FnOnce(&Batch) -> R) -> (usize, R) {
-        with_spi(|| {
-            // SAFETY: inside an SPI connection; the portal was opened by
-            // `open` in this transaction and is looked up by name (NULL if
-            // the transaction dropped it). SPI_cursor_fetch fills the SPI
-            // globals, which are read by value right after it.
-            unsafe {
-                let portal = pg_sys::SPI_cursor_find(self.portal_name.as_ptr());
-                if portal.is_null() {
-                    raise(
-                        PgSqlErrorCode::ERRCODE_INVALID_CURSOR_STATE,
-                        "the export cursor is gone",
-                        None,
-                    );
-                }
-                pg_sys::SPI_cursor_fetch(portal, true, rows as std::ffi::c_long);
-                let table = pg_sys::SPI_tuptable;
-                let len = pg_sys::SPI_processed as usize;
-                let batch = if table.is_null() {
-                    Batch {
-                        tupdesc: std::ptr::null_mut(),
-                        tuples: std::ptr::null_mut(),
-                        len: 0,
-                    }
-                } else {
-                    Batch {
-                        tupdesc: (*table).tupdesc,
-                        tuples: (*table).vals,
-                        len,
-                    }
-                };
-                let result = consume(&batch);
-                (batch.len, result)
-            }
-        })
+    /// The descriptor of the rows the cursor returns.
+    pub fn tupdesc(&self) -> pg_sys::TupleDesc {
+        // SAFETY: the portal is alive (checked by `portal`) and its tupDesc
+        // stays valid until the portal is dropped.
+        unsafe { (*self.portal()).tupDesc }
+    }
+
+    fn portal(&self) -> pg_sys::Portal {
+        // SAFETY: looks the portal up by name; NULL when the transaction
+        // has dropped it.
+        let portal = unsafe { pg_sys::GetPortalByName(self.portal_name.as_ptr()) };
+        if portal.is_null() || self.closed {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_CURSOR_STATE,
+                "the export cursor is gone",
+                None,
+            );
+        }
+        portal
+    }
+
+    /// Fetch up to `rows` rows, handing each to `on_row` as parallel
+    /// `values` / `nulls` arrays of the cursor's descriptor. Memory that
+    /// `on_row` allocates in the current memory context is freed after
+    /// each row. Returns the number of rows fetched (0 at the end).
+    pub fn fetch(&mut self, rows: i64, mut on_row: &mut RowCallback) -> u64 {
+        let portal = self.portal();
+        let mut receiver = RowReceiver {
+            base: pg_sys::DestReceiver {
+                receiveSlot: Some(receive_slot),
+                rStartup: Some(receiver_noop_startup),
+                rShutdown: Some(receiver_noop),
+                rDestroy: Some(receiver_noop),
+                mydest: pg_sys::CommandDest::DestNone,
+            },
+            on_row: (&mut on_row as *mut &mut RowCallback).cast(),
+            row_cxt: self.row_cxt,
+        };
+        // SAFETY: the portal is a live, ready SELECT portal of this
+        // transaction; PortalRunFetch runs it forward into our receiver,
+        // which lives on this stack frame for the whole call. Errors unwind
+        // as PostgreSQL errors and mark the portal failed.
+        unsafe {
+            pg_sys::PortalRunFetch(
+                portal,
+                pg_sys::FetchDirection::FETCH_FORWARD,
+                rows as std::ffi::c_long,
+                (&mut receiver.base as *mut pg_sys::DestReceiver).cast(),
+            )
+        }
     }
 
     /// Close the cursor now rather than at the end of the transaction.

@@ -36,6 +36,14 @@ impl Source {
         )
     }
 
+    /// A SELECT over every column of the source.
+    pub fn select_all_sql(&self) -> String {
+        format!(
+            "SELECT * FROM {} AS pg_stream_export_source",
+            self.sql_from_item()
+        )
+    }
+
     /// SQL text usable in a FROM clause (a query comes back parenthesised).
     pub fn sql_from_item(&self) -> String {
         match self {
