@@ -4,3 +4,4 @@
 
 mod encoding;
 mod stream_export;
+mod streaming;

@@ -1,65 +1,110 @@
-//! The SQL-callable functions. Thin: they resolve the source and hand the
-//! work to the scan and the encoder.
+//! The SQL-callable functions. Thin: they validate options, resolve the
+//! source and drive an [`Export`] from the calls of a value-per-call
+//! set-returning function.
 
 use pgrx::prelude::*;
 
-use crate::encode::RowEncoder;
-use crate::scan::Cursor;
+use crate::error::raise;
+use crate::export::{Export, LineSink};
+use crate::file::{
+    check_read_privilege, check_write_privilege, raise_io, resolve_target, PartialFile,
+};
+use crate::options::{parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions};
+use crate::progress::Destination;
+use crate::sink::{ExportWriter, RecordStats};
 use crate::source::Source;
 
-/// Rows fetched per batch.
-const BATCH_ROWS: i64 = 1000;
-
-/// One NDJSON line per row of `source`, as `row_to_json(r)::text` renders it.
-#[pg_extern(volatile, parallel_unsafe)]
-fn stream_export(source: &str) -> SetOfIterator<'static, String> {
-    let source = Source::resolve(source);
-    SetOfIterator::new(LineStream::open(&source))
+fn option_error(err: OptionError) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        err.message,
+        Some(&err.hint),
+    )
 }
 
-/// Walks the cursor batch by batch and yields one line per call.
+fn io_error(err: std::io::Error) -> ! {
+    raise_io(err, "export output")
+}
+
+/// One NDJSON line per row of `source`; the footer, if asked, comes last.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn stream_export(
+    source: &str,
+    compression: default!(Option<&str>, "'none'"),
+    compression_level: default!(Option<i32>, 6),
+    key: default!(Option<&str>, "NULL"),
+    after: default!(Option<&str>, "NULL"),
+    batch_size: default!(Option<i32>, 0),
+    footer: default!(Option<bool>, false),
+    key_from: default!(Option<&str>, "NULL"),
+    key_to: default!(Option<&str>, "NULL"),
+) -> SetOfIterator<'static, String> {
+    let raw = RawOptions {
+        compression,
+        compression_level,
+        key,
+        after,
+        batch_size,
+        footer,
+        key_from,
+        key_to,
+    };
+    let options = ExportOptions::parse(&raw).unwrap_or_else(|e| option_error(e));
+    if options.compression != Compression::None {
+        option_error(OptionError {
+            message: format!(
+                "stream_export returns text lines; compression '{}' is not available here",
+                options.compression
+            ),
+            hint: "use stream_export_bytes or stream_export_to_file for compressed output".into(),
+        });
+    }
+    let export = Export::open(Source::resolve(source), options, Destination::Callback);
+    SetOfIterator::new(LineStream::new(export))
+}
+
+/// The text lines of an export, a batch at a time.
 struct LineStream {
-    cursor: Cursor,
-    encoder: RowEncoder,
-    /// The current batch: lines back to back, and where each one ends.
+    export: Export,
     buffer: Vec<u8>,
     ends: Vec<usize>,
     next_line: usize,
+    stats: RecordStats,
     finished: bool,
+    footer_sent: bool,
 }
 
 impl LineStream {
-    fn open(source: &Source) -> Self {
-        let cursor = Cursor::open(&source.select_all_sql());
-        // SAFETY: the cursor's descriptor is valid while the cursor is
-        // open; the plan's function caches live in the current (per-call
-        // set-returning function) memory context, which outlives it.
-        let encoder = unsafe { RowEncoder::new(cursor.tupdesc(), pg_sys::CurrentMemoryContext) };
+    fn new(export: Export) -> Self {
         LineStream {
-            cursor,
-            encoder,
+            export,
             buffer: Vec::new(),
             ends: Vec::new(),
             next_line: 0,
+            stats: RecordStats::default(),
             finished: false,
+            footer_sent: false,
         }
     }
+}
 
-    fn fill(&mut self) {
-        self.buffer.clear();
-        self.ends.clear();
-        self.next_line = 0;
-        let (buffer, ends, encoder) = (&mut self.buffer, &mut self.ends, &mut self.encoder);
-        let fetched = self.cursor.fetch(BATCH_ROWS, &mut |values, nulls| {
-            // SAFETY: the scan hands us the deformed row of the cursor's
-            // descriptor, which is what the encoder was planned for.
-            unsafe { encoder.encode_values(buffer, values, nulls) };
-            ends.push(buffer.len());
-        });
-        if fetched == 0 {
-            self.finished = true;
-            self.cursor.close();
-        }
+/// The engine writes into the stream's own buffer; a separate sink view
+/// keeps the borrow of the export apart from the buffer's.
+struct LineCollector<'a> {
+    buffer: &'a mut Vec<u8>,
+    ends: &'a mut Vec<usize>,
+    stats: &'a mut RecordStats,
+}
+
+impl LineSink for LineCollector<'_> {
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        self.buffer
+    }
+
+    fn line_done(&mut self, start: usize) {
+        self.stats.add(&self.buffer[start..]);
+        self.ends.push(self.buffer.len());
     }
 }
 
@@ -74,16 +119,283 @@ impl Iterator for LineStream {
                 } else {
                     self.ends[self.next_line - 1]
                 };
-                let end = self.ends[self.next_line];
+                // Without the newline: one value per line.
+                let end = self.ends[self.next_line] - 1;
                 self.next_line += 1;
-                // The encoder writes UTF-8 only: names, escaped text and
-                // output-function results in a UTF-8 database.
                 return Some(String::from_utf8_lossy(&self.buffer[start..end]).into_owned());
+            }
+            if self.finished {
+                if self.export.options().footer && !self.footer_sent {
+                    self.footer_sent = true;
+                    return Some(self.export.footer(&self.stats).render());
+                }
+                return None;
+            }
+            self.buffer.clear();
+            self.ends.clear();
+            self.next_line = 0;
+            let rows = self.export.next_fetch_rows();
+            let mut collector = LineCollector {
+                buffer: &mut self.buffer,
+                ends: &mut self.ends,
+                stats: &mut self.stats,
+            };
+            if self.export.fetch(rows, &mut collector) == 0 {
+                self.finished = true;
+            }
+        }
+    }
+}
+
+/// The export as a byte stream (`.ndjson` or `.ndjson.gz`) in chunks of
+/// `chunk_size` bytes (the last one shorter).
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn stream_export_bytes(
+    source: &str,
+    compression: default!(Option<&str>, "'none'"),
+    compression_level: default!(Option<i32>, 6),
+    key: default!(Option<&str>, "NULL"),
+    after: default!(Option<&str>, "NULL"),
+    batch_size: default!(Option<i32>, 0),
+    footer: default!(Option<bool>, false),
+    key_from: default!(Option<&str>, "NULL"),
+    key_to: default!(Option<&str>, "NULL"),
+    chunk_size: default!(Option<i32>, 1048576),
+) -> SetOfIterator<'static, Vec<u8>> {
+    let raw = RawOptions {
+        compression,
+        compression_level,
+        key,
+        after,
+        batch_size,
+        footer,
+        key_from,
+        key_to,
+    };
+    let options = ExportOptions::parse(&raw).unwrap_or_else(|e| option_error(e));
+    let chunk_size = parse_chunk_size(chunk_size).unwrap_or_else(|e| option_error(e));
+    let writer = ExportWriter::new(Vec::new(), options.compression, options.compression_level);
+    let export = Export::open(Source::resolve(source), options, Destination::Callback);
+    SetOfIterator::new(ChunkStream {
+        export,
+        writer,
+        chunk_size,
+        finished: false,
+    })
+}
+
+struct ChunkStream {
+    export: Export,
+    writer: ExportWriter<Vec<u8>>,
+    chunk_size: usize,
+    finished: bool,
+}
+
+/// Lets the engine append lines straight into a writer's block.
+struct WriterSink<'a, W: std::io::Write>(&'a mut ExportWriter<W>);
+
+impl<W: std::io::Write> LineSink for WriterSink<'_, W> {
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        self.0.buffer()
+    }
+
+    fn line_done(&mut self, _start: usize) {
+        if let Err(e) = self.0.end_record() {
+            io_error(e);
+        }
+    }
+}
+
+impl Iterator for ChunkStream {
+    type Item = Vec<u8>;
+
+    fn next(&mut self) -> Option<Vec<u8>> {
+        loop {
+            let ready = self.writer.output().len();
+            if ready >= self.chunk_size || (self.finished && ready > 0) {
+                let take = ready.min(self.chunk_size);
+                let out = self.writer.output();
+                let rest = out.split_off(take);
+                return Some(std::mem::replace(out, rest));
             }
             if self.finished {
                 return None;
             }
-            self.fill();
+            let rows = self.export.next_fetch_rows();
+            if self.export.fetch(rows, &mut WriterSink(&mut self.writer)) == 0 {
+                self.finished = true;
+                let export = &self.export;
+                let make_footer = |stats: &RecordStats| export.footer(stats);
+                let footer: Option<&dyn Fn(&RecordStats) -> crate::footer::Footer> =
+                    export.options().footer.then_some(&make_footer);
+                if let Err(e) = self.writer.finish(footer) {
+                    io_error(e);
+                }
+            } else if let Err(e) = self.writer.drain() {
+                io_error(e);
+            }
         }
     }
+}
+
+/// The resume token for a stream that broke after `last_line`, the last
+/// NDJSON line a client received from an export of `source` with `key`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn stream_export_resume_token(source: &str, key: &str, last_line: &str) -> String {
+    let options = ExportOptions::parse(&RawOptions {
+        key: Some(key),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| option_error(e));
+    let export = Export::open(Source::resolve(source), options, Destination::Callback);
+    let key_text: Option<String> = Spi::get_one_with_args(
+        "SELECT ($1::pg_catalog.json) ->> $2",
+        &[last_line.into(), key.into()],
+    )
+    .unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
+            e.to_string(),
+            None,
+        )
+    });
+    let Some(key_text) = key_text else {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("last_line has no non-null value for key \"{key}\""),
+            Some("pass the last line exactly as the export produced it"),
+        )
+    };
+    export.token_after_key_text(&key_text)
+}
+
+/// Write the export to a file on the database server, atomically.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn stream_export_to_file(
+    source: &str,
+    path: &str,
+    compression: default!(Option<&str>, "'none'"),
+    compression_level: default!(Option<i32>, 6),
+    key: default!(Option<&str>, "NULL"),
+    after: default!(Option<&str>, "NULL"),
+    batch_size: default!(Option<i32>, 0),
+    footer: default!(Option<bool>, false),
+    key_from: default!(Option<&str>, "NULL"),
+    key_to: default!(Option<&str>, "NULL"),
+    overwrite: default!(Option<bool>, false),
+) -> TableIterator<
+    'static,
+    (
+        name!(path, String),
+        name!(rows, i64),
+        name!(bytes, i64),
+        name!(file_bytes, i64),
+        name!(crc32, String),
+        name!(resume_token, Option<String>),
+        name!(elapsed, pgrx::datum::Interval),
+    ),
+> {
+    let started = std::time::Instant::now();
+    let raw = RawOptions {
+        compression,
+        compression_level,
+        key,
+        after,
+        batch_size,
+        footer,
+        key_from,
+        key_to,
+    };
+    let options = ExportOptions::parse(&raw).unwrap_or_else(|e| option_error(e));
+    check_write_privilege();
+    let target = resolve_target(path);
+    let mut partial = PartialFile::create(target, overwrite.unwrap_or(false));
+    let (compression, level, want_footer) = (
+        options.compression,
+        options.compression_level,
+        options.footer,
+    );
+    let mut export = Export::open(Source::resolve(source), options, Destination::File);
+    let mut writer = ExportWriter::new(partial.file(), compression, level);
+    loop {
+        let rows = export.next_fetch_rows();
+        if export.fetch(rows, &mut WriterSink(&mut writer)) == 0 {
+            break;
+        }
+        writer.drain().unwrap_or_else(|e| io_error(e));
+    }
+    let make_footer = |stats: &RecordStats| export.footer(stats);
+    let footer: Option<&dyn Fn(&RecordStats) -> crate::footer::Footer> =
+        want_footer.then_some(&make_footer);
+    writer.finish(footer).unwrap_or_else(|e| io_error(e));
+    let (rows, bytes, crc) = (
+        writer.stats().rows,
+        writer.stats().bytes,
+        writer.stats().crc32(),
+    );
+    let file_bytes = writer.output_bytes();
+    drop(writer);
+    let resume_token = export.resume_token();
+    let final_path = partial.commit().unwrap_or_else(|e| io_error(e));
+    let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
+    TableIterator::once((
+        final_path.to_string_lossy().into_owned(),
+        rows as i64,
+        bytes as i64,
+        file_bytes as i64,
+        format!("{crc:08x}"),
+        resume_token,
+        elapsed,
+    ))
+}
+
+/// Check an export file written with `footer => true` against its footer.
+#[pg_extern(volatile, parallel_safe)]
+fn stream_export_verify(
+    path: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(rows, i64),
+        name!(bytes, i64),
+        name!(crc32, String),
+        name!(detail, String),
+    ),
+> {
+    check_read_privilege();
+    if !std::path::Path::new(path).is_absolute() {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("relative path \"{path}\" is not allowed"),
+            Some("give an absolute path on the database server"),
+        );
+    }
+    let file = std::fs::File::open(path).unwrap_or_else(|e| {
+        raise(
+            if e.kind() == std::io::ErrorKind::NotFound {
+                PgSqlErrorCode::ERRCODE_UNDEFINED_FILE
+            } else {
+                PgSqlErrorCode::ERRCODE_IO_ERROR
+            },
+            format!("could not open file \"{path}\": {e}"),
+            None,
+        )
+    });
+    let verdict = crate::verify::verify(file).unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("could not read file \"{path}\": {e}"),
+            None,
+        )
+    });
+    TableIterator::once((
+        verdict.ok,
+        verdict.rows as i64,
+        verdict.bytes as i64,
+        format!("{:08x}", verdict.crc32),
+        verdict.detail,
+    ))
 }

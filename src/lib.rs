@@ -7,11 +7,25 @@
 mod api;
 mod encode;
 mod error;
+mod export;
+mod file;
+mod footer;
 mod ident;
+mod options;
+mod progress;
 mod scan;
+mod sink;
 mod source;
+mod token;
+mod verify;
 
 ::pgrx::pg_module_magic!(name, version);
+
+/// Called when the library is loaded: registers the GUCs.
+#[pgrx::pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    file::define_gucs();
+}
 
 /// The in-database test suites, one file per feature under `pgrx-tests/`.
 #[cfg(any(test, feature = "pg_test"))]

@@ -67,7 +67,7 @@ unsafe extern "C-unwind" fn receiver_noop_startup(
 unsafe extern "C-unwind" fn receiver_noop(_receiver: *mut pg_sys::DestReceiver) {}
 
 /// Run `body` inside an SPI connection.
-fn with_spi<R>(body: impl FnOnce() -> R) -> R {
+pub fn with_spi<R>(body: impl FnOnce() -> R) -> R {
     // SAFETY: SPI_connect/SPI_finish bracket the body; an ERROR raised in the
     // body aborts the transaction, whose cleanup (AtEOXact_SPI) closes the
     // connection, so no unbalanced state survives.
@@ -94,8 +94,10 @@ fn spi_code_name(code: i32) -> String {
 }
 
 impl Cursor {
-    /// Plan `sql` and open it as a read-only cursor on the current snapshot.
-    pub fn open(sql: &str) -> Cursor {
+    /// Plan `sql` and open it as a read-only cursor on the current snapshot,
+    /// with `params` bound to `$1`, `$2`, ... (type, value; `None` is NULL).
+    /// By-reference values must stay valid while the cursor is open.
+    pub fn open(sql: &str, params: &[(pg_sys::Oid, Option<pg_sys::Datum>)]) -> Cursor {
         let Ok(c_sql) = CString::new(sql) else {
             raise(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -109,10 +111,19 @@ impl Cursor {
             // ERROR here. The portal outlives SPI_finish (portals belong to
             // the transaction), and its name is copied before returning.
             unsafe {
+                let mut types: Vec<pg_sys::Oid> = params.iter().map(|(t, _)| *t).collect();
+                let mut values: Vec<pg_sys::Datum> = params
+                    .iter()
+                    .map(|(_, v)| v.unwrap_or(pg_sys::Datum::from(0usize)))
+                    .collect();
+                let nulls: Vec<std::ffi::c_char> = params
+                    .iter()
+                    .map(|(_, v)| if v.is_some() { b' ' } else { b'n' } as std::ffi::c_char)
+                    .collect();
                 let plan = pg_sys::SPI_prepare_cursor(
                     c_sql.as_ptr(),
-                    0,
-                    std::ptr::null_mut(),
+                    params.len() as i32,
+                    types.as_mut_ptr(),
                     pg_sys::CURSOR_OPT_NO_SCROLL as i32,
                 );
                 if plan.is_null() {
@@ -125,8 +136,8 @@ impl Cursor {
                 let portal = pg_sys::SPI_cursor_open(
                     std::ptr::null(),
                     plan,
-                    std::ptr::null_mut(),
-                    std::ptr::null(),
+                    values.as_mut_ptr(),
+                    nulls.as_ptr(),
                     true,
                 );
                 if portal.is_null() {

@@ -13,7 +13,13 @@ use crate::ident::{looks_like_query, quote_identifier, split_qualified_name};
 pub enum Source {
     /// A table, view, materialized view or foreign table, by its quoted,
     /// schema-qualified name.
-    Relation { qualified_name: String },
+    Relation {
+        oid: pg_sys::Oid,
+        qualified_name: String,
+        /// Plain, partitioned and materialized tables can carry the unique
+        /// index a key needs; views and foreign tables cannot.
+        indexable: bool,
+    },
     /// A query, checked to be exactly one read-only SELECT / VALUES / TABLE.
     Query(String),
 }
@@ -22,8 +28,8 @@ impl Source {
     /// Resolve `source` as the specification says: a relation if it names
     /// one, else a query if it starts like one, else `42P01`.
     pub fn resolve(source: &str) -> Source {
-        if let Some(qualified_name) = lookup_relation(source) {
-            return Source::Relation { qualified_name };
+        if let Some(relation) = lookup_relation(source) {
+            return relation;
         }
         if looks_like_query(source) {
             check_single_read_only_query(source);
@@ -34,6 +40,22 @@ impl Source {
             format!("relation \"{source}\" does not exist"),
             Some("source must name a table, view or materialized view, or be a query starting with SELECT, WITH, VALUES or TABLE"),
         )
+    }
+
+    /// The relation's OID, or InvalidOid for a query.
+    pub fn relation_oid(&self) -> pg_sys::Oid {
+        match self {
+            Source::Relation { oid, .. } => *oid,
+            Source::Query(_) => pg_sys::InvalidOid,
+        }
+    }
+
+    /// A stable text that identifies the source, for resume tokens.
+    pub fn canonical(&self) -> &str {
+        match self {
+            Source::Relation { qualified_name, .. } => qualified_name,
+            Source::Query(query) => query,
+        }
     }
 
     /// A SELECT over every column of the source.
@@ -47,15 +69,15 @@ impl Source {
     /// SQL text usable in a FROM clause (a query comes back parenthesised).
     pub fn sql_from_item(&self) -> String {
         match self {
-            Source::Relation { qualified_name } => qualified_name.clone(),
+            Source::Relation { qualified_name, .. } => qualified_name.clone(),
             Source::Query(query) => format!("({query}\n)"),
         }
     }
 }
 
-/// The quoted, qualified name of the relation `source` names, or `None` when
-/// it is not valid name syntax or no such relation is visible.
-fn lookup_relation(source: &str) -> Option<String> {
+/// The relation `source` names, or `None` when it is not valid name syntax
+/// or no such relation is visible.
+fn lookup_relation(source: &str) -> Option<Source> {
     let parts = split_qualified_name(source)?;
     if parts.len() > 3 {
         return None;
@@ -92,11 +114,16 @@ fn lookup_relation(source: &str) -> Option<String> {
         if relname.is_null() || nspname.is_null() {
             return None;
         }
-        Some(format!(
-            "{}.{}",
-            quote_identifier(&CStr::from_ptr(nspname).to_string_lossy()),
-            quote_identifier(&CStr::from_ptr(relname).to_string_lossy())
-        ))
+        let relkind = pg_sys::get_rel_relkind(oid) as u8;
+        Some(Source::Relation {
+            oid,
+            qualified_name: format!(
+                "{}.{}",
+                quote_identifier(&CStr::from_ptr(nspname).to_string_lossy()),
+                quote_identifier(&CStr::from_ptr(relname).to_string_lossy())
+            ),
+            indexable: matches!(relkind, b'r' | b'p' | b'm'),
+        })
     }
 }
 

@@ -1,0 +1,560 @@
+//! One export: the source, its options, the row walk (a single portal, or
+//! keyset batches `WHERE key > $1 ORDER BY key LIMIT $n`) and the encoder.
+//! The SQL functions drive it batch by batch; it appends NDJSON lines to a
+//! [`LineSink`].
+
+use std::ffi::CStr;
+
+use pgrx::{pg_sys, PgSqlErrorCode};
+
+use crate::encode::RowEncoder;
+use crate::error::raise;
+use crate::footer::Footer;
+use crate::ident::quote_identifier;
+use crate::options::{BatchSize, ExportOptions};
+use crate::progress::{Destination, Progress};
+use crate::scan::Cursor;
+use crate::sink::RecordStats;
+use crate::source::Source;
+use crate::token::{fingerprint, ResumeToken};
+
+const SOURCE_ALIAS: &str = "pg_stream_export_source";
+
+/// Receives encoded lines: the engine appends one line plus `\n` to
+/// [`LineSink::buffer`] and then calls [`LineSink::line_done`].
+pub trait LineSink {
+    fn buffer(&mut self) -> &mut Vec<u8>;
+    /// `start` is where the line (including its newline) begins in the buffer.
+    fn line_done(&mut self, start: usize);
+}
+
+/// A key value copied out of a row: by value, or the bytes of a by-reference
+/// value (the payload only for varlena types, so that equal values compare
+/// equal whatever their header).
+#[derive(Clone)]
+struct KeyValue {
+    byval: Option<pg_sys::Datum>,
+    /// Word-aligned copy of the value as a plain datum (4-byte varlena
+    /// header for variable-length types).
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl KeyValue {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `words` holds at least `len` initialised bytes.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn datum(&self) -> pg_sys::Datum {
+        match self.byval {
+            Some(datum) => datum,
+            None => pg_sys::Datum::from(self.words.as_ptr()),
+        }
+    }
+}
+
+/// The key column and what it takes to walk it.
+struct Key {
+    column: String,
+    index: usize,
+    type_oid: pg_sys::Oid,
+    typlen: i16,
+    byval: bool,
+    /// A unique index and NOT NULL vouch for the key; otherwise (views,
+    /// queries) uniqueness and non-nullness are checked as rows are read.
+    verified: bool,
+}
+
+impl Key {
+    /// Copy `datum` (a non-NULL value of the key type).
+    ///
+    /// # Safety
+    /// `datum` must be a valid value of the key's type.
+    unsafe fn copy(&self, datum: pg_sys::Datum) -> KeyValue {
+        if self.byval {
+            return KeyValue {
+                byval: Some(datum),
+                words: Vec::new(),
+                len: 0,
+            };
+        }
+        // SAFETY: by-reference value of a known length class.
+        unsafe {
+            let (header, payload): (Option<u32>, &[u8]) = if self.typlen == -1 {
+                let plain = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+                let payload = pgrx::varlena::varlena_to_byte_slice(plain);
+                (Some(((payload.len() + 4) as u32) << 2), payload)
+            } else if self.typlen == -2 {
+                (
+                    None,
+                    CStr::from_ptr(datum.cast_mut_ptr()).to_bytes_with_nul(),
+                )
+            } else {
+                (
+                    None,
+                    std::slice::from_raw_parts(datum.cast_mut_ptr::<u8>(), self.typlen as usize),
+                )
+            };
+            let len = payload.len() + if header.is_some() { 4 } else { 0 };
+            let mut words = vec![0u64; len.div_ceil(8).max(1)];
+            let bytes = std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len);
+            match header {
+                Some(h) => {
+                    bytes[..4].copy_from_slice(&h.to_ne_bytes());
+                    bytes[4..].copy_from_slice(payload);
+                }
+                None => bytes.copy_from_slice(payload),
+            }
+            KeyValue {
+                byval: None,
+                words,
+                len,
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for [`Key::copy`].
+    unsafe fn equals(&self, datum: pg_sys::Datum, value: &KeyValue) -> bool {
+        // SAFETY: forwarded.
+        let other = unsafe { self.copy(datum) };
+        match (other.byval, value.byval) {
+            (Some(a), Some(b)) => a == b,
+            _ => other.bytes() == value.bytes(),
+        }
+    }
+
+    /// Text form of a key value (the type's output function).
+    fn text(&self, value: &KeyValue) -> String {
+        // SAFETY: the value is a valid datum of the key type.
+        unsafe {
+            let mut output = pg_sys::InvalidOid;
+            let mut is_varlena = false;
+            pg_sys::getTypeOutputInfo(self.type_oid, &mut output, &mut is_varlena);
+            let text = pg_sys::OidOutputFunctionCall(output, value.datum());
+            CStr::from_ptr(text).to_string_lossy().into_owned()
+        }
+    }
+
+    /// Parse `text` as a value of the key type (its input function); a bad
+    /// value raises the type's own error.
+    fn parse(&self, text: &str) -> KeyValue {
+        let Ok(c_text) = std::ffi::CString::new(text) else {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                "key value must not contain NUL",
+                None,
+            )
+        };
+        // SAFETY: input function of the key type on a NUL-terminated string;
+        // the result is copied into Rust memory right away.
+        unsafe {
+            let mut input = pg_sys::InvalidOid;
+            let mut ioparam = pg_sys::InvalidOid;
+            pg_sys::getTypeInputInfo(self.type_oid, &mut input, &mut ioparam);
+            let datum =
+                pg_sys::OidInputFunctionCall(input, c_text.as_ptr().cast_mut(), ioparam, -1);
+            self.copy(datum)
+        }
+    }
+}
+
+struct Keyset {
+    key: Key,
+    fingerprint: u64,
+    from: Option<KeyValue>,
+    to: Option<KeyValue>,
+    /// The last key exported (or the resume token's), `None` at the start.
+    last: Option<KeyValue>,
+    /// The value bound into the open batch's query; kept unchanged while
+    /// that portal is open, since the executor reads it in place.
+    bound: Option<KeyValue>,
+    cursor: Option<Cursor>,
+    batch_limit: u64,
+    batch_rows: u64,
+    exhausted: bool,
+}
+
+enum Walk {
+    Whole(Cursor),
+    Keyset(Box<Keyset>),
+}
+
+pub struct Export {
+    source: Source,
+    options: ExportOptions,
+    encoder: RowEncoder,
+    walk: Walk,
+    /// Record lines produced by this export.
+    rows: u64,
+    /// Rows before this export, from the resume token.
+    rows_before: u64,
+    encoded_bytes: u64,
+    progress: Progress,
+}
+
+fn invalid(message: impl Into<String>, hint: Option<&str>) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message,
+        hint,
+    )
+}
+
+const KEY_HINT: &str = "a key must be a column with a unique index or primary key on exactly that column, and NOT NULL";
+
+impl Export {
+    /// Resolve the source, validate the key and token, and open the walk.
+    pub fn open(source: Source, options: ExportOptions, destination: Destination) -> Export {
+        // The probe gives the row shape (and is the whole walk without a key).
+        let probe_sql = match options.key {
+            None => source.select_all_sql(),
+            Some(_) => format!("{} LIMIT 0", source.select_all_sql()),
+        };
+        let probe = Cursor::open(&probe_sql, &[]);
+        // SAFETY: the descriptor is valid while the probe is open; the plan
+        // copies what it needs and its caches live in the current (per-call
+        // or per-function) memory context, which outlives the export.
+        let encoder = unsafe { RowEncoder::new(probe.tupdesc(), pg_sys::CurrentMemoryContext) };
+        let mut rows_before = 0;
+        let walk = match &options.key {
+            None => Walk::Whole(probe),
+            Some(column) => {
+                let key = find_key(&source, probe.tupdesc(), column);
+                let mut probe = probe;
+                probe.close();
+                let fingerprint = fingerprint(source.canonical(), column);
+                let last = match &options.after {
+                    None => None,
+                    Some(text) => {
+                        let token = ResumeToken::decode(text)
+                            .and_then(|t| t.check_belongs_to(fingerprint, column).map(|_| t))
+                            .unwrap_or_else(|e| invalid(e.to_string(), Some("pass the resume_token of an earlier export of the same source and key")));
+                        rows_before = token.rows;
+                        token.last_key.map(|k| key.parse(&k))
+                    }
+                };
+                let from = options.key_from.as_deref().map(|t| key.parse(t));
+                let to = options.key_to.as_deref().map(|t| key.parse(t));
+                Walk::Keyset(Box::new(Keyset {
+                    key,
+                    fingerprint,
+                    from,
+                    to,
+                    bound: None,
+                    last,
+                    cursor: None,
+                    batch_limit: 0,
+                    batch_rows: 0,
+                    exhausted: false,
+                }))
+            }
+        };
+        let progress = Progress::start(source.relation_oid(), destination);
+        Export {
+            source,
+            options,
+            encoder,
+            walk,
+            rows: 0,
+            rows_before,
+            encoded_bytes: 0,
+            progress,
+        }
+    }
+
+    pub fn options(&self) -> &ExportOptions {
+        &self.options
+    }
+
+    fn average_row_bytes(&self) -> Option<usize> {
+        (self.rows > 0).then(|| (self.encoded_bytes / self.rows) as usize)
+    }
+
+    /// Rows to ask for next: the batch size, but never more than about
+    /// one target batch of bytes, so very wide rows do not pile up.
+    pub fn next_fetch_rows(&self) -> u64 {
+        let batch = self.options.batch_size.rows(self.average_row_bytes()) as u64;
+        match self.average_row_bytes() {
+            Some(width) => batch.min((BatchSize::TARGET_BYTES / width.max(1)).max(1) as u64),
+            None => batch,
+        }
+    }
+
+    /// Append up to `max_rows` lines to `sink`; 0 means the export is done.
+    pub fn fetch(&mut self, max_rows: u64, sink: &mut dyn LineSink) -> u64 {
+        let rows = match &mut self.walk {
+            Walk::Whole(cursor) => {
+                let encoder = &mut self.encoder;
+                let encoded = &mut self.encoded_bytes;
+                let n = cursor.fetch(max_rows as i64, &mut |values, nulls| {
+                    // SAFETY: the row matches the descriptor the encoder was
+                    // planned for.
+                    unsafe { encode_line(encoder, sink, values, nulls, encoded) };
+                });
+                if n == 0 {
+                    cursor.close();
+                }
+                n
+            }
+            Walk::Keyset(keyset) => {
+                let next_limit = self
+                    .options
+                    .batch_size
+                    .rows((self.rows > 0).then(|| (self.encoded_bytes / self.rows) as usize))
+                    as u64;
+                fetch_keyset(
+                    keyset,
+                    &self.source,
+                    &mut self.encoder,
+                    sink,
+                    max_rows,
+                    next_limit,
+                    &mut self.encoded_bytes,
+                )
+            }
+        };
+        self.rows += rows;
+        self.progress.update(self.rows, self.encoded_bytes);
+        rows
+    }
+
+    /// The token to resume after the last row, with a key; `None` without.
+    pub fn resume_token(&self) -> Option<String> {
+        let Walk::Keyset(keyset) = &self.walk else {
+            return None;
+        };
+        Some(
+            ResumeToken {
+                fingerprint: keyset.fingerprint,
+                key_column: keyset.key.column.clone(),
+                last_key: keyset.last.as_ref().map(|v| keyset.key.text(v)),
+                rows: self.rows_before + self.rows,
+            }
+            .encode(),
+        )
+    }
+
+    /// The token that resumes after a row whose key has the text form
+    /// `key_text` (for a client whose stream broke); it cannot know how
+    /// many rows came before, so it says 0.
+    pub fn token_after_key_text(&self, key_text: &str) -> String {
+        let Walk::Keyset(keyset) = &self.walk else {
+            invalid("a resume token needs a key", None)
+        };
+        let value = keyset.key.parse(key_text);
+        ResumeToken {
+            fingerprint: keyset.fingerprint,
+            key_column: keyset.key.column.clone(),
+            last_key: Some(keyset.key.text(&value)),
+            rows: 0,
+        }
+        .encode()
+    }
+
+    pub fn footer(&self, stats: &RecordStats) -> Footer {
+        Footer {
+            rows: stats.rows,
+            bytes: stats.bytes,
+            crc32: stats.crc32(),
+            resume_token: self.resume_token(),
+        }
+    }
+}
+
+/// # Safety
+/// `values`/`nulls` must be a row of the encoder's descriptor.
+unsafe fn encode_line(
+    encoder: &mut RowEncoder,
+    sink: &mut dyn LineSink,
+    values: *const pg_sys::Datum,
+    nulls: *const bool,
+    encoded: &mut u64,
+) {
+    let buffer = sink.buffer();
+    let start = buffer.len();
+    // SAFETY: forwarded from the caller.
+    unsafe { encoder.encode_values(buffer, values, nulls) };
+    buffer.push(b'\n');
+    *encoded += (buffer.len() - start) as u64;
+    sink.line_done(start);
+}
+
+fn fetch_keyset(
+    keyset: &mut Keyset,
+    source: &Source,
+    encoder: &mut RowEncoder,
+    sink: &mut dyn LineSink,
+    max_rows: u64,
+    next_limit: u64,
+    encoded: &mut u64,
+) -> u64 {
+    let mut produced = 0;
+    while produced < max_rows && !keyset.exhausted {
+        if keyset.cursor.is_none() {
+            open_batch(keyset, source, next_limit);
+        }
+        let want = (max_rows - produced).min(keyset.batch_limit - keyset.batch_rows);
+        let mut exported = 0u64;
+        let cursor = keyset.cursor.as_mut().expect("a batch cursor is open");
+        let key = &keyset.key;
+        let (last, bound) = (&mut keyset.last, &keyset.bound);
+        let mut first_of_batch = keyset.batch_rows == 0;
+        let fetched = cursor.fetch(want as i64, &mut |values, nulls| {
+            // SAFETY: the row has the source's descriptor; the key index is
+            // one of its attributes.
+            unsafe {
+                if *nulls.add(key.index) {
+                    invalid(
+                        format!("key column \"{}\" is NULL in a row", key.column),
+                        Some(KEY_HINT),
+                    );
+                }
+                let datum = *values.add(key.index);
+                let is_first = std::mem::replace(&mut first_of_batch, false);
+                if !key.verified {
+                    // Batches after the first start at >= the bound: the
+                    // row equal to it was exported already.
+                    if is_first && bound.as_ref().is_some_and(|b| key.equals(datum, b)) {
+                        return;
+                    }
+                    if last.as_ref().is_some_and(|l| key.equals(datum, l)) {
+                        invalid(
+                            format!(
+                                "key column \"{}\" is not unique: a value appears twice",
+                                key.column
+                            ),
+                            Some(KEY_HINT),
+                        );
+                    }
+                }
+                *last = Some(key.copy(datum));
+                encode_line(encoder, sink, values, nulls, encoded);
+                exported += 1;
+            }
+        });
+        keyset.batch_rows += fetched;
+        produced += exported;
+        if fetched < want {
+            // This batch's query is done: fewer rows than its LIMIT means
+            // the source is done too.
+            keyset.exhausted = keyset.batch_rows < keyset.batch_limit;
+            close_batch(keyset);
+        } else if keyset.batch_rows >= keyset.batch_limit {
+            close_batch(keyset);
+        }
+    }
+    produced
+}
+
+fn close_batch(keyset: &mut Keyset) {
+    if let Some(mut cursor) = keyset.cursor.take() {
+        cursor.close();
+    }
+}
+
+fn open_batch(keyset: &mut Keyset, source: &Source, limit: u64) {
+    let key = &keyset.key;
+    let column = format!("{SOURCE_ALIAS}.{}", quote_identifier(&key.column));
+    let mut conditions = Vec::new();
+    let mut params: Vec<(pg_sys::Oid, Option<pg_sys::Datum>)> = Vec::new();
+    keyset.bound = keyset.last.clone();
+    // Without a vouching index, re-read the bound row (and skip it) so
+    // that a duplicate straddling two batches is noticed.
+    let extra = u64::from(!key.verified && keyset.bound.is_some());
+    if let Some(bound) = &keyset.bound {
+        params.push((key.type_oid, Some(bound.datum())));
+        let op = if key.verified { ">" } else { ">=" };
+        conditions.push(format!("{column} {op} ${}", params.len()));
+    }
+    if let Some(from) = &keyset.from {
+        params.push((key.type_oid, Some(from.datum())));
+        conditions.push(format!("{column} >= ${}", params.len()));
+    }
+    if let Some(to) = &keyset.to {
+        params.push((key.type_oid, Some(to.datum())));
+        conditions.push(format!("{column} < ${}", params.len()));
+    }
+    keyset.batch_limit = limit + extra;
+    keyset.batch_rows = 0;
+    params.push((
+        pg_sys::BuiltinOid::INT8OID.value(),
+        Some(pg_sys::Datum::from(keyset.batch_limit as i64)),
+    ));
+    let where_clause = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT * FROM {} AS {SOURCE_ALIAS}{where_clause} ORDER BY {column} LIMIT ${}",
+        source.sql_from_item(),
+        params.len()
+    );
+    keyset.cursor = Some(Cursor::open(&sql, &params));
+}
+
+/// Find the key column in the source's row shape and check that it can
+/// serve as a key.
+fn find_key(source: &Source, tupdesc: pg_sys::TupleDesc, column: &str) -> Key {
+    // SAFETY: a valid descriptor from an open cursor; attributes within natts.
+    let found = unsafe {
+        let natts = (*tupdesc).natts as usize;
+        (*tupdesc)
+            .attrs
+            .as_slice(natts)
+            .iter()
+            .enumerate()
+            .find(|(_, a)| {
+                !a.attisdropped
+                    && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == column.as_bytes()
+            })
+            .map(|(i, a)| (i, a.atttypid, a.attlen, a.attbyval))
+    };
+    let Some((index, type_oid, typlen, byval)) = found else {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("column \"{column}\" does not exist in the export source"),
+            Some("key names a column of the source exactly, case included"),
+        )
+    };
+    let verified = match source {
+        Source::Relation {
+            oid,
+            indexable: true,
+            ..
+        } => {
+            if !has_unique_not_null_index(*oid, column) {
+                invalid(
+                    format!("key column \"{column}\" is not unique and not null"),
+                    Some(KEY_HINT),
+                );
+            }
+            true
+        }
+        _ => false,
+    };
+    Key {
+        column: column.to_owned(),
+        index,
+        type_oid,
+        typlen,
+        byval,
+        verified,
+    }
+}
+
+fn has_unique_not_null_index(relation: pg_sys::Oid, column: &str) -> bool {
+    let found: Option<bool> = pgrx::spi::Spi::get_one_with_args(
+        "SELECT a.attnotnull AND EXISTS (
+             SELECT 1 FROM pg_catalog.pg_index i
+             WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indnkeyatts = 1
+               AND i.indkey[0] = a.attnum AND i.indpred IS NULL AND i.indexprs IS NULL)
+         FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+        &[relation.into(), column.into()],
+    )
+    .unwrap_or(None);
+    found.unwrap_or(false)
+}

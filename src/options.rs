@@ -1,0 +1,299 @@
+//! Export options: typed, validated, with the error each bad value gets.
+//! Pure Rust; the SQL layer turns an [`OptionError`] into `22023`.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Output compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
+impl FromStr for Compression {
+    type Err = OptionError;
+
+    fn from_str(value: &str) -> Result<Self, OptionError> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "none" => Ok(Compression::None),
+            "gzip" => Ok(Compression::Gzip),
+            _ => Err(OptionError::new(
+                format!("invalid value for compression: \"{value}\""),
+                "allowed values are 'none' and 'gzip'",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+        })
+    }
+}
+
+/// A rejected option value: the message names the option, the hint says
+/// what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptionError {
+    pub message: String,
+    pub hint: String,
+}
+
+impl OptionError {
+    fn new(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        OptionError {
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+}
+
+/// Rows per fetch: adaptive, or a fixed number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSize {
+    /// Aim at [`BatchSize::TARGET_BYTES`] per batch from the observed row width.
+    Auto,
+    Fixed(u32),
+}
+
+impl BatchSize {
+    pub const TARGET_BYTES: usize = 1 << 20;
+    pub const AUTO_MIN: u32 = 100;
+    pub const AUTO_MAX: u32 = 10_000;
+    pub const FIXED_MAX: u32 = 1_000_000;
+    /// The first automatic batch, before any row width is known.
+    pub const AUTO_FIRST: u32 = 100;
+
+    /// Rows for the next batch given the average encoded row width so far.
+    pub fn rows(&self, average_row_bytes: Option<usize>) -> u32 {
+        match *self {
+            BatchSize::Fixed(n) => n,
+            BatchSize::Auto => match average_row_bytes {
+                None => Self::AUTO_FIRST,
+                Some(width) => {
+                    let rows = Self::TARGET_BYTES / width.max(1);
+                    (rows.min(u32::MAX as usize) as u32).clamp(Self::AUTO_MIN, Self::AUTO_MAX)
+                }
+            },
+        }
+    }
+}
+
+/// Everything an export can be asked for, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportOptions {
+    pub compression: Compression,
+    pub compression_level: u32,
+    pub key: Option<String>,
+    pub after: Option<String>,
+    pub batch_size: BatchSize,
+    pub footer: bool,
+    pub key_from: Option<String>,
+    pub key_to: Option<String>,
+}
+
+/// Options as they come from SQL, before validation.
+#[derive(Debug, Clone, Default)]
+pub struct RawOptions<'a> {
+    pub compression: Option<&'a str>,
+    pub compression_level: Option<i32>,
+    pub key: Option<&'a str>,
+    pub after: Option<&'a str>,
+    pub batch_size: Option<i32>,
+    pub footer: Option<bool>,
+    pub key_from: Option<&'a str>,
+    pub key_to: Option<&'a str>,
+}
+
+pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
+pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
+pub const CHUNK_SIZE_MIN: usize = 1024;
+pub const CHUNK_SIZE_MAX: usize = 1 << 30;
+
+impl ExportOptions {
+    pub fn parse(raw: &RawOptions<'_>) -> Result<ExportOptions, OptionError> {
+        let compression = match raw.compression {
+            Some(value) => value.parse()?,
+            None => Compression::None,
+        };
+        let compression_level = match raw.compression_level {
+            None => DEFAULT_COMPRESSION_LEVEL,
+            Some(level @ 0..=9) => level as u32,
+            Some(level) => {
+                return Err(OptionError::new(
+                    format!("invalid value for compression_level: {level}"),
+                    "compression_level must be between 0 and 9",
+                ))
+            }
+        };
+        let batch_size = match raw.batch_size {
+            None | Some(0) => BatchSize::Auto,
+            Some(n) if n > 0 && (n as u32) <= BatchSize::FIXED_MAX => BatchSize::Fixed(n as u32),
+            Some(n) => {
+                return Err(OptionError::new(
+                    format!("invalid value for batch_size: {n}"),
+                    format!(
+                        "batch_size must be 0 (automatic) or between 1 and {}",
+                        BatchSize::FIXED_MAX
+                    ),
+                ))
+            }
+        };
+        let key = match raw.key {
+            Some("") => {
+                return Err(OptionError::new(
+                    "key must not be empty",
+                    "name a column of the source",
+                ))
+            }
+            other => other.map(str::to_owned),
+        };
+        for (name, value) in [
+            ("after", raw.after),
+            ("key_from", raw.key_from),
+            ("key_to", raw.key_to),
+        ] {
+            if value.is_some() && key.is_none() {
+                return Err(OptionError::new(
+                    format!("{name} needs key"),
+                    "name the key column with key => 'column'",
+                ));
+            }
+        }
+        Ok(ExportOptions {
+            compression,
+            compression_level,
+            key,
+            after: raw.after.map(str::to_owned),
+            batch_size,
+            footer: raw.footer.unwrap_or(false),
+            key_from: raw.key_from.map(str::to_owned),
+            key_to: raw.key_to.map(str::to_owned),
+        })
+    }
+}
+
+/// Validate `chunk_size` for the byte-stream export.
+pub fn parse_chunk_size(value: Option<i32>) -> Result<usize, OptionError> {
+    match value {
+        None => Ok(DEFAULT_CHUNK_SIZE),
+        Some(n) if n >= CHUNK_SIZE_MIN as i32 => Ok(n as usize),
+        Some(n) => Err(OptionError::new(
+            format!("invalid value for chunk_size: {n}"),
+            format!("chunk_size must be between {CHUNK_SIZE_MIN} and {CHUNK_SIZE_MAX} bytes"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    fn parse(raw: RawOptions<'_>) -> Result<ExportOptions, OptionError> {
+        ExportOptions::parse(&raw)
+    }
+
+    #[test]
+    fn defaults() {
+        let o = parse(RawOptions::default()).unwrap();
+        assert_eq!(o.compression, Compression::None);
+        assert_eq!(o.compression_level, 6);
+        assert_eq!(o.batch_size, BatchSize::Auto);
+        assert!(!o.footer);
+        assert_eq!(o.key, None);
+    }
+
+    #[test]
+    fn compression_values() {
+        assert_eq!("GZIP".parse::<Compression>().unwrap(), Compression::Gzip);
+        assert_eq!(" none ".parse::<Compression>().unwrap(), Compression::None);
+        let err = "zstd".parse::<Compression>().unwrap_err();
+        assert!(err.message.contains("compression") && err.message.contains("zstd"));
+        assert!(err.hint.contains("gzip"));
+    }
+
+    #[test]
+    fn levels_and_batch_sizes_are_bounded() {
+        for level in [0, 9] {
+            assert!(parse(RawOptions {
+                compression_level: Some(level),
+                ..Default::default()
+            })
+            .is_ok());
+        }
+        for level in [-1, 10] {
+            let err = parse(RawOptions {
+                compression_level: Some(level),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(err.message.contains("compression_level"));
+        }
+        let err = parse(RawOptions {
+            batch_size: Some(-5),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.message.contains("batch_size"));
+        assert!(parse(RawOptions {
+            batch_size: Some(1_000_001),
+            ..Default::default()
+        })
+        .is_err());
+        assert_eq!(
+            parse(RawOptions {
+                batch_size: Some(500),
+                ..Default::default()
+            })
+            .unwrap()
+            .batch_size,
+            BatchSize::Fixed(500)
+        );
+    }
+
+    #[test]
+    fn keyset_options_need_a_key() {
+        for raw in [
+            RawOptions {
+                after: Some("t"),
+                ..Default::default()
+            },
+            RawOptions {
+                key_from: Some("1"),
+                ..Default::default()
+            },
+            RawOptions {
+                key_to: Some("1"),
+                ..Default::default()
+            },
+        ] {
+            assert!(parse(raw).unwrap_err().message.contains("needs key"));
+        }
+        assert!(parse(RawOptions {
+            key: Some(""),
+            ..Default::default()
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn automatic_batch_size_follows_row_width() {
+        let auto = BatchSize::Auto;
+        assert_eq!(auto.rows(None), 100);
+        assert_eq!(auto.rows(Some(300)), 3495);
+        assert_eq!(auto.rows(Some(10)), 10_000);
+        assert_eq!(auto.rows(Some(1 << 20)), 100);
+        assert_eq!(BatchSize::Fixed(7).rows(Some(1)), 7);
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(parse_chunk_size(None).unwrap(), 1 << 20);
+        assert!(parse_chunk_size(Some(100)).is_err());
+        assert_eq!(parse_chunk_size(Some(4096)).unwrap(), 4096);
+    }
+}
