@@ -3,5 +3,6 @@
 //! looks for them.
 
 mod encoding;
+mod file_export;
 mod stream_export;
 mod streaming;
