@@ -278,7 +278,8 @@ impl Export {
         let batch = self.options.batch_size.rows(self.average_row_bytes()) as u64;
         match self.average_row_bytes() {
             Some(width) => batch.min((BatchSize::TARGET_BYTES / width.max(1)).max(1) as u64),
-            None => batch,
+            // The first fetch measures the row width with a single row.
+            None => 1,
         }
     }
 

@@ -92,10 +92,10 @@ pub fn resolve_target(path: &str) -> PathBuf {
     let directory = match parent.canonicalize() {
         Ok(dir) => dir,
         Err(e) => raise(
-            if e.kind() == io::ErrorKind::NotFound {
-                PgSqlErrorCode::ERRCODE_UNDEFINED_FILE
-            } else {
-                PgSqlErrorCode::ERRCODE_IO_ERROR
+            match e.kind() {
+                io::ErrorKind::NotFound => PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+                io::ErrorKind::PermissionDenied => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                _ => PgSqlErrorCode::ERRCODE_IO_ERROR,
             },
             format!("could not open directory \"{}\": {e}", parent.display()),
             None,

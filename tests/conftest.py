@@ -102,6 +102,29 @@ def server():
             pytest.fail("a backend crashed during the end-to-end tests:\n" + log[-5000:])
 
 
+def load_events(server: Server, table: str, rows: int) -> None:
+    """Build the benchmark table `events` with `rows` rows and rename it."""
+    sql = (REPO / "bench" / "make_events.sql").read_text()
+    server.psql("-v", f"N={rows}", input=sql.encode(), options="-c TimeZone=UTC")
+    with server.connect() as c:
+        c.execute(f"DROP TABLE IF EXISTS {table}")
+        c.execute(f"ALTER TABLE events RENAME TO {table}")
+
+
+@pytest.fixture(scope="session")
+def events_big(server):
+    """The benchmark table with 5,000,000 rows (loaded once per session)."""
+    load_events(server, "events_big", 5_000_000)
+    return "events_big"
+
+
+@pytest.fixture(scope="session")
+def events_small(server):
+    """The benchmark table with 500,000 rows."""
+    load_events(server, "events_small", 500_000)
+    return "events_small"
+
+
 @pytest.fixture
 def conn(server):
     with server.connect() as connection:

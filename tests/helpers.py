@@ -1,0 +1,53 @@
+"""Shared helpers for the end-to-end tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+
+def rss_anon_kib(pid: int) -> int:
+    """Private anonymous memory of a process (not shared buffers)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise RuntimeError("no RssAnon in /proc status")
+
+
+class PeakSampler:
+    """Samples a backend's RssAnon in a thread until stopped; keeps the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.01):
+        self.pid = pid
+        self.interval = interval
+        self.peak = rss_anon_kib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, rss_anon_kib(self.pid))
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02):
+    """Poll `predicate` until it returns something truthy (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")
