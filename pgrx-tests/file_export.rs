@@ -3,6 +3,7 @@
 
 #[pgrx::pg_schema]
 mod tests {
+    use crate::pgrx_tests::support::{make_items, sqlstate_of};
     use pgrx::prelude::*;
     use std::path::PathBuf;
 
@@ -12,29 +13,6 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
-    }
-
-    fn sqlstate_of(statement: &str) -> String {
-        let exists: Option<bool> = Spi::get_one("SELECT to_regproc('pse_sqlstate') IS NOT NULL").unwrap();
-        if exists != Some(true) {
-            Spi::run(
-                "CREATE FUNCTION pse_sqlstate(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-                 BEGIN EXECUTE stmt; RETURN 'ok';
-                 EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
-            )
-            .unwrap();
-        }
-        Spi::get_one_with_args::<String>("SELECT pse_sqlstate($1)", &[statement.into()])
-            .unwrap()
-            .unwrap()
-    }
-
-    fn make_items(n: i32) {
-        Spi::run(&format!(
-            "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL);
-             INSERT INTO items SELECT g, 'item ' || g || E' \"q\" \\\\ é' FROM generate_series(1, {n}) g;"
-        ))
-        .unwrap();
     }
 
     fn bytes_export_hex(options: &str) -> String {
@@ -151,7 +129,7 @@ mod tests {
         .unwrap();
         let out = dir.join("p.ndjson");
         sqlstate_of("SELECT 1"); // creates the helper while still superuser
-        Spi::run("GRANT EXECUTE ON FUNCTION pse_sqlstate(text) TO PUBLIC; SET ROLE pse_plain").unwrap();
+        Spi::run("SET ROLE pse_plain").unwrap();
         assert_eq!(
             sqlstate_of(&format!(
                 "SELECT stream_export_to_file('items', '{}')",

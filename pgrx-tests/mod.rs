@@ -6,3 +6,4 @@ mod encoding;
 mod file_export;
 mod stream_export;
 mod streaming;
+mod support;

@@ -2,6 +2,7 @@
 
 #[pgrx::pg_schema]
 mod tests {
+    use crate::pgrx_tests::support::sqlstate_of;
     use pgrx::prelude::*;
 
     /// Lines of `stream_export(source)` and of the oracle over `oracle_from`,
@@ -84,28 +85,16 @@ mod tests {
 
     #[pg_test]
     fn errors_carry_their_sqlstate() {
-        // Each case runs in a subtransaction so the SQLSTATE can be read back.
-        Spi::run(
-            "CREATE FUNCTION pse_sqlstate(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-             BEGIN EXECUTE stmt; RETURN 'ok';
-             EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
-        )
-        .unwrap();
         let cases = [
             ("SELECT stream_export('no_such_table')", "42P01"),
             ("SELECT stream_export('not a name or query')", "42P01"),
             ("SELECT stream_export('SELECT 1; SELECT 2')", "22023"),
-            (
-                "SELECT stream_export('WITH d AS (DELETE FROM no_table RETURNING 1) SELECT * FROM d')",
-                "22023",
-            ),
+            ("SELECT stream_export('WITH d AS (DELETE FROM no_table RETURNING 1) SELECT * FROM d')", "22023"),
             ("SELECT stream_export('SELECT FROM WHERE')", "42601"),
             ("SELECT stream_export('SELECT 1/0')", "22012"),
         ];
         for (stmt, expected) in cases {
-            let state: Option<String> =
-                Spi::get_one_with_args("SELECT pse_sqlstate($1)", &[stmt.into()]).unwrap();
-            assert_eq!(state.as_deref(), Some(expected), "{stmt}");
+            assert_eq!(sqlstate_of(stmt), expected, "{stmt}");
         }
     }
 }

@@ -3,40 +3,13 @@
 
 #[pgrx::pg_schema]
 mod tests {
+    use crate::pgrx_tests::support::{lines, make_items, sqlstate_of};
     use pgrx::prelude::*;
-
-    fn sqlstate_of(statement: &str) -> String {
-        Spi::run(
-            "CREATE OR REPLACE FUNCTION pse_sqlstate(stmt text) RETURNS text LANGUAGE plpgsql AS $$
-             BEGIN EXECUTE stmt; RETURN 'ok';
-             EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
-        )
-        .unwrap();
-        Spi::get_one_with_args::<String>("SELECT pse_sqlstate($1)", &[statement.into()])
-            .unwrap()
-            .unwrap()
-    }
-
-    fn lines(sql: &str) -> Vec<String> {
-        Spi::get_one::<Vec<String>>(&format!(
-            "SELECT coalesce(array_agg(l), '{{}}') FROM ({sql}) s(l)"
-        ))
-        .unwrap()
-        .unwrap()
-    }
 
     fn crc32(bytes: &[u8]) -> u32 {
         let mut crc = libdeflater::Crc::new();
         crc.update(bytes);
         crc.sum()
-    }
-
-    fn make_items(n: i32) {
-        Spi::run(&format!(
-            "CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL);
-             INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, {n}) g ORDER BY random();"
-        ))
-        .unwrap();
     }
 
     #[pg_test]

@@ -22,6 +22,11 @@ fn option_error(err: OptionError) -> ! {
     )
 }
 
+/// Validate the common options or raise `22023`.
+fn export_options(raw: RawOptions<'_>) -> ExportOptions {
+    ExportOptions::parse(&raw).unwrap_or_else(|e| option_error(e))
+}
+
 fn io_error(err: std::io::Error) -> ! {
     raise_io(err, "export output")
 }
@@ -40,7 +45,7 @@ fn stream_export(
     key_from: default!(Option<&str>, "NULL"),
     key_to: default!(Option<&str>, "NULL"),
 ) -> SetOfIterator<'static, String> {
-    let raw = RawOptions {
+    let options = export_options(RawOptions {
         compression,
         compression_level,
         key,
@@ -49,8 +54,7 @@ fn stream_export(
         footer,
         key_from,
         key_to,
-    };
-    let options = ExportOptions::parse(&raw).unwrap_or_else(|e| option_error(e));
+    });
     if options.compression != Compression::None {
         option_error(OptionError {
             message: format!(
@@ -163,7 +167,7 @@ fn stream_export_bytes(
     key_to: default!(Option<&str>, "NULL"),
     chunk_size: default!(Option<i32>, 1048576),
 ) -> SetOfIterator<'static, Vec<u8>> {
-    let raw = RawOptions {
+    let options = export_options(RawOptions {
         compression,
         compression_level,
         key,
@@ -172,8 +176,7 @@ fn stream_export_bytes(
         footer,
         key_from,
         key_to,
-    };
-    let options = ExportOptions::parse(&raw).unwrap_or_else(|e| option_error(e));
+    });
     let chunk_size = parse_chunk_size(chunk_size).unwrap_or_else(|e| option_error(e));
     let writer = ExportWriter::new(Vec::new(), options.compression, options.compression_level);
     let export = Export::open(Source::resolve(source), options, Destination::Callback);
@@ -243,11 +246,10 @@ impl Iterator for ChunkStream {
 /// NDJSON line a client received from an export of `source` with `key`.
 #[pg_extern(volatile, parallel_unsafe)]
 fn stream_export_resume_token(source: &str, key: &str, last_line: &str) -> String {
-    let options = ExportOptions::parse(&RawOptions {
+    let options = export_options(RawOptions {
         key: Some(key),
         ..Default::default()
-    })
-    .unwrap_or_else(|e| option_error(e));
+    });
     let export = Export::open(Source::resolve(source), options, Destination::Callback);
     let key_text: Option<String> = Spi::get_one_with_args(
         "SELECT ($1::pg_catalog.json) ->> $2",
@@ -298,7 +300,7 @@ fn stream_export_to_file(
     ),
 > {
     let started = std::time::Instant::now();
-    let raw = RawOptions {
+    let options = export_options(RawOptions {
         compression,
         compression_level,
         key,
@@ -307,8 +309,7 @@ fn stream_export_to_file(
         footer,
         key_from,
         key_to,
-    };
-    let options = ExportOptions::parse(&raw).unwrap_or_else(|e| option_error(e));
+    });
     check_write_privilege();
     let target = resolve_target(path);
     let mut partial = PartialFile::create(target, overwrite.unwrap_or(false));

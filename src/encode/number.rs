@@ -260,75 +260,114 @@ fn push_special(out: &mut Vec<u8>, value: f64) -> bool {
     true
 }
 
-/// Append a float8 exactly as `float8out` renders it with the given
-/// `extra_float_digits`.
-pub fn push_float8(out: &mut Vec<u8>, value: f64, extra_float_digits: i32) {
+/// What differs between float4 and float8 output.
+struct FloatKind {
+    /// Display exponents below this print in fixed notation (shortest mode).
+    fixed_limit: i32,
+    /// Significant digits that always round-trip.
+    max_digits: usize,
+    /// FLT_DIG / DBL_DIG: the `%g` precision at extra_float_digits = 0.
+    printf_digits: i32,
+}
+
+const FLOAT8: FloatKind = FloatKind {
+    fixed_limit: 15,
+    max_digits: 17,
+    printf_digits: 15,
+};
+const FLOAT4: FloatKind = FloatKind {
+    fixed_limit: 6,
+    max_digits: 9,
+    printf_digits: 6,
+};
+
+/// The shared body of float4out / float8out: `shortest` gives the ryu
+/// digits, `binary` the float's exact value, `parses_back` the round trip
+/// in the float's own precision.
+fn push_float(
+    out: &mut Vec<u8>,
+    value: f64,
+    extra_float_digits: i32,
+    kind: &FloatKind,
+    shortest: &str,
+    binary: Binary,
+    parses_back: impl Fn(&str) -> bool,
+) {
     if push_special(out, value) {
         return;
     }
-    if extra_float_digits > 0 {
-        if value == 0.0 {
-            out.extend_from_slice(if value.is_sign_negative() {
-                b"-0" as &[u8]
-            } else {
-                b"0"
-            });
-            return;
-        }
-        let mut buffer = ryu::Buffer::new();
-        let shortest = parse_decimal(buffer.format_finite(value).as_bytes());
-        let bits = value.to_bits();
-        let (negative, digits, n, exponent) = exclude_bounds(
-            shortest,
-            value,
-            Binary::new(
-                bits & ((1 << 52) - 1),
-                ((bits >> 52) & 0x7ff) as u32,
-                52,
-                1075,
-            ),
-            17,
-            |text| text.parse::<f64>() == Ok(value),
-        );
-        push_decimal(out, negative, &digits[..n], exponent, 15);
+    if extra_float_digits <= 0 {
+        push_printf_g(out, value, kind.printf_digits + extra_float_digits);
+    } else if value == 0.0 {
+        out.extend_from_slice(if value.is_sign_negative() {
+            b"-0" as &[u8]
+        } else {
+            b"0"
+        });
     } else {
-        push_printf_g(out, value, 15 + extra_float_digits);
+        let digits = exclude_bounds(
+            parse_decimal(shortest.as_bytes()),
+            value,
+            binary,
+            kind.max_digits,
+            parses_back,
+        );
+        let (negative, digits, n, exponent) = digits;
+        push_decimal(out, negative, &digits[..n], exponent, kind.fixed_limit);
     }
+}
+
+/// Append a float8 exactly as `float8out` renders it with the given
+/// `extra_float_digits`.
+pub fn push_float8(out: &mut Vec<u8>, value: f64, extra_float_digits: i32) {
+    let mut buffer = ryu::Buffer::new();
+    let shortest = if value.is_finite() {
+        buffer.format_finite(value)
+    } else {
+        ""
+    };
+    let bits = value.to_bits();
+    let binary = Binary::new(
+        bits & ((1 << 52) - 1),
+        ((bits >> 52) & 0x7ff) as u32,
+        52,
+        1075,
+    );
+    push_float(
+        out,
+        value,
+        extra_float_digits,
+        &FLOAT8,
+        shortest,
+        binary,
+        |text| text.parse::<f64>() == Ok(value),
+    );
 }
 
 /// Append a float4 exactly as `float4out` renders it.
 pub fn push_float4(out: &mut Vec<u8>, value: f32, extra_float_digits: i32) {
-    if push_special(out, value as f64) {
-        return;
-    }
-    if extra_float_digits > 0 {
-        if value == 0.0 {
-            out.extend_from_slice(if value.is_sign_negative() {
-                b"-0" as &[u8]
-            } else {
-                b"0"
-            });
-            return;
-        }
-        let mut buffer = ryu::Buffer::new();
-        let shortest = parse_decimal(buffer.format_finite(value).as_bytes());
-        let bits = value.to_bits() as u64;
-        let (negative, digits, n, exponent) = exclude_bounds(
-            shortest,
-            value as f64,
-            Binary::new(
-                bits & ((1 << 23) - 1),
-                ((bits >> 23) & 0xff) as u32,
-                23,
-                150,
-            ),
-            9,
-            |text| text.parse::<f32>() == Ok(value),
-        );
-        push_decimal(out, negative, &digits[..n], exponent, 6);
+    let mut buffer = ryu::Buffer::new();
+    let shortest = if value.is_finite() {
+        buffer.format_finite(value)
     } else {
-        push_printf_g(out, value as f64, 6 + extra_float_digits);
-    }
+        ""
+    };
+    let bits = value.to_bits() as u64;
+    let binary = Binary::new(
+        bits & ((1 << 23) - 1),
+        ((bits >> 23) & 0xff) as u32,
+        23,
+        150,
+    );
+    push_float(
+        out,
+        value as f64,
+        extra_float_digits,
+        &FLOAT4,
+        shortest,
+        binary,
+        |text| text.parse::<f32>() == Ok(value),
+    );
 }
 
 /// printf's `%.{precision}g` for a finite value.
