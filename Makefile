@@ -1,11 +1,17 @@
 # The two commands of the README, and a few helpers.
-.PHONY: demo test setup install fmt clippy
+.PHONY: demo test bench bench-memory setup install fmt clippy
 
 demo:
 	scripts/demo.sh
 
 test:
 	scripts/test.sh
+
+bench:
+	scripts/bench.sh speed
+
+bench-memory:
+	scripts/bench.sh memory
 
 setup:
 	scripts/setup.sh

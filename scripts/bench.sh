@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# make bench / make bench-memory: release build, tuned throwaway cluster, the
+# events dataset, then bench/run.py (or bench/memory.py with "memory").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/common.sh
+mode=${1:-speed}
+N=${N:-2000000}
+R=${R:-5}
+
+scripts/setup.sh
+if ! .venv/bin/python -c 'import matplotlib' 2>/dev/null; then
+    echo "==> installing the plotting library into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -r bench/requirements.txt
+fi
+echo "==> building and installing the extension (release)"
+cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+
+# Shared buffers large enough to hold the table (about 300 bytes a row).
+rows_for_memory=$N
+[ "$mode" = memory ] && rows_for_memory=10000000
+buffers_mb=$(( rows_for_memory * 360 / 1000000 + 512 ))
+cluster_start -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c jit=off \
+    -c TimeZone=UTC -c shared_buffers=${buffers_mb}MB -c max_wal_size=8GB -c checkpoint_timeout=1h
+out=$(mktemp -d /tmp/pg_stream_export-bench.XXXXXX)
+chown postgres: "$out"
+trap 'cluster_stop; rm -rf "$CLUSTER_DIR" "$out"' EXIT
+echo "==> cluster in $CLUSTER_DIR on port $PGPORT, shared_buffers ${buffers_mb}MB; outputs in $out"
+dsn="host=127.0.0.1 port=$PGPORT user=postgres dbname=postgres"
+psql -q -X -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION pg_stream_export' -c 'CREATE EXTENSION pg_prewarm'
+
+if [ "$mode" = memory ]; then
+    .venv/bin/python bench/memory.py --dsn "$dsn" --server-dir "$out"
+    exit
+fi
+echo "==> loading $N rows into events"
+PGOPTIONS='-c TimeZone=UTC' psql -q -X -v ON_ERROR_STOP=1 -v N="$N" -f bench/make_events.sql
+psql -q -X -c "SELECT pg_prewarm('events')" >/dev/null
+.venv/bin/python bench/run.py --dsn "$dsn" --server-dir "$out" --client-dir "$out" --rounds "$R" --rows "$N"
