@@ -161,14 +161,22 @@ impl PartialFile {
             .expect("the partial file is open until commit")
     }
 
-    /// Flush to disk and rename into place; returns the final path.
+    /// Flush to disk and rename into place; returns the final path. Like
+    /// PostgreSQL's own files, the flushes follow the server's `fsync`
+    /// setting.
     pub fn commit(mut self) -> io::Result<PathBuf> {
+        // SAFETY: reads the `fsync` GUC's variable.
+        let flush = unsafe { pg_sys::enableFsync };
         if let Some(file) = self.file.take() {
-            file.sync_all()?;
+            if flush {
+                file.sync_all()?;
+            }
         }
         std::fs::rename(&self.partial, &self.target)?;
         if let Some(dir) = self.target.parent() {
-            File::open(dir)?.sync_all()?;
+            if flush {
+                File::open(dir)?.sync_all()?;
+            }
         }
         self.partial = PathBuf::new();
         Ok(self.target.clone())
