@@ -11,6 +11,7 @@ use crate::file::{
 };
 use crate::options::{parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions};
 use crate::progress::Destination;
+use crate::sink::background::BackgroundWriter;
 use crate::sink::{ExportWriter, RecordStats};
 use crate::source::Source;
 
@@ -319,7 +320,8 @@ fn stream_export_to_file(
         options.footer,
     );
     let mut export = Export::open(Source::resolve(source), options, Destination::File);
-    let mut writer = ExportWriter::new(partial.file(), compression, level);
+    let file = partial.take_file().unwrap_or_else(|e| io_error(e));
+    let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
     loop {
         let rows = export.next_fetch_rows();
         if export.fetch(rows, &mut WriterSink(&mut writer)) == 0 {
@@ -337,9 +339,12 @@ fn stream_export_to_file(
         writer.stats().crc32(),
     );
     let file_bytes = writer.output_bytes();
-    drop(writer);
+    let file = writer
+        .into_output()
+        .finish()
+        .unwrap_or_else(|e| io_error(e));
     let resume_token = export.resume_token();
-    let final_path = partial.commit().unwrap_or_else(|e| io_error(e));
+    let final_path = partial.commit(file).unwrap_or_else(|e| io_error(e));
     let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
     TableIterator::once((
         final_path.to_string_lossy().into_owned(),

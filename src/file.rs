@@ -155,23 +155,23 @@ impl PartialFile {
         }
     }
 
-    pub fn file(&mut self) -> &mut File {
+    /// The open file, to write to; handed back to [`PartialFile::commit`].
+    pub fn take_file(&mut self) -> io::Result<File> {
         self.file
-            .as_mut()
-            .expect("the partial file is open until commit")
+            .take()
+            .ok_or_else(|| io::Error::other("the partial file was already taken"))
     }
 
-    /// Flush to disk and rename into place; returns the final path. Like
-    /// PostgreSQL's own files, the flushes follow the server's `fsync`
-    /// setting.
-    pub fn commit(mut self) -> io::Result<PathBuf> {
+    /// Flush `file` (this partial file, fully written) to disk and rename
+    /// it into place; returns the final path. Like PostgreSQL's own files,
+    /// the flushes follow the server's `fsync` setting.
+    pub fn commit(mut self, file: File) -> io::Result<PathBuf> {
         // SAFETY: reads the `fsync` GUC's variable.
         let flush = unsafe { pg_sys::enableFsync };
-        if let Some(file) = self.file.take() {
-            if flush {
-                file.sync_all()?;
-            }
+        if flush {
+            file.sync_all()?;
         }
+        drop(file);
         std::fs::rename(&self.partial, &self.target)?;
         if let Some(dir) = self.target.parent() {
             if flush {

@@ -162,3 +162,14 @@ def test_concurrent_exports_each_see_one_snapshot(server, events_small, server_d
             assert ok, detail
             assert rows == counts[i]
         c.execute(f"DELETE FROM {events_small} WHERE id >= 10000000")
+
+
+def test_query_error_halfway_leaves_nothing(conn, events_small, server_dir):
+    target = server_dir / "fails.ndjson"
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute(
+            "SELECT * FROM stream_export_to_file(%s, %s)",
+            [f"SELECT id, 1 / (id - 250000) AS boom FROM {events_small}", str(target)],
+        )
+    assert leftovers(server_dir) == []
+    assert conn.execute("SELECT 1").fetchone()[0] == 1

@@ -2,6 +2,7 @@
 //! the record bytes, optional gzip compression, and an [`std::io::Write`]
 //! destination (a chunk buffer for `bytea` streams, a file, ...).
 
+pub mod background;
 pub mod gzip;
 
 use std::io::{self, Write};
@@ -132,6 +133,11 @@ impl<W: Write> ExportWriter<W> {
 
     pub fn output(&mut self) -> &mut W {
         &mut self.out
+    }
+
+    /// The destination, once the writer is finished.
+    pub fn into_output(self) -> W {
+        self.out
     }
 
     /// Output bytes produced so far (compressed size for gzip).

@@ -1,0 +1,132 @@
+//! A writer that hands blocks to a helper thread, so the backend keeps
+//! encoding rows while the kernel copies the previous block into the file.
+//! The helper only calls write(2) on a file it owns; it never calls into
+//! PostgreSQL. It is joined on `finish` and on drop, and its error comes
+//! back to the caller's thread.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::thread::JoinHandle;
+
+/// Blocks queued at most; with 1 MiB blocks this bounds the memory.
+const QUEUE: usize = 4;
+
+pub struct BackgroundWriter {
+    blocks: Option<SyncSender<Vec<u8>>>,
+    spare: Receiver<Vec<u8>>,
+    worker: Option<JoinHandle<io::Result<File>>>,
+}
+
+impl BackgroundWriter {
+    pub fn new(mut file: File) -> BackgroundWriter {
+        let (block_tx, block_rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
+        let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+        let worker = std::thread::spawn(move || {
+            for mut block in block_rx {
+                file.write_all(&block)?;
+                block.clear();
+                let _ = spare_tx.send(block);
+            }
+            Ok(file)
+        });
+        BackgroundWriter {
+            blocks: Some(block_tx),
+            spare: spare_rx,
+            worker: Some(worker),
+        }
+    }
+
+    /// Stop the helper and return its result.
+    fn join(&mut self) -> io::Result<File> {
+        self.blocks = None;
+        match self.worker.take() {
+            Some(worker) => worker
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the file writer thread panicked"))),
+            None => Err(io::Error::other("the file writer has already finished")),
+        }
+    }
+
+    /// Wait until every block is written; return the file.
+    pub fn finish(mut self) -> io::Result<File> {
+        self.join()
+    }
+}
+
+impl Write for BackgroundWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut block = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(data.len()));
+        block.extend_from_slice(data);
+        let sent = match &self.blocks {
+            Some(blocks) => blocks.send(block).is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The helper stopped: its error explains why.
+            return Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| io::Error::other("the file writer stopped")));
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for BackgroundWriter {
+    fn drop(&mut self) {
+        if self.worker.is_some() {
+            let _ = self.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn writes_everything_in_order() {
+        let dir = std::env::temp_dir().join(format!("pse-bg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out");
+        let mut writer = BackgroundWriter::new(File::create(&path).unwrap());
+        let mut expected = Vec::new();
+        for i in 0..500u32 {
+            let block = vec![(i % 251) as u8; 1000 + i as usize];
+            writer.write_all(&block).unwrap();
+            expected.extend_from_slice(&block);
+        }
+        drop(writer.finish().unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_write_error_comes_back() {
+        // /dev/full fails every write with ENOSPC.
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+            return;
+        };
+        let mut writer = BackgroundWriter::new(file);
+        let mut result = Ok(());
+        for _ in 0..10 {
+            result = writer.write_all(&[0u8; 4096]);
+            if result.is_err() {
+                break;
+            }
+        }
+        let err = result
+            .err()
+            .or_else(|| writer.finish().err())
+            .expect("an error");
+        assert_eq!(err.raw_os_error(), Some(28));
+    }
+}
