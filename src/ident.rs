@@ -101,6 +101,133 @@ pub fn looks_like_query(source: &str) -> bool {
     })
 }
 
+/// Skip white space and comments (`-- ...` and nested `/* ... */`) from
+/// byte `at`; returns the first other byte's index.
+fn skip_space_and_comments(text: &[u8], mut at: usize) -> usize {
+    loop {
+        while at < text.len() && text[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        if text[at..].starts_with(b"--") {
+            while at < text.len() && text[at] != b'\n' {
+                at += 1;
+            }
+        } else if text[at..].starts_with(b"/*") {
+            let mut depth = 0;
+            while at < text.len() {
+                if text[at..].starts_with(b"/*") {
+                    depth += 1;
+                    at += 2;
+                } else if text[at..].starts_with(b"*/") {
+                    depth -= 1;
+                    at += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    at += 1;
+                }
+            }
+        } else {
+            return at;
+        }
+    }
+}
+
+/// The query text inside `COPY ( query ) TO ...`: the bytes between the
+/// parenthesis after COPY and its matching one, skipping what a SQL lexer
+/// skips (strings, quoted identifiers, dollar quotes, comments). `None` when
+/// the statement does not have that shape.
+pub fn copy_query_text(statement: &str) -> Option<&str> {
+    let text = statement.as_bytes();
+    let mut at = skip_space_and_comments(text, 0);
+    if !text.get(at..at + 4)?.eq_ignore_ascii_case(b"copy") {
+        return None;
+    }
+    at = skip_space_and_comments(text, at + 4);
+    if text.get(at) != Some(&b'(') {
+        return None;
+    }
+    let start = at + 1;
+    let mut depth = 1;
+    at = start;
+    while at < text.len() {
+        let c = text[at];
+        match c {
+            b'(' => depth += 1,
+            b')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return statement.get(start..at);
+                }
+            }
+            b'\'' => {
+                let escapes = at > 0
+                    && (text[at - 1] == b'E' || text[at - 1] == b'e')
+                    && (at < 2 || !(text[at - 2].is_ascii_alphanumeric() || text[at - 2] == b'_'));
+                at += 1;
+                while at < text.len() {
+                    if escapes && text[at] == b'\\' {
+                        at += 2;
+                        continue;
+                    }
+                    if text[at] == b'\'' {
+                        if text.get(at + 1) == Some(&b'\'') {
+                            at += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    at += 1;
+                }
+            }
+            b'"' => {
+                at += 1;
+                while at < text.len() {
+                    if text[at] == b'"' {
+                        if text.get(at + 1) == Some(&b'"') {
+                            at += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    at += 1;
+                }
+            }
+            b'-' if text[at..].starts_with(b"--") => {
+                at = skip_space_and_comments(text, at);
+                continue;
+            }
+            b'/' if text[at..].starts_with(b"/*") => {
+                at = skip_space_and_comments(text, at);
+                continue;
+            }
+            b'$' if at == 0 || !(text[at - 1].is_ascii_alphanumeric() || text[at - 1] == b'_') => {
+                // $tag$ ... $tag$ (a parameter like $1 starts with a digit).
+                let tag_end = text[at + 1..]
+                    .iter()
+                    .position(|&b| !(b.is_ascii_alphanumeric() || b == b'_'))
+                    .map(|n| at + 1 + n);
+                if let Some(tag_end) = tag_end {
+                    let tag_body = &text[at + 1..tag_end];
+                    let is_quote = text[tag_end] == b'$'
+                        && tag_body.first().is_none_or(|b| !b.is_ascii_digit());
+                    if is_quote {
+                        let tag = &text[at..=tag_end];
+                        let body = tag_end + 1;
+                        let close = text[body..].windows(tag.len()).position(|w| w == tag)?;
+                        at = body + close + tag.len();
+                        continue;
+                    }
+                }
+            }
+            _ => {}
+        }
+        at += 1;
+    }
+    None
+}
+
 #[cfg(test)]
 mod unit_tests {
     use super::*;
@@ -152,6 +279,26 @@ mod unit_tests {
         let parts = split(&format!("\"{long}\"")).unwrap();
         assert_eq!(parts[0].len(), 62);
         assert_eq!(split(&"x".repeat(70)).unwrap()[0].len(), 63);
+    }
+
+    #[test]
+    fn finds_the_query_of_a_copy_statement() {
+        let q = copy_query_text;
+        assert_eq!(q("COPY (SELECT 1) TO STDOUT"), Some("SELECT 1"));
+        assert_eq!(
+            q("  copy /* c (*/ ( select ')' , \"a)\" FROM t WHERE f(x) ) TO STDOUT"),
+            Some(" select ')' , \"a)\" FROM t WHERE f(x) ")
+        );
+        assert_eq!(
+            q("COPY (SELECT $x$ ) $x$, $1, E'\\' )' -- )\n) TO STDOUT"),
+            Some("SELECT $x$ ) $x$, $1, E'\\' )' -- )\n")
+        );
+        assert_eq!(
+            q("COPY (SELECT 'it''s)') TO STDOUT"),
+            Some("SELECT 'it''s)'")
+        );
+        assert_eq!(q("COPY events TO STDOUT"), None);
+        assert_eq!(q("COPY (SELECT 1 TO STDOUT"), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! talk to PostgreSQL through `pg_sys` ([`scan`], [`source`]).
 
 mod api;
+mod copy_hook;
 mod encode;
 mod error;
 mod export;
@@ -21,10 +22,11 @@ mod verify;
 
 ::pgrx::pg_module_magic!(name, version);
 
-/// Called when the library is loaded: registers the GUCs.
+/// Called when the library is loaded: registers the GUCs and the COPY hook.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     file::define_gucs();
+    copy_hook::install();
 }
 
 /// The in-database test suites, one file per feature under `pgrx-tests/`.

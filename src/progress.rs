@@ -16,6 +16,8 @@ pub enum Destination {
     File,
     /// Rows returned to the caller of a set-returning function.
     Callback,
+    /// COPY TO STDOUT.
+    Pipe,
 }
 
 impl Progress {
@@ -41,6 +43,7 @@ impl Progress {
             let kind = match destination {
                 Destination::File => pg_sys::PROGRESS_COPY_TYPE_FILE,
                 Destination::Callback => pg_sys::PROGRESS_COPY_TYPE_CALLBACK,
+                Destination::Pipe => pg_sys::PROGRESS_COPY_TYPE_PIPE,
             };
             pg_sys::pgstat_progress_update_param(pg_sys::PROGRESS_COPY_TYPE as i32, kind as i64);
         }

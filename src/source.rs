@@ -22,6 +22,8 @@ pub enum Source {
     },
     /// A query, checked to be exactly one read-only SELECT / VALUES / TABLE.
     Query(String),
+    /// A SELECT built by this extension over one relation (COPY table TO).
+    Select { relation: pg_sys::Oid, sql: String },
 }
 
 impl Source {
@@ -32,8 +34,7 @@ impl Source {
             return relation;
         }
         if looks_like_query(source) {
-            check_single_read_only_query(source);
-            return Source::Query(source.to_owned());
+            return Source::checked_query(source);
         }
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
@@ -46,6 +47,7 @@ impl Source {
     pub fn relation_oid(&self) -> pg_sys::Oid {
         match self {
             Source::Relation { oid, .. } => *oid,
+            Source::Select { relation, .. } => *relation,
             Source::Query(_) => pg_sys::InvalidOid,
         }
     }
@@ -54,8 +56,14 @@ impl Source {
     pub fn canonical(&self) -> &str {
         match self {
             Source::Relation { qualified_name, .. } => qualified_name,
-            Source::Query(query) => query,
+            Source::Query(query) | Source::Select { sql: query, .. } => query,
         }
+    }
+
+    /// A query given by the user, checked to be one read-only statement.
+    pub fn checked_query(query: &str) -> Source {
+        check_single_read_only_query(query);
+        Source::Query(query.to_owned())
     }
 
     /// A SELECT over every column of the source.
@@ -70,7 +78,7 @@ impl Source {
     pub fn sql_from_item(&self) -> String {
         match self {
             Source::Relation { qualified_name, .. } => qualified_name.clone(),
-            Source::Query(query) => format!("({query}\n)"),
+            Source::Query(query) | Source::Select { sql: query, .. } => format!("({query}\n)"),
         }
     }
 }

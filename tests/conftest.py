@@ -84,8 +84,11 @@ def server():
                           "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"]),
             check=True, capture_output=True,
         )
+        # pg_stat_statements has a ProcessUtility hook of its own: the COPY
+        # integration must chain it.
         options = (f"-c port={srv.port} -c listen_addresses=127.0.0.1 "
-                   f"-c unix_socket_directories={directory} -c fsync=off")
+                   f"-c unix_socket_directories={directory} -c fsync=off "
+                   f"-c shared_preload_libraries=pg_stat_statements")
         srv.pg_ctl("-l", str(srv.log), "-w", "start", "-o", options)
         started = True
         with psycopg.connect(srv.dsn("postgres"), autocommit=True) as conn:
