@@ -4,6 +4,7 @@
 
 mod encoding;
 mod file_export;
+mod plan;
 mod stream_export;
 mod streaming;
 mod support;

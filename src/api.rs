@@ -405,3 +405,59 @@ fn stream_export_verify(
         verdict.detail,
     ))
 }
+
+/// Split the key range of `source` into `partitions` contiguous ranges:
+/// boundaries from the key's histogram in pg_stats, else from a sample of
+/// the key. The first lower and the last upper bound are NULL (open); each
+/// range is `lower <= key < upper`, so together they cover every key once.
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn stream_export_plan(
+    source: &str,
+    key: &str,
+    partitions: i32,
+) -> TableIterator<
+    'static,
+    (
+        name!(partition, i32),
+        name!(lower, Option<String>),
+        name!(upper, Option<String>),
+        name!(estimated_rows, i64),
+    ),
+> {
+    if !(1..=4096).contains(&partitions) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid value for partitions: {partitions}"),
+            Some("partitions must be between 1 and 4096"),
+        );
+    }
+    let options = export_options(RawOptions {
+        key: Some(key),
+        ..Default::default()
+    });
+    let export = Export::open(Source::resolve(source), options, Destination::Callback);
+    let Some((column, type_name)) = export.key_column_and_type() else {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "a key export has a key",
+            None,
+        )
+    };
+    let (boundaries, total) =
+        crate::plan::boundaries(export.source(), &column, &type_name, partitions as usize);
+    let count = boundaries.len() + 1;
+    let per_partition = total / count as i64;
+    let rows: Vec<_> = (0..count)
+        .map(|i| {
+            let lower = if i == 0 {
+                None
+            } else {
+                Some(boundaries[i - 1].clone())
+            };
+            let upper = boundaries.get(i).cloned();
+            (i as i32, lower, upper, per_partition)
+        })
+        .collect();
+    TableIterator::new(rows)
+}

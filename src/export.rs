@@ -337,6 +337,23 @@ impl Export {
         )
     }
 
+    /// The key column and its type as SQL (`format_type_be`), with a key.
+    pub fn key_column_and_type(&self) -> Option<(String, String)> {
+        let Walk::Keyset(keyset) = &self.walk else {
+            return None;
+        };
+        // SAFETY: format_type_be returns a palloc'd name for any type OID.
+        let type_name = unsafe { CStr::from_ptr(pg_sys::format_type_be(keyset.key.type_oid)) };
+        Some((
+            keyset.key.column.clone(),
+            type_name.to_string_lossy().into_owned(),
+        ))
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
     /// The token that resumes after a row whose key has the text form
     /// `key_text` (for a client whose stream broke); it cannot know how
     /// many rows came before, so it says 0.

@@ -13,6 +13,7 @@ mod file;
 mod footer;
 mod ident;
 mod options;
+mod plan;
 mod progress;
 mod scan;
 mod sink;
