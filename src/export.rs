@@ -207,6 +207,7 @@ const KEY_HINT: &str = "a key must be a column with a unique index or primary ke
 impl Export {
     /// Resolve the source, validate the key and token, and open the walk.
     pub fn open(source: Source, options: ExportOptions, destination: Destination) -> Export {
+        check_utf8_database();
         // The probe gives the row shape (and is the whole walk without a key).
         let probe_sql = match options.key {
             None => source.select_all_sql(),
@@ -378,6 +379,27 @@ impl Export {
             crc32: stats.crc32(),
             resume_token: self.resume_token(),
         }
+    }
+}
+
+/// NDJSON is UTF-8, and text is copied out as stored: a database in another
+/// encoding is refused rather than exported as invalid UTF-8.
+fn check_utf8_database() {
+    // SAFETY: reads the database encoding, fixed for the session.
+    let (encoding, name) = unsafe {
+        (
+            pg_sys::GetDatabaseEncoding(),
+            CStr::from_ptr(pg_sys::GetDatabaseEncodingName())
+                .to_string_lossy()
+                .into_owned(),
+        )
+    };
+    if encoding != pg_sys::pg_enc::PG_UTF8 as i32 {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("pg_stream_export needs a UTF8 database; this one is {name}"),
+            Some("export from a database created with ENCODING 'UTF8', or convert the data first"),
+        );
     }
 }
 

@@ -2,6 +2,8 @@
 
 import json
 
+import psycopg
+
 
 def oracle(conn, from_item: str) -> list[str]:
     return [r[0] for r in conn.execute(f"SELECT row_to_json(r)::text FROM {from_item} r ORDER BY 1")]
@@ -38,3 +40,18 @@ def test_unknown_table_sqlstate(conn):
         assert "no_such_table_e2e" in str(err)
     else:
         raise AssertionError("expected 42P01")
+
+
+def test_a_non_utf8_database_is_refused(server):
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as c:
+        c.execute("DROP DATABASE IF EXISTS latin1_db")
+        c.execute("CREATE DATABASE latin1_db ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    with psycopg.connect(server.dsn("latin1_db"), autocommit=True) as c:
+        c.execute("CREATE EXTENSION pg_stream_export")
+        try:
+            c.execute("SELECT stream_export('SELECT 1 AS x')").fetchall()
+        except psycopg.Error as err:
+            assert err.sqlstate == "0A000"
+            assert "UTF8" in str(err)
+        else:
+            raise AssertionError("a LATIN1 database must be refused")
