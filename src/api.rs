@@ -5,7 +5,7 @@
 use pgrx::prelude::*;
 
 use crate::error::raise;
-use crate::export::{Export, LineSink};
+use crate::export::{write_whole_export, Export, LineSink, WriterSink};
 use crate::file::{
     check_read_privilege, check_write_privilege, raise_io, resolve_target, PartialFile,
 };
@@ -196,21 +196,6 @@ struct ChunkStream {
     finished: bool,
 }
 
-/// Lets the engine append lines straight into a writer's block.
-struct WriterSink<'a, W: std::io::Write>(&'a mut ExportWriter<W>);
-
-impl<W: std::io::Write> LineSink for WriterSink<'_, W> {
-    fn buffer(&mut self) -> &mut Vec<u8> {
-        self.0.buffer()
-    }
-
-    fn line_done(&mut self, _start: usize) {
-        if let Err(e) = self.0.end_record() {
-            io_error(e);
-        }
-    }
-}
-
 impl Iterator for ChunkStream {
     type Item = Vec<u8>;
 
@@ -314,25 +299,11 @@ fn stream_export_to_file(
     check_write_privilege();
     let target = resolve_target(path);
     let mut partial = PartialFile::create(target, overwrite.unwrap_or(false));
-    let (compression, level, want_footer) = (
-        options.compression,
-        options.compression_level,
-        options.footer,
-    );
+    let (compression, level) = (options.compression, options.compression_level);
     let mut export = Export::open(Source::resolve(source), options, Destination::File);
     let file = partial.take_file().unwrap_or_else(|e| io_error(e));
     let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
-    loop {
-        let rows = export.next_fetch_rows();
-        if export.fetch(rows, &mut WriterSink(&mut writer)) == 0 {
-            break;
-        }
-        writer.drain().unwrap_or_else(|e| io_error(e));
-    }
-    let make_footer = |stats: &RecordStats| export.footer(stats);
-    let footer: Option<&dyn Fn(&RecordStats) -> crate::footer::Footer> =
-        want_footer.then_some(&make_footer);
-    writer.finish(footer).unwrap_or_else(|e| io_error(e));
+    write_whole_export(&mut export, &mut writer);
     let (rows, bytes, crc) = (
         writer.stats().rows,
         writer.stats().bytes,

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pgrx::{is_a, pg_guard, pg_sys, PgList, PgSqlErrorCode};
 
 use crate::error::raise;
-use crate::export::{Export, LineSink};
+use crate::export::{write_whole_export, Export};
 use crate::file::{check_write_privilege, raise_io, resolve_target, PartialFile};
 use crate::ident::{copy_query_text, quote_identifier};
 use crate::options::{Compression, ExportOptions, RawOptions};
 use crate::progress::Destination;
 use crate::sink::background::BackgroundWriter;
-use crate::sink::{ExportWriter, RecordStats};
+use crate::sink::ExportWriter;
 use crate::source::Source;
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
@@ -281,41 +281,6 @@ fn send_message(kind: u8, data: &[u8]) {
     }
 }
 
-struct WriterSink<'a, W: std::io::Write>(&'a mut ExportWriter<W>);
-
-impl<W: std::io::Write> LineSink for WriterSink<'_, W> {
-    fn buffer(&mut self) -> &mut Vec<u8> {
-        self.0.buffer()
-    }
-
-    fn line_done(&mut self, _start: usize) {
-        if let Err(e) = self.0.end_record() {
-            raise_io(e, "COPY output");
-        }
-    }
-}
-
-/// Run the whole export into `writer`; returns the rows.
-fn pump<W: std::io::Write>(export: &mut Export, writer: &mut ExportWriter<W>) -> u64 {
-    loop {
-        let rows = export.next_fetch_rows();
-        if export.fetch(rows, &mut WriterSink(writer)) == 0 {
-            break;
-        }
-        writer
-            .drain()
-            .unwrap_or_else(|e| raise_io(e, "COPY output"));
-    }
-    let footer_wanted = export.options().footer;
-    let make_footer = |stats: &RecordStats| export.footer(stats);
-    let footer: Option<&dyn Fn(&RecordStats) -> crate::footer::Footer> =
-        footer_wanted.then_some(&make_footer);
-    writer
-        .finish(footer)
-        .unwrap_or_else(|e| raise_io(e, "COPY output"));
-    writer.stats().rows
-}
-
 unsafe fn run_copy(
     pstmt: *mut pg_sys::PlannedStmt,
     query_string: *const std::ffi::c_char,
@@ -359,7 +324,7 @@ unsafe fn run_copy(
         let format = u8::from(compression == Compression::Gzip);
         send_message(b'H', &[format, 0, 1, 0, format]);
         let mut writer = ExportWriter::new(CopyOut, compression, level);
-        let rows = pump(&mut export, &mut writer);
+        let rows = write_whole_export(&mut export, &mut writer);
         send_message(b'c', &[]);
         rows
     } else {
@@ -379,7 +344,7 @@ unsafe fn run_copy(
             .take_file()
             .unwrap_or_else(|e| raise_io(e, "COPY output"));
         let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
-        let rows = pump(&mut export, &mut writer);
+        let rows = write_whole_export(&mut export, &mut writer);
         let file = writer
             .into_output()
             .finish()

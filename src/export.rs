@@ -9,12 +9,13 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::encode::RowEncoder;
 use crate::error::raise;
+use crate::file::raise_io;
 use crate::footer::Footer;
 use crate::ident::quote_identifier;
 use crate::options::{BatchSize, ExportOptions};
 use crate::progress::{Destination, Progress};
 use crate::scan::Cursor;
-use crate::sink::RecordStats;
+use crate::sink::{ExportWriter, RecordStats};
 use crate::source::Source;
 use crate::token::{fingerprint, ResumeToken};
 
@@ -26,6 +27,45 @@ pub trait LineSink {
     fn buffer(&mut self) -> &mut Vec<u8>;
     /// `start` is where the line (including its newline) begins in the buffer.
     fn line_done(&mut self, start: usize);
+}
+
+/// Lets the engine append lines straight into an [`ExportWriter`]'s block.
+pub struct WriterSink<'a, W: std::io::Write>(pub &'a mut ExportWriter<W>);
+
+impl<W: std::io::Write> LineSink for WriterSink<'_, W> {
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        self.0.buffer()
+    }
+
+    fn line_done(&mut self, _start: usize) {
+        if let Err(e) = self.0.end_record() {
+            raise_io(e, "export output");
+        }
+    }
+}
+
+/// Run the whole export into `writer`, footer included when asked, and
+/// finish it; returns the record rows written.
+pub fn write_whole_export<W: std::io::Write>(
+    export: &mut Export,
+    writer: &mut ExportWriter<W>,
+) -> u64 {
+    loop {
+        let rows = export.next_fetch_rows();
+        if export.fetch(rows, &mut WriterSink(writer)) == 0 {
+            break;
+        }
+        writer
+            .drain()
+            .unwrap_or_else(|e| raise_io(e, "export output"));
+    }
+    let make_footer = |stats: &RecordStats| export.footer(stats);
+    let footer: Option<&dyn Fn(&RecordStats) -> Footer> =
+        export.options().footer.then_some(&make_footer);
+    writer
+        .finish(footer)
+        .unwrap_or_else(|e| raise_io(e, "export output"));
+    writer.stats().rows
 }
 
 /// A key value copied out of a row: by value, or the bytes of a by-reference
