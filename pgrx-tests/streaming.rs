@@ -78,6 +78,22 @@ mod tests {
         }
     }
 
+    /// Many keyset batches opened during later calls of the set-returning
+    /// function, with values that allocate while they are encoded.
+    #[pg_test]
+    fn many_keyset_batches_across_calls() {
+        let query =
+            "SELECT g AS k, ARRAY[g::text, repeat(''x'', g % 300)] AS a, ROW(g, ''y'' || g) AS rec, \
+                     (g * 1.5)::numeric AS n FROM generate_series(1, 20000) g";
+        let got = lines(&format!("SELECT md5(l) FROM (SELECT stream_export('{query}', key => 'k', batch_size => 100) l) s"));
+        let want = lines(&format!(
+            "SELECT md5(row_to_json(r)::text) FROM ({} ORDER BY k) r",
+            query.replace("''", "'")
+        ));
+        assert_eq!(got.len(), 20000);
+        assert_eq!(got, want);
+    }
+
     #[pg_test]
     fn key_bounds_select_a_range() {
         make_items(100);

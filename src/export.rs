@@ -14,7 +14,7 @@ use crate::footer::Footer;
 use crate::ident::quote_identifier;
 use crate::options::{BatchSize, ExportOptions};
 use crate::progress::{Destination, Progress};
-use crate::scan::Cursor;
+use crate::scan::{row_context, Cursor};
 use crate::sink::{ExportWriter, RecordStats};
 use crate::source::Source;
 use crate::token::{fingerprint, ResumeToken};
@@ -211,6 +211,7 @@ struct Keyset {
     /// that portal is open, since the executor reads it in place.
     bound: Option<KeyValue>,
     cursor: Option<Cursor>,
+    row_cxt: pg_sys::MemoryContext,
     batch_limit: u64,
     batch_rows: u64,
     exhausted: bool,
@@ -253,7 +254,10 @@ impl Export {
             None => source.select_all_sql(),
             Some(_) => format!("{} LIMIT 0", source.select_all_sql()),
         };
-        let probe = Cursor::open(&probe_sql, &[]);
+        // Everything that outlives one call of a set-returning function is
+        // created here, in the context current at open.
+        let row_cxt = row_context();
+        let probe = Cursor::open(&probe_sql, &[], row_cxt);
         // SAFETY: the descriptor is valid while the probe is open; the plan
         // copies what it needs and its caches live in the current (per-call
         // or per-function) memory context, which outlives the export.
@@ -286,6 +290,7 @@ impl Export {
                     bound: None,
                     last,
                     cursor: None,
+                    row_cxt,
                     batch_limit: 0,
                     batch_rows: 0,
                     exhausted: false,
@@ -572,7 +577,7 @@ fn open_batch(keyset: &mut Keyset, source: &Source, limit: u64) {
         source.sql_from_item(),
         params.len()
     );
-    keyset.cursor = Some(Cursor::open(&sql, &params));
+    keyset.cursor = Some(Cursor::open(&sql, &params, keyset.row_cxt));
 }
 
 /// Find the key column in the source's row shape and check that it can

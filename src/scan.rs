@@ -66,6 +66,23 @@ unsafe extern "C-unwind" fn receiver_noop_startup(
 #[pg_guard]
 unsafe extern "C-unwind" fn receiver_noop(_receiver: *mut pg_sys::DestReceiver) {}
 
+/// A memory context for rows, a child of the current one, which must live
+/// as long as every cursor that uses it (for a set-returning function: its
+/// multi-call context, not the per-call one that is reset between calls).
+pub fn row_context() -> pg_sys::MemoryContext {
+    // SAFETY: creates a plain child of the current context; it is freed
+    // with its parent, never explicitly.
+    unsafe {
+        pg_sys::AllocSetContextCreateInternal(
+            pg_sys::CurrentMemoryContext,
+            c"pg_stream_export row".as_ptr(),
+            pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+            pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+        )
+    }
+}
+
 /// Run `body` inside an SPI connection.
 pub fn with_spi<R>(body: impl FnOnce() -> R) -> R {
     // SAFETY: SPI_connect/SPI_finish bracket the body; an ERROR raised in the
@@ -95,9 +112,15 @@ fn spi_code_name(code: i32) -> String {
 
 impl Cursor {
     /// Plan `sql` and open it as a read-only cursor on the current snapshot,
-    /// with `params` bound to `$1`, `$2`, ... (type, value; `None` is NULL).
-    /// By-reference values must stay valid while the cursor is open.
-    pub fn open(sql: &str, params: &[(pg_sys::Oid, Option<pg_sys::Datum>)]) -> Cursor {
+    /// with `params` bound to `$1`, `$2`, ... (type, value; `None` is NULL;
+    /// PostgreSQL copies them into the portal). Rows are handed over with
+    /// `row_cxt` (see [`row_context`]) as the current memory context, reset
+    /// after each row.
+    pub fn open(
+        sql: &str,
+        params: &[(pg_sys::Oid, Option<pg_sys::Datum>)],
+        row_cxt: pg_sys::MemoryContext,
+    ) -> Cursor {
         let Ok(c_sql) = CString::new(sql) else {
             raise(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -153,17 +176,6 @@ impl Cursor {
                 CStr::from_ptr((*portal).name).to_owned()
             }
         });
-        // SAFETY: a plain child of the current context (the caller's
-        // long-lived one); freed with it, never explicitly.
-        let row_cxt = unsafe {
-            pg_sys::AllocSetContextCreateInternal(
-                pg_sys::CurrentMemoryContext,
-                c"pg_stream_export row".as_ptr(),
-                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
-                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-            )
-        };
         Cursor {
             portal_name,
             closed: false,
