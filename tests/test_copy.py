@@ -218,3 +218,14 @@ def test_client_disconnect_leaves_no_backend(server, events_big):
         proc.wait()
         wait_until(lambda: observer.execute(
             "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = %s", [app]).fetchone()[0])
+
+
+def test_statement_timeout_stops_copy_to_stdout(server, events_big):
+    with server.connect() as c:
+        loaded(c)
+        c.execute("SET statement_timeout = '300ms'")
+        with pytest.raises(psycopg.errors.QueryCanceled) as err:
+            copy_out(c, f"COPY {events_big} TO STDOUT WITH (FORMAT ndjson, COMPRESSION gzip)")
+        assert err.value.sqlstate == "57014"
+        c.execute("RESET statement_timeout")
+        assert c.execute("SELECT 1").fetchone()[0] == 1
