@@ -258,6 +258,49 @@ fn stream_export_resume_token(source: &str, key: &str, last_line: &str) -> Strin
     export.token_after_key_text(&key_text)
 }
 
+/// What a file export wrote.
+pub struct Written {
+    pub path: std::path::PathBuf,
+    pub rows: u64,
+    pub bytes: u64,
+    pub file_bytes: u64,
+    pub crc32: u32,
+    pub resume_token: Option<String>,
+}
+
+/// Export `source` to `target` atomically (a `.partial` file renamed at
+/// the end); the caller has checked the privilege and the path.
+pub fn export_to_path(
+    source: Source,
+    options: ExportOptions,
+    target: std::path::PathBuf,
+    overwrite: bool,
+) -> Written {
+    let mut partial = PartialFile::create(target, overwrite);
+    let (compression, level) = (options.compression, options.compression_level);
+    let mut export = Export::open(source, options, Destination::File);
+    let file = partial.take_file().unwrap_or_else(|e| io_error(e));
+    let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
+    write_whole_export(&mut export, &mut writer);
+    let stats = writer.stats();
+    let (rows, bytes, crc32) = (stats.rows, stats.bytes, stats.crc32());
+    let file_bytes = writer.output_bytes();
+    let file = writer
+        .into_output()
+        .finish()
+        .unwrap_or_else(|e| io_error(e));
+    let resume_token = export.resume_token();
+    let path = partial.commit(file).unwrap_or_else(|e| io_error(e));
+    Written {
+        path,
+        rows,
+        bytes,
+        file_bytes,
+        crc32,
+        resume_token,
+    }
+}
+
 /// Write the export to a file on the database server, atomically.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]
@@ -298,32 +341,20 @@ fn stream_export_to_file(
     });
     check_write_privilege();
     let target = resolve_target(path);
-    let mut partial = PartialFile::create(target, overwrite.unwrap_or(false));
-    let (compression, level) = (options.compression, options.compression_level);
-    let mut export = Export::open(Source::resolve(source), options, Destination::File);
-    let file = partial.take_file().unwrap_or_else(|e| io_error(e));
-    let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
-    write_whole_export(&mut export, &mut writer);
-    let (rows, bytes, crc) = (
-        writer.stats().rows,
-        writer.stats().bytes,
-        writer.stats().crc32(),
+    let written = export_to_path(
+        Source::resolve(source),
+        options,
+        target,
+        overwrite.unwrap_or(false),
     );
-    let file_bytes = writer.output_bytes();
-    let file = writer
-        .into_output()
-        .finish()
-        .unwrap_or_else(|e| io_error(e));
-    let resume_token = export.resume_token();
-    let final_path = partial.commit(file).unwrap_or_else(|e| io_error(e));
     let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
     TableIterator::once((
-        final_path.to_string_lossy().into_owned(),
-        rows as i64,
-        bytes as i64,
-        file_bytes as i64,
-        format!("{crc:08x}"),
-        resume_token,
+        written.path.to_string_lossy().into_owned(),
+        written.rows as i64,
+        written.bytes as i64,
+        written.file_bytes as i64,
+        format!("{:08x}", written.crc32),
+        written.resume_token,
         elapsed,
     ))
 }
@@ -431,4 +462,123 @@ fn stream_export_plan(
         })
         .collect();
     TableIterator::new(rows)
+}
+
+/// Export all partitions of `source` at once with background workers that
+/// share one snapshot: `part-NNNNN.ndjson[.gz]` files (each with a footer)
+/// and `manifest.json`, written last.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn stream_export_to_directory(
+    source: &str,
+    directory: &str,
+    key: &str,
+    partitions: i32,
+    compression: default!(Option<&str>, "'none'"),
+    compression_level: default!(Option<i32>, 6),
+    batch_size: default!(Option<i32>, 0),
+    overwrite: default!(Option<bool>, false),
+    workers: default!(Option<i32>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(directory, String),
+        name!(partitions, i32),
+        name!(workers, i32),
+        name!(rows, i64),
+        name!(bytes, i64),
+        name!(file_bytes, i64),
+        name!(elapsed, pgrx::datum::Interval),
+    ),
+> {
+    let started = std::time::Instant::now();
+    if !(1..=1024).contains(&partitions) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid value for partitions: {partitions}"),
+            Some("partitions must be between 1 and 1024"),
+        );
+    }
+    let wanted_workers = match workers {
+        None => partitions as usize,
+        Some(n) if n >= 1 => n as usize,
+        Some(n) => raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid value for workers: {n}"),
+            Some("workers must be at least 1 (NULL: one per partition)"),
+        ),
+    };
+    let options = export_options(RawOptions {
+        compression,
+        compression_level,
+        key: Some(key),
+        batch_size,
+        footer: Some(true),
+        ..Default::default()
+    });
+    check_write_privilege();
+    let dir = crate::parallel::directory_from(directory);
+    let export = Export::open(
+        Source::resolve(source),
+        options.clone(),
+        Destination::Callback,
+    );
+    let Some((column, type_name)) = export.key_column_and_type() else {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "a key export has a key",
+            None,
+        )
+    };
+    let resolved = export.source().clone();
+    let (boundaries, _) =
+        crate::plan::boundaries(&resolved, &column, &type_name, partitions as usize);
+    drop(export);
+    let mut bounds = Vec::with_capacity(boundaries.len() + 1);
+    let mut lower = None;
+    for boundary in boundaries {
+        bounds.push((lower.take(), Some(boundary.clone())));
+        lower = Some(boundary);
+    }
+    bounds.push((lower, None));
+    let totals = crate::parallel::export_directory(
+        source,
+        &resolved,
+        &dir,
+        key,
+        &options,
+        bounds,
+        wanted_workers,
+        overwrite.unwrap_or(false),
+    );
+    let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
+    TableIterator::once((
+        dir.to_string_lossy().into_owned(),
+        totals.partitions,
+        totals.workers,
+        totals.rows,
+        totals.bytes,
+        totals.file_bytes,
+        elapsed,
+    ))
+}
+
+/// Check a directory export: every part against its footer and the
+/// manifest, and the manifest's totals.
+#[pg_extern(volatile, parallel_safe)]
+fn stream_export_verify_manifest(
+    directory: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(ok, bool),
+        name!(parts, i32),
+        name!(rows, i64),
+        name!(detail, String),
+    ),
+> {
+    check_read_privilege();
+    TableIterator::once(crate::parallel::verify_directory(std::path::Path::new(
+        directory,
+    )))
 }

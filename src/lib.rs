@@ -13,6 +13,7 @@ mod file;
 mod footer;
 mod ident;
 mod options;
+mod parallel;
 mod plan;
 mod progress;
 mod scan;

@@ -1,0 +1,150 @@
+"""stream_export_to_directory: background workers on one snapshot, part
+files and a manifest."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from helpers import wait_until
+from test_streaming import run_in_thread
+
+
+@pytest.fixture
+def out_dir():
+    path = Path(tempfile.mkdtemp(prefix="pse-e2e-dir.", dir="/tmp"))
+    shutil.chown(path, "postgres", "postgres")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def read_part(path: Path) -> list[bytes]:
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    lines = data.splitlines()
+    assert lines[-1].startswith(b'{"_stream_export":')
+    return lines[:-1]
+
+
+def workers_running(conn) -> int:
+    return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_stream_export'").fetchone()[0]
+
+
+def test_parts_are_one_snapshot_while_others_write(server, events_small, out_dir):
+    # A copy of its own: this test changes and deletes rows.
+    table = "churn_events"
+    with server.connect() as c:
+        c.execute(f"DROP TABLE IF EXISTS {table}")
+        c.execute(f"CREATE TABLE {table} AS SELECT * FROM {events_small}")
+        c.execute(f"ALTER TABLE {table} ADD PRIMARY KEY (id)")
+    stop = threading.Event()
+
+    def churn():
+        with server.connect() as c:
+            next_id = 20_000_000
+            for i in range(5000):
+                if stop.is_set():
+                    break
+                c.execute(f"INSERT INTO {table} SELECT g, now(), 2, 'view', 1, true, NULL, NULL, 'churn' "
+                          "FROM generate_series(%s, %s) g", [next_id, next_id + 49])
+                c.execute(f"UPDATE {table} SET note = 'changed' WHERE id = %s", [1 + i * 37])
+                c.execute(f"DELETE FROM {table} WHERE id = %s", [2 + i * 41])
+                next_id += 50
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        with server.connect(autocommit=False) as c:
+            c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            expected = [r[0].encode() for r in c.execute(
+                f"SELECT row_to_json(e)::text FROM {table} e ORDER BY id")]
+            row = c.execute(
+                "SELECT * FROM stream_export_to_directory(%s, %s, 'id', 3, compression => 'gzip')",
+                [table, str(out_dir)],
+            ).fetchone()
+            c.commit()
+    finally:
+        stop.set()
+        churner.join()
+    _, partitions, workers, rows, *_ = row
+    assert partitions == 3 and workers >= 1 and rows == len(expected)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    got = []
+    for part in manifest["parts"]:
+        got.extend(read_part(out_dir / part["file"]))
+    assert got == expected  # parts in key order, same snapshot, nothing missing or doubled
+    with server.connect() as c:
+        ok, parts, total, detail = c.execute(
+            "SELECT * FROM stream_export_verify_manifest(%s)", [str(out_dir)]).fetchone()
+        assert ok and parts == 3 and total == len(expected), detail
+        for part in manifest["parts"]:
+            assert c.execute("SELECT ok FROM stream_export_verify(%s)", [str(out_dir / part["file"])]).fetchone()[0]
+        c.execute(f"DROP TABLE {table}")
+        assert wait_until(lambda: workers_running(c) == 0) is True
+
+
+def test_a_failing_partition_leaves_nothing(server, out_dir):
+    with server.connect() as c:
+        with pytest.raises(psycopg.errors.DivisionByZero) as err:
+            c.execute(
+                "SELECT * FROM stream_export_to_directory("
+                "'SELECT g AS id, 1 / (g - 90000) AS boom FROM generate_series(1, 100000) g', %s, 'id', 4)",
+                [str(out_dir)],
+            )
+        assert "partition 3" in str(err.value)
+        assert list(out_dir.iterdir()) == []
+        assert wait_until(lambda: workers_running(c) == 0) is True
+        assert c.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_cancelling_the_leader_stops_every_worker(server, events_big, out_dir):
+    with server.connect() as leader, server.connect() as observer:
+        pid = leader.info.backend_pid
+        thread, result = run_in_thread(lambda: leader.execute(
+            "SELECT * FROM stream_export_to_directory(%s, %s, 'id', 2, compression => 'gzip')",
+            [events_big, str(out_dir)]).fetchone())
+        wait_until(lambda: workers_running(observer) > 0)
+        observer.execute("SELECT pg_cancel_backend(%s)", [pid])
+        thread.join(timeout=60)
+        assert isinstance(result.get("error"), psycopg.errors.QueryCanceled), result
+        assert wait_until(lambda: workers_running(observer) == 0) is True
+        assert list(out_dir.iterdir()) == []
+
+
+def test_bad_directory_arguments(conn, out_dir):
+    for sql, state in [
+        ("SELECT * FROM stream_export_to_directory('pg_class', %s, 'oid', 0)", "22023"),
+        ("SELECT * FROM stream_export_to_directory('pg_class', 'relative/dir', 'oid', 2)", "42501"),
+        ("SELECT * FROM stream_export_to_directory('pg_class', %s, 'relname', 2)", "22023"),
+    ]:
+        with pytest.raises(psycopg.Error) as err:
+            conn.execute(sql, [str(out_dir)] if "%s" in sql else [])
+        assert err.value.sqlstate == state, sql
+
+
+def test_workers_render_with_the_callers_settings(server, out_dir):
+    with server.connect() as c:
+        c.execute("""
+            DROP TABLE IF EXISTS settings_t;
+            CREATE TABLE settings_t AS
+            SELECT g AS id, timestamptz '2024-03-10 12:00:00+00' + g * interval '7 hours' AS at,
+                   g / 7.0::float8 AS x, g * interval '1 day 3 hours' AS span
+            FROM generate_series(1, 2000) g;
+            ALTER TABLE settings_t ADD PRIMARY KEY (id);
+        """)
+        c.execute("SET TimeZone = 'America/New_York'; SET extra_float_digits = 0; "
+                  "SET IntervalStyle = 'iso_8601'")
+        expected = [r[0].encode() + b"\n" for r in c.execute(
+            "SELECT row_to_json(s)::text FROM settings_t s ORDER BY id")]
+        c.execute("SELECT * FROM stream_export_to_directory('settings_t', %s, 'id', 3)", [str(out_dir)])
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    got = []
+    for part in manifest["parts"]:
+        got.extend(line + b"\n" for line in read_part(out_dir / part["file"]))
+    assert got == expected
