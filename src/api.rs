@@ -7,7 +7,8 @@ use pgrx::prelude::*;
 use crate::error::raise;
 use crate::export::{write_whole_export, Export, LineSink, WriterSink};
 use crate::file::{
-    check_read_privilege, check_write_privilege, raise_io, resolve_target, PartialFile,
+    check_read_privilege, check_write_privilege, raise_io, require_absolute, resolve_target,
+    PartialFile,
 };
 use crate::options::{parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions};
 use crate::progress::Destination;
@@ -374,13 +375,7 @@ fn stream_export_verify(
     ),
 > {
     check_read_privilege();
-    if !std::path::Path::new(path).is_absolute() {
-        raise(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("relative path \"{path}\" is not allowed"),
-            Some("give an absolute path on the database server"),
-        );
-    }
+    require_absolute(path);
     let file = std::fs::File::open(path).unwrap_or_else(|e| {
         raise(
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -578,6 +573,7 @@ fn stream_export_verify_manifest(
     ),
 > {
     check_read_privilege();
+    require_absolute(directory);
     TableIterator::once(crate::parallel::verify_directory(std::path::Path::new(
         directory,
     )))

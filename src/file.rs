@@ -71,17 +71,22 @@ pub fn check_read_privilege() {
     }
 }
 
-/// Check `path` and return it with its directory resolved: absolute,
-/// naming a file in an existing directory, and inside
-/// `pg_stream_export.allowed_directory` when that is set.
-pub fn resolve_target(path: &str) -> PathBuf {
-    let given = Path::new(path);
-    if !given.is_absolute() {
+/// A server path must be absolute (`42501` otherwise), as for COPY.
+pub fn require_absolute(path: &str) {
+    if !Path::new(path).is_absolute() {
         insufficient(
             format!("relative path \"{path}\" is not allowed"),
             "give an absolute path on the database server",
         );
     }
+}
+
+/// Check `path` and return it with its directory resolved: absolute,
+/// naming a file in an existing directory, and inside
+/// `pg_stream_export.allowed_directory` when that is set.
+pub fn resolve_target(path: &str) -> PathBuf {
+    require_absolute(path);
+    let given = Path::new(path);
     let Some(Component::Normal(file_name)) = given.components().next_back() else {
         insufficient(
             format!("path \"{path}\" does not name a file"),
