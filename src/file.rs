@@ -35,17 +35,18 @@ fn insufficient(message: impl Into<String>, hint: &str) -> ! {
     )
 }
 
+/// Superuser, or a member of `role` (a predefined role's OID).
+fn is_superuser_or_member_of(role: u32) -> bool {
+    // SAFETY: plain role checks for the current user.
+    unsafe {
+        pg_sys::superuser()
+            || pg_sys::has_privs_of_role(pg_sys::GetUserId(), pg_sys::Oid::from(role))
+    }
+}
+
 /// Writing a server file needs what COPY TO 'file' needs.
 pub fn check_write_privilege() {
-    // SAFETY: plain role checks for the current user.
-    let allowed = unsafe {
-        pg_sys::superuser()
-            || pg_sys::has_privs_of_role(
-                pg_sys::GetUserId(),
-                pg_sys::Oid::from(pg_sys::ROLE_PG_WRITE_SERVER_FILES),
-            )
-    };
-    if !allowed {
+    if !is_superuser_or_member_of(pg_sys::ROLE_PG_WRITE_SERVER_FILES) {
         insufficient(
             "permission denied to write a server file",
             "Only superusers and members of pg_write_server_files can export to a server file; others can use stream_export_bytes or COPY ... TO STDOUT.",
@@ -55,15 +56,7 @@ pub fn check_write_privilege() {
 
 /// Reading a server file needs what COPY FROM 'file' needs.
 pub fn check_read_privilege() {
-    // SAFETY: plain role checks for the current user.
-    let allowed = unsafe {
-        pg_sys::superuser()
-            || pg_sys::has_privs_of_role(
-                pg_sys::GetUserId(),
-                pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES),
-            )
-    };
-    if !allowed {
+    if !is_superuser_or_member_of(pg_sys::ROLE_PG_READ_SERVER_FILES) {
         insufficient(
             "permission denied to read a server file",
             "Only superusers and members of pg_read_server_files can verify a server file.",
