@@ -215,11 +215,7 @@ impl Iterator for ChunkStream {
             let rows = self.export.next_fetch_rows();
             if self.export.fetch(rows, &mut WriterSink(&mut self.writer)) == 0 {
                 self.finished = true;
-                let export = &self.export;
-                let make_footer = |stats: &RecordStats| export.footer(stats);
-                let footer: Option<&dyn Fn(&RecordStats) -> crate::footer::Footer> =
-                    export.options().footer.then_some(&make_footer);
-                if let Err(e) = self.writer.finish(footer) {
+                if let Err(e) = self.export.finish_writer(&mut self.writer) {
                     io_error(e);
                 }
             } else if let Err(e) = self.writer.drain() {

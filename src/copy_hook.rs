@@ -18,7 +18,7 @@ use crate::options::{Compression, ExportOptions, RawOptions};
 use crate::progress::Destination;
 use crate::sink::background::BackgroundWriter;
 use crate::sink::ExportWriter;
-use crate::source::Source;
+use crate::source::{qualified_relation_name, Source};
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 static mut PREVIOUS_HOOK: pg_sys::ProcessUtility_hook_type = None;
@@ -199,16 +199,13 @@ unsafe fn copy_source(
                 None,
                 std::ptr::null_mut(),
             );
-            let name = format!(
-                "{}.{}",
-                quote_identifier(
-                    &CStr::from_ptr(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(
-                        relation
-                    )))
-                    .to_string_lossy()
-                ),
-                quote_identifier(&CStr::from_ptr(pg_sys::get_rel_name(relation)).to_string_lossy())
-            );
+            let Some(name) = qualified_relation_name(relation) else {
+                raise(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                    "the COPY relation is gone",
+                    None,
+                )
+            };
             let columns: Vec<String> = PgList::<pg_sys::Node>::from_pg((*copy).attlist)
                 .iter_ptr()
                 .map(|node| {

@@ -59,11 +59,8 @@ pub fn write_whole_export<W: std::io::Write>(
             .drain()
             .unwrap_or_else(|e| raise_io(e, "export output"));
     }
-    let make_footer = |stats: &RecordStats| export.footer(stats);
-    let footer: Option<&dyn Fn(&RecordStats) -> Footer> =
-        export.options().footer.then_some(&make_footer);
-    writer
-        .finish(footer)
+    export
+        .finish_writer(writer)
         .unwrap_or_else(|e| raise_io(e, "export output"));
     writer.stats().rows
 }
@@ -331,6 +328,7 @@ impl Export {
 
     /// Append up to `max_rows` lines to `sink`; 0 means the export is done.
     pub fn fetch(&mut self, max_rows: u64, sink: &mut dyn LineSink) -> u64 {
+        let next_limit = self.options.batch_size.rows(self.average_row_bytes()) as u64;
         let rows = match &mut self.walk {
             Walk::Whole(cursor) => {
                 let encoder = &mut self.encoder;
@@ -345,22 +343,15 @@ impl Export {
                 }
                 n
             }
-            Walk::Keyset(keyset) => {
-                let next_limit = self
-                    .options
-                    .batch_size
-                    .rows((self.rows > 0).then(|| (self.encoded_bytes / self.rows) as usize))
-                    as u64;
-                fetch_keyset(
-                    keyset,
-                    &self.source,
-                    &mut self.encoder,
-                    sink,
-                    max_rows,
-                    next_limit,
-                    &mut self.encoded_bytes,
-                )
-            }
+            Walk::Keyset(keyset) => fetch_keyset(
+                keyset,
+                &self.source,
+                &mut self.encoder,
+                sink,
+                max_rows,
+                next_limit,
+                &mut self.encoded_bytes,
+            ),
         };
         self.rows += rows;
         self.progress.update(self.rows, self.encoded_bytes);
@@ -415,6 +406,17 @@ impl Export {
             rows: 0,
         }
         .encode()
+    }
+
+    /// Finish `writer`: flush the records, append the footer when asked.
+    pub fn finish_writer<W: std::io::Write>(
+        &self,
+        writer: &mut ExportWriter<W>,
+    ) -> std::io::Result<()> {
+        let make_footer = |stats: &RecordStats| self.footer(stats);
+        let footer: Option<&dyn Fn(&RecordStats) -> Footer> =
+            self.options.footer.then_some(&make_footer);
+        writer.finish(footer)
     }
 
     pub fn footer(&self, stats: &RecordStats) -> Footer {

@@ -117,21 +117,30 @@ fn lookup_relation(source: &str) -> Option<Source> {
         if oid == pg_sys::InvalidOid {
             return None;
         }
+        let qualified_name = qualified_relation_name(oid)?;
+        let relkind = pg_sys::get_rel_relkind(oid) as u8;
+        Some(Source::Relation {
+            oid,
+            qualified_name,
+            indexable: matches!(relkind, b'r' | b'p' | b'm'),
+        })
+    }
+}
+
+/// `"schema"."name"` of a relation, quoted; `None` when it is gone.
+pub fn qualified_relation_name(oid: pg_sys::Oid) -> Option<String> {
+    // SAFETY: catalog lookups that return palloc'd copies or NULL.
+    unsafe {
         let relname = pg_sys::get_rel_name(oid);
         let nspname = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(oid));
         if relname.is_null() || nspname.is_null() {
             return None;
         }
-        let relkind = pg_sys::get_rel_relkind(oid) as u8;
-        Some(Source::Relation {
-            oid,
-            qualified_name: format!(
-                "{}.{}",
-                quote_identifier(&CStr::from_ptr(nspname).to_string_lossy()),
-                quote_identifier(&CStr::from_ptr(relname).to_string_lossy())
-            ),
-            indexable: matches!(relkind, b'r' | b'p' | b'm'),
-        })
+        Some(format!(
+            "{}.{}",
+            quote_identifier(&CStr::from_ptr(nspname).to_string_lossy()),
+            quote_identifier(&CStr::from_ptr(relname).to_string_lossy())
+        ))
     }
 }
 
