@@ -13,8 +13,10 @@ use std::io::{self, Write};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
-type Job = (u64, Vec<u8>);
-type Done = (u64, Result<Vec<u8>, String>);
+/// (sequence number, input block, a spare buffer for the output)
+type Job = (u64, Vec<u8>, Vec<u8>);
+/// (sequence number, the member or an error, the emptied input block)
+type Done = (u64, Result<Vec<u8>, String>, Vec<u8>);
 
 /// Helper threads for compression: one per core, at most four.
 pub fn default_workers() -> usize {
@@ -33,13 +35,21 @@ pub struct ParallelGzip {
     next_write: u64,
     finished: BTreeMap<u64, Vec<u8>>,
     max_in_flight: u64,
+    /// Buffers that went round once, reused so that memory stays a fixed
+    /// pool instead of a churn of 1 MiB allocations across threads.
+    spare_inputs: Vec<Vec<u8>>,
+    spare_outputs: Vec<Vec<u8>>,
 }
 
+/// Compress `input` into `out`, a reused buffer (resized to the bound,
+/// then cut to the member's length).
 fn compress_member(
     compressor: &mut libdeflater::Compressor,
     input: &[u8],
+    mut out: Vec<u8>,
 ) -> Result<Vec<u8>, String> {
-    let mut out = vec![0u8; compressor.gzip_compress_bound(input.len())];
+    out.clear();
+    out.resize(compressor.gzip_compress_bound(input.len()), 0);
     let n = compressor
         .gzip_compress(input, &mut out)
         .map_err(|e| format!("gzip compression failed: {e:?}"))?;
@@ -64,9 +74,11 @@ impl ParallelGzip {
                             Ok(rx) => rx.recv(),
                             Err(_) => return,
                         };
-                        let Ok((seq, input)) = job else { return };
-                        let result = compress_member(&mut compressor, &input);
-                        if done_tx.send((seq, result)).is_err() {
+                        let Ok((seq, input, output)) = job else {
+                            return;
+                        };
+                        let result = compress_member(&mut compressor, &input, output);
+                        if done_tx.send((seq, result, input)).is_err() {
                             return;
                         }
                     }
@@ -82,6 +94,8 @@ impl ParallelGzip {
             next_write: 0,
             finished: BTreeMap::new(),
             max_in_flight: (workers as u64 * 2).max(2),
+            spare_inputs: Vec::new(),
+            spare_outputs: Vec::new(),
         }
     }
 
@@ -90,10 +104,17 @@ impl ParallelGzip {
     }
 
     fn collect(&mut self, result: Done) -> io::Result<()> {
-        let (seq, member) = result;
+        let (seq, member, mut input) = result;
+        input.clear();
+        self.spare_inputs.push(input);
         let member = member.map_err(io::Error::other)?;
         self.finished.insert(seq, member);
         Ok(())
+    }
+
+    /// An empty input buffer that went round before, if one is free.
+    pub fn spare_input(&mut self) -> Option<Vec<u8>> {
+        self.spare_inputs.pop()
     }
 
     /// Queue one block; waits when too many are in flight, so memory stays
@@ -105,7 +126,8 @@ impl ParallelGzip {
             self.collect(result)?;
         }
         let jobs = self.jobs.as_ref().ok_or_else(Self::broken)?;
-        jobs.send((self.next_submit, block))
+        let output = self.spare_outputs.pop().unwrap_or_default();
+        jobs.send((self.next_submit, block, output))
             .map_err(|_| Self::broken())?;
         self.next_submit += 1;
         Ok(())
@@ -125,6 +147,7 @@ impl ParallelGzip {
             out.write_all(&member)?;
             written += member.len() as u64;
             self.next_write += 1;
+            self.spare_outputs.push(member);
         }
         Ok(written)
     }
@@ -136,7 +159,8 @@ impl ParallelGzip {
             let mut compressor = libdeflater::Compressor::new(
                 libdeflater::CompressionLvl::new(self.level as i32).unwrap_or_default(),
             );
-            let member = compress_member(&mut compressor, &[]).map_err(io::Error::other)?;
+            let member =
+                compress_member(&mut compressor, &[], Vec::new()).map_err(io::Error::other)?;
             self.finished.insert(0, member);
             self.next_submit = 1;
         }

@@ -108,10 +108,10 @@ impl<W: Write> ExportWriter<W> {
                 self.block.clear();
             }
             Stage::Gzip(gzip) => {
-                let full = std::mem::replace(
-                    &mut self.block,
-                    Vec::with_capacity(BLOCK_BYTES + (64 << 10)),
-                );
+                let next = gzip
+                    .spare_input()
+                    .unwrap_or_else(|| Vec::with_capacity(BLOCK_BYTES + (64 << 10)));
+                let full = std::mem::replace(&mut self.block, next);
                 gzip.submit(full)?;
                 self.output_bytes += gzip.drain_ready(&mut self.out)?;
             }
