@@ -5,16 +5,36 @@
 use pgrx::prelude::*;
 
 use crate::error::raise;
-use crate::export::{write_whole_export, Export, LineSink, WriterSink};
+use crate::export::{Export, LineSink, WriterSink};
 use crate::file::{
-    check_read_privilege, check_write_privilege, raise_io, require_absolute, resolve_target,
-    PartialFile,
+    check_read_privilege, check_write_privilege, export_to_file, open_regular_file, raise_io,
+    require_absolute, resolve_directory, resolve_target,
 };
 use crate::options::{parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions};
 use crate::progress::Destination;
-use crate::sink::background::BackgroundWriter;
 use crate::sink::{ExportWriter, RecordStats};
 use crate::source::Source;
+
+/// A required argument of a function that also takes optional ones (so it
+/// cannot be STRICT): NULL is `22004` naming the argument.
+fn required<T>(value: Option<T>, name: &str) -> T {
+    value.unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("argument \"{name}\" must not be NULL"),
+            None,
+        )
+    })
+}
+
+/// The longest text value PostgreSQL can hold (MaxAllocSize less the
+/// varlena header).
+const MAX_TEXT_BYTES: usize = 0x3fff_ffff - 4;
+
+/// The interrupt check handed to pure-Rust loops (cancel, timeouts).
+fn check_interrupts() {
+    pgrx::check_for_interrupts!();
+}
 
 fn option_error(err: OptionError) -> ! {
     raise(
@@ -37,7 +57,7 @@ fn io_error(err: std::io::Error) -> ! {
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn stream_export(
-    source: &str,
+    source: Option<&str>,
     compression: default!(Option<&str>, "'none'"),
     compression_level: default!(Option<i32>, 6),
     key: default!(Option<&str>, "NULL"),
@@ -66,7 +86,11 @@ fn stream_export(
             hint: "use stream_export_bytes or stream_export_to_file for compressed output".into(),
         });
     }
-    let export = Export::open(Source::resolve(source), options, Destination::Callback);
+    let export = Export::open(
+        Source::resolve(required(source, "source")),
+        options,
+        Destination::Callback,
+    );
     SetOfIterator::new(LineStream::new(export))
 }
 
@@ -128,6 +152,16 @@ impl Iterator for LineStream {
                 // Without the newline: one value per line.
                 let end = self.ends[self.next_line] - 1;
                 self.next_line += 1;
+                if end - start > MAX_TEXT_BYTES {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                        format!(
+                            "an NDJSON line of {} bytes is longer than a text value can be",
+                            end - start
+                        ),
+                        Some("a text value holds at most 1 GB; stream_export_bytes, stream_export_to_file and COPY ... TO have no limit on a line"),
+                    );
+                }
                 return Some(String::from_utf8_lossy(&self.buffer[start..end]).into_owned());
             }
             if self.finished {
@@ -158,7 +192,7 @@ impl Iterator for LineStream {
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn stream_export_bytes(
-    source: &str,
+    source: Option<&str>,
     compression: default!(Option<&str>, "'none'"),
     compression_level: default!(Option<i32>, 6),
     key: default!(Option<&str>, "NULL"),
@@ -181,7 +215,11 @@ fn stream_export_bytes(
     });
     let chunk_size = parse_chunk_size(chunk_size).unwrap_or_else(|e| option_error(e));
     let writer = ExportWriter::new(Vec::new(), options.compression, options.compression_level);
-    let export = Export::open(Source::resolve(source), options, Destination::Callback);
+    let export = Export::open(
+        Source::resolve(required(source, "source")),
+        options,
+        Destination::Callback,
+    );
     SetOfIterator::new(ChunkStream {
         export,
         writer,
@@ -227,24 +265,17 @@ impl Iterator for ChunkStream {
 
 /// The resume token for a stream that broke after `last_line`, the last
 /// NDJSON line a client received from an export of `source` with `key`.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, strict, parallel_unsafe)]
 fn stream_export_resume_token(source: &str, key: &str, last_line: &str) -> String {
     let options = export_options(RawOptions {
         key: Some(key),
         ..Default::default()
     });
     let export = Export::open(Source::resolve(source), options, Destination::Callback);
-    let key_text: Option<String> = Spi::get_one_with_args(
+    let key_text: Option<String> = crate::scan::select_one(
         "SELECT ($1::pg_catalog.json) ->> $2",
         &[last_line.into(), key.into()],
-    )
-    .unwrap_or_else(|e| {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
-            e.to_string(),
-            None,
-        )
-    });
+    );
     let Some(key_text) = key_text else {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -255,55 +286,12 @@ fn stream_export_resume_token(source: &str, key: &str, last_line: &str) -> Strin
     export.token_after_key_text(&key_text)
 }
 
-/// What a file export wrote.
-pub struct Written {
-    pub path: std::path::PathBuf,
-    pub rows: u64,
-    pub bytes: u64,
-    pub file_bytes: u64,
-    pub crc32: u32,
-    pub resume_token: Option<String>,
-}
-
-/// Export `source` to `target` atomically (a `.partial` file renamed at
-/// the end); the caller has checked the privilege and the path.
-pub fn export_to_path(
-    source: Source,
-    options: ExportOptions,
-    target: std::path::PathBuf,
-    overwrite: bool,
-) -> Written {
-    let mut partial = PartialFile::create(target, overwrite);
-    let (compression, level) = (options.compression, options.compression_level);
-    let mut export = Export::open(source, options, Destination::File);
-    let file = partial.take_file().unwrap_or_else(|e| io_error(e));
-    let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
-    write_whole_export(&mut export, &mut writer);
-    let stats = writer.stats();
-    let (rows, bytes, crc32) = (stats.rows, stats.bytes, stats.crc32());
-    let file_bytes = writer.output_bytes();
-    let file = writer
-        .into_output()
-        .finish()
-        .unwrap_or_else(|e| io_error(e));
-    let resume_token = export.resume_token();
-    let path = partial.commit(file).unwrap_or_else(|e| io_error(e));
-    Written {
-        path,
-        rows,
-        bytes,
-        file_bytes,
-        crc32,
-        resume_token,
-    }
-}
-
 /// Write the export to a file on the database server, atomically.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn stream_export_to_file(
-    source: &str,
-    path: &str,
+    source: Option<&str>,
+    path: Option<&str>,
     compression: default!(Option<&str>, "'none'"),
     compression_level: default!(Option<i32>, 6),
     key: default!(Option<&str>, "NULL"),
@@ -336,12 +324,14 @@ fn stream_export_to_file(
         key_from,
         key_to,
     });
+    let (source, path) = (required(source, "source"), required(path, "path"));
     check_write_privilege();
-    let target = resolve_target(path);
-    let written = export_to_path(
+    let (directory, name) = resolve_target(path);
+    let written = export_to_file(
         Source::resolve(source),
         options,
-        target,
+        &directory,
+        &name,
         overwrite.unwrap_or(false),
     );
     let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
@@ -357,7 +347,7 @@ fn stream_export_to_file(
 }
 
 /// Check an export file written with `footer => true` against its footer.
-#[pg_extern(volatile, parallel_safe)]
+#[pg_extern(volatile, strict, parallel_safe)]
 fn stream_export_verify(
     path: &str,
 ) -> TableIterator<
@@ -372,18 +362,8 @@ fn stream_export_verify(
 > {
     check_read_privilege();
     require_absolute(path);
-    let file = std::fs::File::open(path).unwrap_or_else(|e| {
-        raise(
-            if e.kind() == std::io::ErrorKind::NotFound {
-                PgSqlErrorCode::ERRCODE_UNDEFINED_FILE
-            } else {
-                PgSqlErrorCode::ERRCODE_IO_ERROR
-            },
-            format!("could not open file \"{path}\": {e}"),
-            None,
-        )
-    });
-    let verdict = crate::verify::verify(file).unwrap_or_else(|e| {
+    let file = open_regular_file(path);
+    let verdict = crate::verify::verify(file, &mut check_interrupts).unwrap_or_else(|e| {
         raise(
             PgSqlErrorCode::ERRCODE_IO_ERROR,
             format!("could not read file \"{path}\": {e}"),
@@ -404,7 +384,7 @@ fn stream_export_verify(
 /// the key. The first lower and the last upper bound are NULL (open); each
 /// range is `lower <= key < upper`, so together they cover every key once.
 #[allow(clippy::type_complexity)]
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, strict, parallel_unsafe)]
 fn stream_export_plan(
     source: &str,
     key: &str,
@@ -461,10 +441,10 @@ fn stream_export_plan(
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn stream_export_to_directory(
-    source: &str,
-    directory: &str,
-    key: &str,
-    partitions: i32,
+    source: Option<&str>,
+    directory: Option<&str>,
+    key: Option<&str>,
+    partitions: Option<i32>,
     compression: default!(Option<&str>, "'none'"),
     compression_level: default!(Option<i32>, 6),
     batch_size: default!(Option<i32>, 0),
@@ -483,6 +463,8 @@ fn stream_export_to_directory(
     ),
 > {
     let started = std::time::Instant::now();
+    let (source, directory) = (required(source, "source"), required(directory, "directory"));
+    let (key, partitions) = (required(key, "key"), required(partitions, "partitions"));
     if !(1..=1024).contains(&partitions) {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -508,7 +490,7 @@ fn stream_export_to_directory(
         ..Default::default()
     });
     check_write_privilege();
-    let dir = crate::parallel::directory_from(directory);
+    let dir = resolve_directory(directory);
     let export = Export::open(
         Source::resolve(source),
         options.clone(),
@@ -544,7 +526,7 @@ fn stream_export_to_directory(
     );
     let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
     TableIterator::once((
-        dir.to_string_lossy().into_owned(),
+        dir.path().to_string_lossy().into_owned(),
         totals.partitions,
         totals.workers,
         totals.rows,
@@ -556,7 +538,7 @@ fn stream_export_to_directory(
 
 /// Check a directory export: every part against its footer and the
 /// manifest, and the manifest's totals.
-#[pg_extern(volatile, parallel_safe)]
+#[pg_extern(volatile, strict, parallel_safe)]
 fn stream_export_verify_manifest(
     directory: &str,
 ) -> TableIterator<
@@ -569,8 +551,9 @@ fn stream_export_verify_manifest(
     ),
 > {
     check_read_privilege();
-    require_absolute(directory);
-    TableIterator::once(crate::parallel::verify_directory(std::path::Path::new(
-        directory,
-    )))
+    let directory = resolve_directory(directory);
+    TableIterator::once(crate::parallel::verify_directory(
+        &directory,
+        &mut check_interrupts,
+    ))
 }

@@ -2,23 +2,25 @@
 //!
 //! A ProcessUtility hook takes COPY TO statements whose FORMAT is ndjson and
 //! runs them through the same export pipeline as the functions (so the
-//! bytes equal `stream_export_bytes` with the same options); every other
-//! statement goes to the previous hook, or to PostgreSQL, untouched.
+//! bytes equal `stream_export_bytes` with the same options). The query and
+//! the options come from the parsed `CopyStmt`, never from the statement's
+//! text. Every other statement goes to the previous hook, or to PostgreSQL,
+//! from a frame that holds nothing and catches nothing, so that its errors
+//! reach the client exactly as they would without the extension.
 
-use std::ffi::CStr;
+use std::ffi::{c_char, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use pgrx::{is_a, pg_guard, pg_sys, PgList, PgSqlErrorCode};
 
 use crate::error::raise;
 use crate::export::{write_whole_export, Export};
-use crate::file::{check_write_privilege, raise_io, resolve_target, PartialFile};
-use crate::ident::{copy_query_text, quote_identifier};
+use crate::file::{check_write_privilege, export_to_file, resolve_target};
+use crate::ident::quote_identifier;
 use crate::options::{Compression, ExportOptions, RawOptions};
 use crate::progress::Destination;
-use crate::sink::background::BackgroundWriter;
 use crate::sink::ExportWriter;
-use crate::source::{qualified_relation_name, Source};
+use crate::source::{qualified_relation_name, ParsedQuery, Source};
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 static mut PREVIOUS_HOOK: pg_sys::ProcessUtility_hook_type = None;
@@ -36,11 +38,30 @@ pub fn install() {
     }
 }
 
-#[pg_guard]
+extern "C-unwind" {
+    /// PostgreSQL's own function, declared here without pgrx's error
+    /// conversion: an error it raises must travel through the hook as a
+    /// plain PostgreSQL error, untouched.
+    #[link_name = "standard_ProcessUtility"]
+    fn postgres_standard_process_utility(
+        pstmt: *mut pg_sys::PlannedStmt,
+        query_string: *const c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        query_env: *mut pg_sys::QueryEnvironment,
+        dest: *mut pg_sys::DestReceiver,
+        qc: *mut pg_sys::QueryCompletion,
+    );
+}
+
+/// The hook. It holds no value that needs dropping and catches nothing:
+/// a statement that is not ours is passed on as if the hook were not
+/// there (its errors unwind through this frame as PostgreSQL errors).
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const std::ffi::c_char,
+    query_string: *const c_char,
     read_only_tree: bool,
     context: pg_sys::ProcessUtilityContext::Type,
     params: pg_sys::ParamListInfo,
@@ -49,15 +70,11 @@ unsafe extern "C-unwind" fn process_utility(
     qc: *mut pg_sys::QueryCompletion,
 ) {
     // SAFETY: PostgreSQL passes a valid planned utility statement; the
-    // CopyStmt is only read.
+    // check only reads it and cannot raise.
     unsafe {
-        let node = (*pstmt).utilityStmt;
-        if !node.is_null() && is_a(node, pg_sys::NodeTag::T_CopyStmt) {
-            let copy = node.cast::<pg_sys::CopyStmt>();
-            if let Some(options) = ndjson_options(copy) {
-                run_copy(pstmt, query_string, copy, options, qc);
-                return;
-            }
+        if is_ndjson_copy(pstmt) {
+            run_ndjson_copy(pstmt, query_string, qc);
+            return;
         }
         match PREVIOUS_HOOK {
             Some(previous) => previous(
@@ -70,7 +87,7 @@ unsafe extern "C-unwind" fn process_utility(
                 dest,
                 qc,
             ),
-            None => pg_sys::standard_ProcessUtility(
+            None => postgres_standard_process_utility(
                 pstmt,
                 query_string,
                 read_only_tree,
@@ -84,13 +101,33 @@ unsafe extern "C-unwind" fn process_utility(
     }
 }
 
-/// COPY options of an ndjson COPY, validated.
-struct CopyOptions {
-    compression: Compression,
-    compression_level: Option<i32>,
-    footer: bool,
+/// The CopyStmt of a utility statement, if it is one.
+///
+/// # Safety
+/// `pstmt` must be a valid PlannedStmt.
+unsafe fn copy_stmt(pstmt: *mut pg_sys::PlannedStmt) -> Option<*mut pg_sys::CopyStmt> {
+    // SAFETY: reads a node pointer and its tag.
+    unsafe {
+        let node = (*pstmt).utilityStmt;
+        (!node.is_null() && is_a(node, pg_sys::NodeTag::T_CopyStmt))
+            .then(|| node.cast::<pg_sys::CopyStmt>())
+    }
 }
 
+/// The options of a COPY statement (DefElem nodes).
+///
+/// # Safety
+/// `copy` must be a valid CopyStmt.
+unsafe fn copy_options(copy: *mut pg_sys::CopyStmt) -> Vec<*mut pg_sys::DefElem> {
+    // SAFETY: the options list holds DefElem nodes.
+    unsafe {
+        PgList::<pg_sys::DefElem>::from_pg((*copy).options)
+            .iter_ptr()
+            .collect()
+    }
+}
+
+/// The name of a DefElem, lower case.
 fn option_name(def: *mut pg_sys::DefElem) -> String {
     // SAFETY: every DefElem of a CopyStmt has a name.
     unsafe {
@@ -98,6 +135,44 @@ fn option_name(def: *mut pg_sys::DefElem) -> String {
             .to_string_lossy()
             .to_ascii_lowercase()
     }
+}
+
+/// The value of a DefElem when it is a plain word or string; read without
+/// any call that could raise.
+fn option_word(def: *mut pg_sys::DefElem) -> Option<String> {
+    // SAFETY: `arg` is NULL or a node; only a String node's text is read.
+    unsafe {
+        let arg = (*def).arg;
+        if arg.is_null() || !is_a(arg, pg_sys::NodeTag::T_String) {
+            return None;
+        }
+        let text = (*arg.cast::<pg_sys::String>()).sval;
+        (!text.is_null()).then(|| CStr::from_ptr(text).to_string_lossy().into_owned())
+    }
+}
+
+/// Whether this statement is a COPY with FORMAT ndjson: pure reads of the
+/// parse tree, so deciding can never raise.
+///
+/// # Safety
+/// `pstmt` must be a valid PlannedStmt.
+unsafe fn is_ndjson_copy(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    // SAFETY: forwarded.
+    unsafe {
+        copy_stmt(pstmt).is_some_and(|copy| {
+            copy_options(copy).into_iter().any(|def| {
+                option_name(def) == "format"
+                    && option_word(def).is_some_and(|w| w.eq_ignore_ascii_case("ndjson"))
+            })
+        })
+    }
+}
+
+/// COPY options of an ndjson COPY, validated.
+struct CopyOptions {
+    compression: Compression,
+    compression_level: Option<i32>,
+    footer: bool,
 }
 
 fn option_string(def: *mut pg_sys::DefElem) -> String {
@@ -109,21 +184,11 @@ fn option_string(def: *mut pg_sys::DefElem) -> String {
     }
 }
 
-/// `None` when the COPY is not FORMAT ndjson (PostgreSQL handles it);
-/// otherwise the options, or an error for one that does not fit.
-unsafe fn ndjson_options(copy: *mut pg_sys::CopyStmt) -> Option<CopyOptions> {
-    // SAFETY: the options list holds DefElem nodes.
-    let defs: Vec<*mut pg_sys::DefElem> = unsafe {
-        PgList::<pg_sys::DefElem>::from_pg((*copy).options)
-            .iter_ptr()
-            .collect()
-    };
-    let is_ndjson = defs
-        .iter()
-        .any(|&d| option_name(d) == "format" && option_string(d).eq_ignore_ascii_case("ndjson"));
-    if !is_ndjson {
-        return None;
-    }
+const NDJSON_OPTIONS_HINT: &str =
+    "FORMAT ndjson takes COMPRESSION, COMPRESSION_LEVEL, FOOTER and ENCODING 'UTF8'";
+
+/// The options of an ndjson COPY, or an error for one that does not fit.
+fn ndjson_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
     // SAFETY: plain field reads of the statement.
     let (is_from, is_program) = unsafe { ((*copy).is_from, (*copy).is_program) };
     if is_from {
@@ -145,118 +210,131 @@ unsafe fn ndjson_options(copy: *mut pg_sys::CopyStmt) -> Option<CopyOptions> {
         compression_level: None,
         footer: false,
     };
-    for &def in &defs {
+    // SAFETY: a valid CopyStmt.
+    for def in unsafe { copy_options(copy) } {
         let name = option_name(def);
         match name.as_str() {
             "format" => {}
             "compression" => {
-                options.compression = option_string(def).parse().unwrap_or_else(|e: crate::options::OptionError| {
-                    raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, e.message, Some(&e.hint))
-                })
+                options.compression =
+                    option_string(def)
+                        .parse()
+                        .unwrap_or_else(|e: crate::options::OptionError| {
+                            raise(
+                                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                                e.message,
+                                Some(&e.hint),
+                            )
+                        })
             }
             // SAFETY: defGetInt32 / defGetBoolean raise on bad values.
-            "compression_level" => options.compression_level = Some(unsafe { pg_sys::defGetInt32(def) }),
+            "compression_level" => {
+                options.compression_level = Some(unsafe { pg_sys::defGetInt32(def) })
+            }
             "footer" => options.footer = unsafe { pg_sys::defGetBoolean(def) },
             "encoding" => {
-                let encoding = option_string(def).replace(['-', '_'], "").to_ascii_lowercase();
+                let encoding = option_string(def)
+                    .replace(['-', '_'], "")
+                    .to_ascii_lowercase();
                 if encoding != "utf8" {
                     raise(
                         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                        format!("COPY option \"encoding\" must be UTF8 with FORMAT ndjson, not \"{}\"", option_string(def)),
+                        format!(
+                            "COPY option \"encoding\" must be UTF8 with FORMAT ndjson, not \"{}\"",
+                            option_string(def)
+                        ),
                         Some("NDJSON output is always UTF-8"),
                     );
                 }
             }
-            "header" | "delimiter" | "null" | "quote" | "escape" | "force_quote" | "force_not_null"
-            | "force_null" | "freeze" | "default" => raise(
+            "header" | "delimiter" | "null" | "quote" | "escape" | "force_quote"
+            | "force_not_null" | "force_null" | "freeze" | "default" => raise(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("COPY option \"{name}\" cannot be used with FORMAT ndjson"),
-                Some("FORMAT ndjson takes COMPRESSION, COMPRESSION_LEVEL, FOOTER and ENCODING 'UTF8'"),
+                Some(NDJSON_OPTIONS_HINT),
             ),
             _ => raise(
                 PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
                 format!("COPY option \"{name}\" not recognized with FORMAT ndjson"),
-                Some("FORMAT ndjson takes COMPRESSION, COMPRESSION_LEVEL, FOOTER and ENCODING 'UTF8'"),
+                Some(NDJSON_OPTIONS_HINT),
             ),
         }
     }
-    Some(options)
+    options
 }
 
-/// The source of the COPY: a relation (with its column list) or a query.
+/// The source of the COPY: a relation (with its column list) or the
+/// statement's parsed query.
+///
+/// # Safety
+/// The arguments must be those PostgreSQL passed to the hook.
 unsafe fn copy_source(
     pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const std::ffi::c_char,
+    query_string: *const c_char,
     copy: *mut pg_sys::CopyStmt,
 ) -> Source {
     // SAFETY: reads of the statement and catalog lookups in a transaction.
     unsafe {
-        if !(*copy).relation.is_null() {
-            let relation = pg_sys::RangeVarGetRelidExtended(
-                (*copy).relation,
-                pg_sys::AccessShareLock as pg_sys::LOCKMODE,
-                0,
-                None,
-                std::ptr::null_mut(),
-            );
-            let Some(name) = qualified_relation_name(relation) else {
-                raise(
-                    PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-                    "the COPY relation is gone",
-                    None,
-                )
-            };
-            let columns: Vec<String> = PgList::<pg_sys::Node>::from_pg((*copy).attlist)
-                .iter_ptr()
-                .map(|node| {
-                    quote_identifier(
-                        &CStr::from_ptr((*node.cast::<pg_sys::String>()).sval).to_string_lossy(),
-                    )
-                })
-                .collect();
-            let list = if columns.is_empty() {
-                "*".to_string()
-            } else {
-                columns.join(", ")
-            };
-            // Like COPY, a plain table's own rows only; a partitioned table's
-            // rows are in its partitions.
-            let only = if pg_sys::get_rel_relkind(relation) as u8 == b'p' {
-                ""
-            } else {
-                "ONLY "
-            };
-            return Source::Select {
-                relation,
-                sql: format!("SELECT {list} FROM {only}{name}"),
-            };
+        if (*copy).relation.is_null() {
+            return Source::Parsed(ParsedQuery {
+                raw: (*copy).query,
+                source_text: query_string,
+                location: (*pstmt).stmt_location,
+                len: (*pstmt).stmt_len,
+            });
         }
-        let text = CStr::from_ptr(query_string).to_string_lossy();
-        let start = (*pstmt).stmt_location.max(0) as usize;
-        let len = (*pstmt).stmt_len;
-        let end = if len > 0 {
-            (start + len as usize).min(text.len())
-        } else {
-            text.len()
+        let relation = pg_sys::RangeVarGetRelidExtended(
+            (*copy).relation,
+            pg_sys::AccessShareLock as pg_sys::LOCKMODE,
+            0,
+            None,
+            std::ptr::null_mut(),
+        );
+        let Some(name) = qualified_relation_name(relation) else {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                "the COPY relation is gone",
+                None,
+            )
         };
-        let statement = text.get(start..end).unwrap_or(&text);
-        match copy_query_text(statement) {
-            Some(query) => Source::checked_query(query),
-            None => raise(
-                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "could not find the query of this COPY statement",
-                Some("write it as COPY (SELECT ...) TO ..."),
-            ),
+        let columns: Vec<String> = PgList::<pg_sys::Node>::from_pg((*copy).attlist)
+            .iter_ptr()
+            .map(|node| {
+                quote_identifier(
+                    &CStr::from_ptr((*node.cast::<pg_sys::String>()).sval).to_string_lossy(),
+                )
+            })
+            .collect();
+        let list = if columns.is_empty() {
+            "*".to_string()
+        } else {
+            columns.join(", ")
+        };
+        // Like COPY, a plain table's own rows only; a partitioned table's
+        // rows are in its partitions.
+        let only = if pg_sys::get_rel_relkind(relation) as u8 == b'p' {
+            ""
+        } else {
+            "ONLY "
+        };
+        Source::Select {
+            relation,
+            sql: format!("SELECT {list} FROM {only}{name}"),
         }
     }
 }
 
-/// Sends CopyData messages to the client.
+/// Sends CopyData messages to the client, at most 1 MiB each (a message
+/// is built in memory, and one huge line must not make a huge message).
 struct CopyOut;
+
+const COPY_DATA_MAX: usize = 1 << 20;
 
 impl std::io::Write for CopyOut {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        send_message(b'd', data);
+        for piece in data.chunks(COPY_DATA_MAX) {
+            send_message(b'd', piece);
+        }
         Ok(data.len())
     }
 
@@ -270,7 +348,7 @@ fn send_message(kind: u8, data: &[u8]) {
     // libpq's send buffer (which blocks when the client is slow).
     unsafe {
         let mut buffer = pg_sys::StringInfoData::default();
-        pg_sys::pq_beginmessage(&mut buffer, kind as std::ffi::c_char);
+        pg_sys::pq_beginmessage(&mut buffer, kind as c_char);
         if !data.is_empty() {
             pg_sys::pq_sendbytes(&mut buffer, data.as_ptr().cast(), data.len() as i32);
         }
@@ -278,13 +356,19 @@ fn send_message(kind: u8, data: &[u8]) {
     }
 }
 
-unsafe fn run_copy(
+/// Run an ndjson COPY. Our own errors are raised from here, inside the
+/// guard; only this path runs Rust code that can fail.
+#[pg_guard]
+unsafe extern "C-unwind" fn run_ndjson_copy(
     pstmt: *mut pg_sys::PlannedStmt,
-    query_string: *const std::ffi::c_char,
-    copy: *mut pg_sys::CopyStmt,
-    copy_options: CopyOptions,
+    query_string: *const c_char,
     qc: *mut pg_sys::QueryCompletion,
 ) {
+    // SAFETY: the hook checked that this is a CopyStmt.
+    let Some(copy) = (unsafe { copy_stmt(pstmt) }) else {
+        return;
+    };
+    let copy_options = ndjson_options(copy);
     let options = ExportOptions::parse(&RawOptions {
         compression: Some(if copy_options.compression == Compression::Gzip {
             "gzip"
@@ -313,7 +397,7 @@ unsafe fn run_copy(
                 None,
             );
         }
-        // SAFETY: as above.
+        // SAFETY: the hook's own arguments.
         let source = unsafe { copy_source(pstmt, query_string, copy) };
         let (compression, level) = (options.compression, options.compression_level);
         let mut export = Export::open(source, options, Destination::Pipe);
@@ -330,26 +414,11 @@ unsafe fn run_copy(
         let path = unsafe { CStr::from_ptr(filename) }
             .to_string_lossy()
             .into_owned();
-        let target = resolve_target(&path);
-        // SAFETY: as above.
+        let (directory, name) = resolve_target(&path);
+        // SAFETY: the hook's own arguments.
         let source = unsafe { copy_source(pstmt, query_string, copy) };
         // COPY TO 'file' replaces an existing file; atomically here.
-        let mut partial = PartialFile::create(target, true);
-        let (compression, level) = (options.compression, options.compression_level);
-        let mut export = Export::open(source, options, Destination::File);
-        let file = partial
-            .take_file()
-            .unwrap_or_else(|e| raise_io(e, "COPY output"));
-        let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
-        let rows = write_whole_export(&mut export, &mut writer);
-        let file = writer
-            .into_output()
-            .finish()
-            .unwrap_or_else(|e| raise_io(e, "COPY output"));
-        partial
-            .commit(file)
-            .unwrap_or_else(|e| raise_io(e, "COPY output"));
-        rows
+        export_to_file(source, options, &directory, &name, true).rows
     };
     if !qc.is_null() {
         // SAFETY: PostgreSQL's completion record for this statement.

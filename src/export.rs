@@ -162,20 +162,49 @@ impl Key {
         }
     }
 
-    /// Text form of a key value (the type's output function).
-    fn text(&self, value: &KeyValue) -> String {
+    /// Text form of a key value for a resume token: the type's output
+    /// function under fixed settings, so that it reads back exactly in any
+    /// session (see [`crate::gucs::with_key_text_settings`]).
+    fn token_text(&self, value: &KeyValue) -> String {
         // SAFETY: the value is a valid datum of the key type.
-        unsafe {
+        crate::gucs::with_key_text_settings(|| unsafe {
             let mut output = pg_sys::InvalidOid;
             let mut is_varlena = false;
             pg_sys::getTypeOutputInfo(self.type_oid, &mut output, &mut is_varlena);
             let text = pg_sys::OidOutputFunctionCall(output, value.datum());
             CStr::from_ptr(text).to_string_lossy().into_owned()
-        }
+        })
     }
 
-    /// Parse `text` as a value of the key type (its input function); a bad
-    /// value raises the type's own error.
+    /// Read a token's key text (see [`Key::token_text`]).
+    fn parse_token_text(&self, text: &str) -> KeyValue {
+        crate::gucs::with_key_text_settings(|| self.parse(text))
+    }
+
+    /// Whether the key type's text form is the same under every setting,
+    /// so that a version 1 token (text in the exporting session's
+    /// settings) can still be read exactly.
+    fn text_is_setting_independent(&self) -> bool {
+        use pg_sys::BuiltinOid as B;
+        [
+            B::INT2OID,
+            B::INT4OID,
+            B::INT8OID,
+            B::NUMERICOID,
+            B::TEXTOID,
+            B::VARCHAROID,
+            B::BPCHAROID,
+            B::NAMEOID,
+            B::UUIDOID,
+            B::OIDOID,
+            B::BOOLOID,
+        ]
+        .iter()
+        .any(|b| b.value() == self.type_oid)
+    }
+
+    /// Parse `text` as a value of the key type (its input function, under
+    /// the session's settings); a bad value raises the type's own error.
     fn parse(&self, text: &str) -> KeyValue {
         let Ok(c_text) = std::ffi::CString::new(text) else {
             raise(
@@ -247,14 +276,18 @@ impl Export {
     pub fn open(source: Source, options: ExportOptions, destination: Destination) -> Export {
         check_utf8_database();
         // The probe gives the row shape (and is the whole walk without a key).
-        let probe_sql = match options.key {
-            None => source.select_all_sql(),
-            Some(_) => format!("{} LIMIT 0", source.select_all_sql()),
+        let probe_sql = match (&source, &options.key) {
+            (Source::Parsed(_), None) => String::new(),
+            (_, None) => source.select_all_sql(),
+            (_, Some(_)) => format!("{} LIMIT 0", source.select_all_sql()),
         };
         // Everything that outlives one call of a set-returning function is
         // created here, in the context current at open.
         let row_cxt = row_context();
-        let probe = Cursor::open(&probe_sql, &[], row_cxt);
+        let probe = match (&source, &options.key) {
+            (Source::Parsed(query), None) => Cursor::open_parsed(query, row_cxt),
+            _ => Cursor::open(&probe_sql, &[], row_cxt),
+        };
         // SAFETY: the descriptor is valid while the probe is open; the plan
         // copies what it needs and its caches live in the current (per-call
         // or per-function) memory context, which outlives the export.
@@ -273,8 +306,14 @@ impl Export {
                         let token = ResumeToken::decode(text)
                             .and_then(|t| t.check_belongs_to(fingerprint, column).map(|_| t))
                             .unwrap_or_else(|e| invalid(e.to_string(), Some("pass the resume_token of an earlier export of the same source and key")));
+                        if token.version == 1 && !key.text_is_setting_independent() {
+                            invalid(
+                                format!("invalid resume token: a version 1 token cannot be read exactly for a key of type {}", type_name(key.type_oid)),
+                                Some("version 1 tokens (pg_stream_export 0.1) hold the key as text in the exporting session's settings; export again from the start, or from key_from"),
+                            );
+                        }
                         rows_before = token.rows;
-                        token.last_key.map(|k| key.parse(&k))
+                        token.last_key.map(|k| key.parse_token_text(&k))
                     }
                 };
                 let from = options.key_from.as_deref().map(|t| key.parse(t));
@@ -367,8 +406,9 @@ impl Export {
             ResumeToken {
                 fingerprint: keyset.fingerprint,
                 key_column: keyset.key.column.clone(),
-                last_key: keyset.last.as_ref().map(|v| keyset.key.text(v)),
+                last_key: keyset.last.as_ref().map(|v| keyset.key.token_text(v)),
                 rows: self.rows_before + self.rows,
+                version: crate::token::TOKEN_VERSION,
             }
             .encode(),
         )
@@ -379,31 +419,41 @@ impl Export {
         let Walk::Keyset(keyset) = &self.walk else {
             return None;
         };
-        // SAFETY: format_type_be returns a palloc'd name for any type OID.
-        let type_name = unsafe { CStr::from_ptr(pg_sys::format_type_be(keyset.key.type_oid)) };
-        Some((
-            keyset.key.column.clone(),
-            type_name.to_string_lossy().into_owned(),
-        ))
+        Some((keyset.key.column.clone(), type_name(keyset.key.type_oid)))
     }
 
     pub fn source(&self) -> &Source {
         &self.source
     }
 
-    /// The token that resumes after a row whose key has the text form
+    /// The token that resumes after a row whose key has the JSON text form
     /// `key_text` (for a client whose stream broke); it cannot know how
-    /// many rows came before, so it says 0.
+    /// many rows came before, so it says 0. JSON renders dates and times
+    /// in ISO 8601 with numeric offsets, which read back the same under
+    /// the fixed settings.
     pub fn token_after_key_text(&self, key_text: &str) -> String {
         let Walk::Keyset(keyset) = &self.walk else {
             invalid("a resume token needs a key", None)
         };
-        let value = keyset.key.parse(key_text);
+        let type_oid = keyset.key.type_oid;
+        if type_oid == pg_sys::BuiltinOid::FLOAT4OID.value()
+            || type_oid == pg_sys::BuiltinOid::FLOAT8OID.value()
+        {
+            invalid(
+                format!(
+                    "a resume token cannot be made from a line for a key of type {}",
+                    type_name(type_oid)
+                ),
+                Some("a float in an NDJSON line may be rounded (extra_float_digits), so the row it names is not certain; use the footer's resume_token, or a key of an exact type"),
+            );
+        }
+        let value = keyset.key.parse_token_text(key_text);
         ResumeToken {
             fingerprint: keyset.fingerprint,
             key_column: keyset.key.column.clone(),
-            last_key: Some(keyset.key.text(&value)),
+            last_key: Some(keyset.key.token_text(&value)),
             rows: 0,
+            version: crate::token::TOKEN_VERSION,
         }
         .encode()
     }
@@ -632,8 +682,16 @@ fn find_key(source: &Source, tupdesc: pg_sys::TupleDesc, column: &str) -> Key {
     }
 }
 
+/// The SQL name of a type (`format_type_be`).
+fn type_name(type_oid: pg_sys::Oid) -> String {
+    // SAFETY: format_type_be returns a palloc'd name for any type OID.
+    unsafe { CStr::from_ptr(pg_sys::format_type_be(type_oid)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 fn has_unique_not_null_index(relation: pg_sys::Oid, column: &str) -> bool {
-    let found: Option<bool> = pgrx::spi::Spi::get_one_with_args(
+    let found: Option<bool> = crate::scan::select_one(
         "SELECT a.attnotnull AND EXISTS (
              SELECT 1 FROM pg_catalog.pg_index i
              WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indnkeyatts = 1
@@ -641,7 +699,6 @@ fn has_unique_not_null_index(relation: pg_sys::Oid, column: &str) -> bool {
          FROM pg_catalog.pg_attribute a
          WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
         &[relation.into(), column.into()],
-    )
-    .unwrap_or(None);
+    );
     found.unwrap_or(false)
 }

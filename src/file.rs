@@ -1,31 +1,27 @@
-//! Server files: who may write them, where, and how (a `.partial` file,
-//! created exclusively, flushed and renamed into place at the end; removed
-//! on any failure).
+//! Server files: who may write them, where, and how.
+//!
+//! Every file is reached through a [`Directory`] handle, opened once and
+//! checked against `pg_stream_export.allowed_directory` by what it *is*
+//! (its real path through the handle), so that swapping a directory for a
+//! symbolic link after the check cannot redirect a write. Files are made by
+//! [`PartialFile`]: an unnamed file, locked with `flock` before it gets its
+//! `<name>.partial` name, so a partial file without a lock always belongs
+//! to an export that died (kill -9, FATAL, shutdown) and can be replaced,
+//! while a live export's partial file is never touched. The final rename
+//! never replaces a file that appeared meanwhile unless overwrite is asked.
 
-use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
-use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PgSqlErrorCode};
+use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::error::raise;
-
-/// `pg_stream_export.allowed_directory`: when set, server files must lie
-/// inside it. Only superusers can change it.
-pub static ALLOWED_DIRECTORY: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(None);
-
-pub fn define_gucs() {
-    GucRegistry::define_string_guc(
-        c"pg_stream_export.allowed_directory",
-        c"Directory that server-side export files must be inside (empty: no restriction).",
-        c"When set, stream_export_to_file and COPY ... TO 'file' WITH (FORMAT ndjson) only write files inside this directory, after resolving '..' and symbolic links.",
-        &ALLOWED_DIRECTORY,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
-}
+use crate::gucs::ALLOWED_DIRECTORY;
 
 fn insufficient(message: impl Into<String>, hint: &str) -> ! {
     raise(
@@ -74,10 +70,286 @@ pub fn require_absolute(path: &str) {
     }
 }
 
-/// Check `path` and return it with its directory resolved: absolute,
-/// naming a file in an existing directory, and inside
-/// `pg_stream_export.allowed_directory` when that is set.
-pub fn resolve_target(path: &str) -> PathBuf {
+/// The SQLSTATE for a failed file operation, from its errno.
+pub fn file_error_code(err: &io::Error) -> PgSqlErrorCode {
+    match err.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) => PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+        Some(libc::EEXIST) => PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
+        }
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => PgSqlErrorCode::ERRCODE_DISK_FULL,
+        Some(libc::EFBIG) => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        _ => PgSqlErrorCode::ERRCODE_IO_ERROR,
+    }
+}
+
+/// Raise `err` with the SQLSTATE of its errno: `could not <action>: <err>`.
+pub fn raise_file_error(err: io::Error, action: impl std::fmt::Display) -> ! {
+    raise(
+        file_error_code(&err),
+        format!("could not {action}: {err}"),
+        None,
+    )
+}
+
+/// The SQLSTATE for a failed write of export output.
+pub fn raise_io(err: io::Error, what: &str) -> ! {
+    raise_file_error(err, format_args!("write {what}"))
+}
+
+fn c_name(name: &OsStr) -> CString {
+    CString::new(name.as_bytes()).unwrap_or_else(|_| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "a file name must not contain a NUL byte",
+            None,
+        )
+    })
+}
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn fstat(fd: libc::c_int) -> io::Result<libc::stat> {
+    // SAFETY: fstat fills the zeroed struct for a valid descriptor.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        cvt(libc::fstat(fd, &mut st))?;
+        Ok(st)
+    }
+}
+
+/// An open directory on the database server; every file of an export is
+/// created, renamed and removed relative to it.
+#[derive(Clone)]
+pub struct Directory {
+    inner: Rc<DirectoryInner>,
+}
+
+struct DirectoryInner {
+    fd: OwnedFd,
+    /// The path it was opened by (for messages and for workers).
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Directory {
+    /// Open `path` (absolute) as a directory without following a final
+    /// symbolic link.
+    fn open_path(path: &Path) -> io::Result<Directory> {
+        let c_path = c_name(path.as_os_str());
+        // SAFETY: open(2) on a NUL-terminated path; the descriptor is owned
+        // by the OwnedFd from here on.
+        let fd = unsafe {
+            let fd = cvt(libc::open(
+                c_path.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            ))?;
+            OwnedFd::from_raw_fd(fd)
+        };
+        let st = fstat(fd.as_raw_fd())?;
+        Ok(Directory {
+            inner: Rc::new(DirectoryInner {
+                fd,
+                path: path.to_path_buf(),
+                dev: st.st_dev,
+                ino: st.st_ino,
+            }),
+        })
+    }
+
+    /// Open the directory that a checked path names, as [`resolve_target`]
+    /// and [`resolve_directory`] do.
+    fn open_checked(given: &Path) -> Directory {
+        let canonical = given.canonicalize().unwrap_or_else(|e| {
+            raise_file_error(e, format_args!("open directory \"{}\"", given.display()))
+        });
+        let directory = Directory::open_path(&canonical).unwrap_or_else(|e| {
+            raise_file_error(e, format_args!("open directory \"{}\"", given.display()))
+        });
+        directory.check_allowed(&given.to_string_lossy());
+        directory
+    }
+
+    /// Reopen the directory the leader of a directory export opened: the
+    /// same path must still be the same directory (device and inode), or
+    /// the export stops.
+    pub fn reopen(path: &Path, identity: (u64, u64)) -> Directory {
+        let opened = Directory::open_path(path);
+        if opened.as_ref().map(Directory::identity).ok() != Some(identity) {
+            raise(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "directory \"{}\" was replaced or removed during the export",
+                    path.display()
+                ),
+                Some("the directory checked at the start is no longer at that path; nothing is written elsewhere"),
+            );
+        }
+        opened.unwrap_or_else(|e| raise_file_error(e, "open directory"))
+    }
+
+    /// (device, inode): what the directory is, whatever its name.
+    pub fn identity(&self) -> (u64, u64) {
+        (self.inner.dev, self.inner.ino)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn fd(&self) -> libc::c_int {
+        self.inner.fd.as_raw_fd()
+    }
+
+    /// Where the handle really is now, from the kernel.
+    fn real_path(&self) -> io::Result<PathBuf> {
+        std::fs::read_link(format!("/proc/self/fd/{}", self.fd()))
+    }
+
+    /// With `pg_stream_export.allowed_directory` set, the directory itself
+    /// (not just the name it was reached by) must be inside it.
+    fn check_allowed(&self, given: &str) {
+        let Some(allowed) = ALLOWED_DIRECTORY.get() else {
+            return;
+        };
+        let allowed = allowed.to_string_lossy().into_owned();
+        if allowed.is_empty() {
+            return;
+        }
+        let inside = match (Path::new(&allowed).canonicalize(), self.real_path()) {
+            (Ok(root), Ok(real)) => real.starts_with(&root),
+            _ => false,
+        };
+        if !inside {
+            insufficient(
+                format!("path \"{given}\" is outside pg_stream_export.allowed_directory"),
+                &format!("export files must be inside \"{allowed}\""),
+            );
+        }
+    }
+
+    /// The metadata of `name` in this directory, without following a link.
+    pub fn stat(&self, name: &OsStr) -> io::Result<libc::stat> {
+        let c = c_name(name);
+        // SAFETY: fstatat(2) relative to our descriptor; fills a zeroed struct.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            cvt(libc::fstatat(
+                self.fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            ))?;
+            Ok(st)
+        }
+    }
+
+    pub fn contains(&self, name: &OsStr) -> bool {
+        self.stat(name).is_ok()
+    }
+
+    /// Remove `name` from this directory (never follows a link).
+    pub fn unlink(&self, name: &OsStr) -> io::Result<()> {
+        let c = c_name(name);
+        // SAFETY: unlinkat(2) relative to our descriptor.
+        cvt(unsafe { libc::unlinkat(self.fd(), c.as_ptr(), 0) }).map(|_| ())
+    }
+
+    /// The names in this directory.
+    pub fn names(&self) -> io::Result<Vec<OsString>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(format!("/proc/self/fd/{}", self.fd()))? {
+            names.push(entry?.file_name());
+        }
+        Ok(names)
+    }
+
+    /// Open `name` for reading: a regular file only, never through a link,
+    /// and without blocking on a FIFO.
+    pub fn open_regular(&self, name: &OsStr) -> io::Result<File> {
+        open_regular_at(self.fd(), &c_name(name))
+    }
+
+    /// Flush the directory entry changes, when the server flushes files.
+    fn sync(&self) -> io::Result<()> {
+        if flush_enabled() {
+            cvt(unsafe { libc::fsync(self.fd()) })?;
+        }
+        Ok(())
+    }
+
+    pub fn display(&self, name: &OsStr) -> String {
+        self.path().join(name).display().to_string()
+    }
+}
+
+/// Open a regular file for reading without blocking (a FIFO would) and
+/// without following a final symbolic link; anything else is refused.
+fn open_regular_at(dirfd: libc::c_int, name: &CStr) -> io::Result<File> {
+    // SAFETY: openat(2) on a NUL-terminated name; the descriptor is owned
+    // by the File from here on.
+    let file = unsafe {
+        let fd = cvt(libc::openat(
+            dirfd,
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY,
+        ))?;
+        File::from_raw_fd(fd)
+    };
+    let st = fstat(file.as_raw_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
+/// Open a server file named by an absolute path for reading: a regular
+/// file, never a FIFO, device or directory (those are refused without
+/// blocking). Links in the path are followed, as for COPY FROM.
+pub fn open_regular_file(path: &str) -> File {
+    let c_path = CString::new(path).unwrap_or_else(|_| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "a path must not contain a NUL byte",
+            None,
+        )
+    });
+    // SAFETY: open(2) with O_NONBLOCK so that a FIFO does not block; the
+    // descriptor is owned by the File.
+    let opened = unsafe {
+        cvt(libc::open(
+            c_path.as_ptr(),
+            libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY,
+        ))
+        .map(|fd| File::from_raw_fd(fd))
+    };
+    let file = opened.unwrap_or_else(|e| raise_file_error(e, format_args!("open file \"{path}\"")));
+    match fstat(file.as_raw_fd()) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => file,
+        Ok(_) => raise(
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("\"{path}\" is not a regular file"),
+            Some("only export files can be verified; FIFOs, devices and directories are refused"),
+        ),
+        Err(e) => raise_file_error(e, format_args!("stat file \"{path}\"")),
+    }
+}
+
+/// Check `path` and return the directory it is in (opened and checked)
+/// and the file name: absolute, naming a file in an existing directory,
+/// and inside `pg_stream_export.allowed_directory` when that is set.
+pub fn resolve_target(path: &str) -> (Directory, OsString) {
     require_absolute(path);
     let given = Path::new(path);
     let Some(Component::Normal(file_name)) = given.components().next_back() else {
@@ -87,70 +359,231 @@ pub fn resolve_target(path: &str) -> PathBuf {
         );
     };
     let parent = given.parent().unwrap_or(Path::new("/"));
-    let directory = match parent.canonicalize() {
-        Ok(dir) => dir,
-        Err(e) => raise(
-            match e.kind() {
-                io::ErrorKind::NotFound => PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
-                io::ErrorKind::PermissionDenied => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                _ => PgSqlErrorCode::ERRCODE_IO_ERROR,
-            },
-            format!("could not open directory \"{}\": {e}", parent.display()),
-            None,
-        ),
-    };
-    if let Some(allowed) = ALLOWED_DIRECTORY.get() {
-        let allowed = allowed.to_string_lossy().into_owned();
-        if !allowed.is_empty() {
-            let inside = Path::new(&allowed)
-                .canonicalize()
-                .is_ok_and(|root| directory.starts_with(&root));
-            if !inside {
-                insufficient(
-                    format!("path \"{path}\" is outside pg_stream_export.allowed_directory"),
-                    &format!("export files must be inside \"{allowed}\""),
-                );
-            }
-        }
-    }
-    directory.join(file_name)
+    (Directory::open_checked(parent), file_name.to_os_string())
 }
 
-/// A `.partial` file being written; removed when dropped unless committed.
+/// Check and open a directory for a directory export.
+pub fn resolve_directory(path: &str) -> Directory {
+    require_absolute(path);
+    Directory::open_checked(Path::new(path))
+}
+
+/// Whether the server flushes files (`fsync`); export files follow it.
+fn flush_enabled() -> bool {
+    // SAFETY: reads the `fsync` GUC's variable.
+    unsafe { pg_sys::enableFsync }
+}
+
+fn partial_name_of(target: &OsStr) -> OsString {
+    let mut partial = target.to_os_string();
+    partial.push(".partial");
+    partial
+}
+
+/// Create an unnamed file in `dir`, lock it, and give it `name`; the link
+/// fails with EEXIST when something is at `name` already. Where the file
+/// system has no unnamed files, a uniquely named one is made, locked and
+/// linked instead.
+fn create_locked(dir: &Directory, name: &CStr) -> io::Result<File> {
+    // SAFETY: openat(2) with O_TMPFILE creates an unnamed file owned by the
+    // File; flock(2) and linkat(2) act on that descriptor and name.
+    unsafe {
+        let fd = libc::openat(
+            dir.fd(),
+            c".".as_ptr(),
+            libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o600,
+        );
+        if fd >= 0 {
+            let file = File::from_raw_fd(fd);
+            cvt(libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB))?;
+            let proc_path = CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+            cvt(libc::linkat(
+                libc::AT_FDCWD,
+                proc_path.as_ptr(),
+                dir.fd(),
+                name.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            ))?;
+            return Ok(file);
+        }
+        let err = io::Error::last_os_error();
+        if !matches!(
+            err.raw_os_error(),
+            Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL)
+        ) {
+            return Err(err);
+        }
+        // No O_TMPFILE here: a private name first.
+        let private = CString::new(format!(
+            ".{}.{}.{}",
+            name.to_string_lossy(),
+            std::process::id(),
+            next_serial()
+        ))
+        .unwrap_or_default();
+        let fd = cvt(libc::openat(
+            dir.fd(),
+            private.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600,
+        ))?;
+        let file = File::from_raw_fd(fd);
+        let linked = cvt(libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB)).and_then(|_| {
+            cvt(libc::linkat(
+                dir.fd(),
+                private.as_ptr(),
+                dir.fd(),
+                name.as_ptr(),
+                0,
+            ))
+        });
+        libc::unlinkat(dir.fd(), private.as_ptr(), 0);
+        linked.map(|_| file)
+    }
+}
+
+fn next_serial() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    SERIAL.fetch_add(1, Ordering::Relaxed)
+}
+
+/// What stands at a partial file's name when we want to create it.
+enum Occupant {
+    /// A partial file whose export is gone: removed (and logged).
+    StaleRemoved,
+    /// Gone or replaced while we looked: try again.
+    Changed,
+}
+
+/// Decide about something already at `name`: a regular file of ours with
+/// no lock on it was left by an export that died, and is removed; a live
+/// export's file (locked) and anything else (a link, a FIFO, another
+/// owner's file) is an error and is never followed or touched.
+fn take_over_stale(dir: &Directory, name: &OsStr) -> Occupant {
+    let path = dir.display(name);
+    let refuse = |why: &str, hint: &str| -> ! {
+        raise(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+            format!("could not create file \"{path}\": {why}"),
+            Some(hint),
+        )
+    };
+    let file = match open_regular_at(dir.fd(), &c_name(name)) {
+        Ok(file) => file,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Occupant::Changed,
+        Err(e)
+            if e.raw_os_error() == Some(libc::ELOOP)
+                || e.kind() == io::ErrorKind::InvalidInput =>
+        {
+            refuse(
+                "something that is not an export's partial file is there",
+                "a symbolic link, FIFO or directory at the partial file's name is never followed or replaced; remove it",
+            )
+        }
+        Err(e) => raise_file_error(e, format_args!("open file \"{path}\"")),
+    };
+    let Ok(st) = fstat(file.as_raw_fd()) else {
+        return Occupant::Changed;
+    };
+    // SAFETY: geteuid(2) has no preconditions.
+    if st.st_uid != unsafe { libc::geteuid() } {
+        refuse(
+            "a file of another owner is there",
+            "only a partial file this server made is replaced; remove it",
+        );
+    }
+    // SAFETY: a non-blocking lock attempt on our own descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        refuse(
+            "another export to the same path is running",
+            "wait for it to finish, or cancel it",
+        );
+    }
+    // Locked by us now: no live export holds it. Remove it only if the
+    // name still means this very file.
+    match dir.stat(name) {
+        Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {}
+        _ => return Occupant::Changed,
+    }
+    if st.st_nlink != 1 {
+        refuse(
+            "the file there has other names (hard links)",
+            "only a partial file this server made is replaced; remove it",
+        );
+    }
+    if let Err(e) = dir.unlink(name) {
+        raise_file_error(e, format_args!("remove stale file \"{path}\""));
+    }
+    pgrx::log!(
+        "pg_stream_export: removed stale partial file \"{path}\" ({} bytes) left by an export that did not finish",
+        st.st_size
+    );
+    Occupant::StaleRemoved
+}
+
+/// A `<target>.partial` file being written; it holds an exclusive lock for
+/// the export's lifetime and is removed when dropped unless committed.
 pub struct PartialFile {
-    partial: PathBuf,
-    target: PathBuf,
+    dir: Directory,
+    partial: OsString,
+    target: OsString,
+    /// A second descriptor of the partial file: the lock lives as long as
+    /// this does, whoever writes through the other one.
+    lock: Option<File>,
     file: Option<File>,
+    identity: (u64, u64),
 }
 
 impl PartialFile {
-    /// Create `<target>.partial` exclusively (an existing file or symbolic
-    /// link there is an error, never followed). An existing target is an
-    /// error unless `overwrite`.
-    pub fn create(target: PathBuf, overwrite: bool) -> PartialFile {
-        if !overwrite && std::fs::symlink_metadata(&target).is_ok() {
+    /// Create `<target>.partial` in `dir` (a stale one is replaced; see
+    /// [`take_over_stale`]). An existing target is an error unless
+    /// `overwrite`.
+    pub fn create(dir: &Directory, target: &OsStr, overwrite: bool) -> PartialFile {
+        if !overwrite && dir.contains(target) {
             raise(
                 PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
-                format!("file \"{}\" already exists", target.display()),
+                format!("file \"{}\" already exists", dir.display(target)),
                 Some("pass overwrite => true to replace it"),
             );
         }
-        let mut partial = target.clone().into_os_string();
-        partial.push(".partial");
-        let partial = PathBuf::from(partial);
-        match OpenOptions::new().write(true).create_new(true).open(&partial) {
-            Ok(file) => PartialFile { partial, target, file: Some(file) },
-            Err(e) => raise(
-                match e.kind() {
-                    io::ErrorKind::AlreadyExists => PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
-                    io::ErrorKind::PermissionDenied => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                    _ => PgSqlErrorCode::ERRCODE_IO_ERROR,
-                },
-                format!("could not create file \"{}\": {e}", partial.display()),
-                (e.kind() == io::ErrorKind::AlreadyExists)
-                    .then_some("another export to the same path is running, or an earlier one left this file; remove it"),
-            ),
+        let partial = partial_name_of(target);
+        let c_partial = c_name(&partial);
+        for _ in 0..8 {
+            match create_locked(dir, &c_partial) {
+                Ok(file) => {
+                    let lock = file
+                        .try_clone()
+                        .unwrap_or_else(|e| raise_file_error(e, "duplicate a file descriptor"));
+                    let st = fstat(file.as_raw_fd()).unwrap_or_else(|e| {
+                        raise_file_error(e, format_args!("stat \"{}\"", dir.display(&partial)))
+                    });
+                    return PartialFile {
+                        dir: dir.clone(),
+                        partial,
+                        target: target.to_os_string(),
+                        lock: Some(lock),
+                        file: Some(file),
+                        identity: (st.st_dev, st.st_ino),
+                    };
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    take_over_stale(dir, &partial);
+                }
+                Err(e) => {
+                    raise_file_error(e, format_args!("create file \"{}\"", dir.display(&partial)))
+                }
+            }
         }
+        raise(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+            format!(
+                "could not create file \"{}\": it keeps reappearing",
+                dir.display(&partial)
+            ),
+            Some("another process is creating files at this path"),
+        )
     }
 
     /// The open file, to write to; handed back to [`PartialFile::commit`].
@@ -160,43 +593,180 @@ impl PartialFile {
             .ok_or_else(|| io::Error::other("the partial file was already taken"))
     }
 
-    /// Flush `file` (this partial file, fully written) to disk and rename
-    /// it into place; returns the final path. Like PostgreSQL's own files,
-    /// the flushes follow the server's `fsync` setting.
-    pub fn commit(mut self, file: File) -> io::Result<PathBuf> {
-        // SAFETY: reads the `fsync` GUC's variable.
-        let flush = unsafe { pg_sys::enableFsync };
-        if flush {
+    pub fn target_path(&self) -> PathBuf {
+        self.dir.path().join(&self.target)
+    }
+
+    fn flush(&self, file: File) -> io::Result<()> {
+        if flush_enabled() {
             file.sync_all()?;
         }
-        drop(file);
-        std::fs::rename(&self.partial, &self.target)?;
-        if let Some(dir) = self.target.parent() {
-            if flush {
-                File::open(dir)?.sync_all()?;
+        Ok(())
+    }
+
+    fn rename(&self, flags: libc::c_uint) -> io::Result<()> {
+        let (from, to) = (c_name(&self.partial), c_name(&self.target));
+        // SAFETY: renameat2(2) within our directory.
+        cvt(unsafe {
+            libc::renameat2(
+                self.dir.fd(),
+                from.as_ptr(),
+                self.dir.fd(),
+                to.as_ptr(),
+                flags,
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Flush `file` (this partial file, fully written) to disk and give it
+    /// the target name: replacing what is there when `overwrite`, else
+    /// failing (`58P02`) if a file appeared there meanwhile. Like
+    /// PostgreSQL's own files, the flushes follow the server's `fsync`.
+    pub fn commit(self, file: File, overwrite: bool) -> PathBuf {
+        let target = self.target_path();
+        self.commit_returning_replaced(file, overwrite);
+        target
+    }
+
+    /// As [`PartialFile::commit`]; with `overwrite`, the file that was
+    /// replaced is swapped out atomically and returned, open, so that the
+    /// caller can read it (its name is gone).
+    pub fn commit_returning_replaced(mut self, file: File, overwrite: bool) -> Option<File> {
+        let target = self.target_path();
+        self.flush(file).unwrap_or_else(|e| {
+            raise_file_error(e, format_args!("flush \"{}\"", target.display()))
+        });
+        let mut replaced = None;
+        let renamed = if overwrite {
+            match self.rename(libc::RENAME_EXCHANGE) {
+                Ok(()) => {
+                    // Our partial name now holds the old file.
+                    replaced = self.dir.open_regular(&self.partial).ok();
+                    let _ = self.dir.unlink(&self.partial);
+                    Ok(())
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.rename(0),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.rename(0),
+                Err(e) => Err(e),
             }
+        } else {
+            match self.rename(libc::RENAME_NOREPLACE) {
+                // A file system without RENAME_NOREPLACE: a hard link also
+                // never replaces anything.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let (from, to) = (c_name(&self.partial), c_name(&self.target));
+                    // SAFETY: linkat(2) within our directory.
+                    cvt(unsafe {
+                        libc::linkat(self.dir.fd(), from.as_ptr(), self.dir.fd(), to.as_ptr(), 0)
+                    })
+                    .map(|_| {
+                        let _ = self.dir.unlink(&self.partial);
+                    })
+                }
+                other => other,
+            }
+        };
+        match renamed {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => raise(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+                format!("file \"{}\" appeared during the export", target.display()),
+                Some("it was left as it is; pass overwrite => true to replace it"),
+            ),
+            Err(e) => raise_file_error(
+                e,
+                format_args!("rename \"{}\" into place", target.display()),
+            ),
         }
-        self.partial = PathBuf::new();
-        Ok(self.target.clone())
+        // Renamed: nothing is left to remove, whatever happens next.
+        self.partial = OsString::new();
+        self.dir.sync().unwrap_or_else(|e| {
+            raise_file_error(
+                e,
+                format_args!("flush directory \"{}\"", self.dir.path().display()),
+            )
+        });
+        self.lock = None;
+        replaced
     }
 }
 
 impl Drop for PartialFile {
     fn drop(&mut self) {
+        // Never raises: this also runs while an error unwinds.
         self.file = None;
-        if !self.partial.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.partial);
+        if !self.partial.is_empty() {
+            let ours = self
+                .dir
+                .stat(&self.partial)
+                .is_ok_and(|st| (st.st_dev, st.st_ino) == self.identity);
+            if ours {
+                let _ = self.dir.unlink(&self.partial);
+            }
         }
+        // The lock goes last, once the name is gone.
+        self.lock = None;
     }
 }
 
-/// The SQLSTATE for a failed write.
-pub fn raise_io(err: io::Error, what: &str) -> ! {
-    let code = match err.raw_os_error() {
-        Some(28) => PgSqlErrorCode::ERRCODE_DISK_FULL, // ENOSPC
-        Some(122) => PgSqlErrorCode::ERRCODE_DISK_FULL, // EDQUOT
-        Some(27) => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED, // EFBIG
-        _ => PgSqlErrorCode::ERRCODE_IO_ERROR,
-    };
-    raise(code, format!("could not write {what}: {err}"), None)
+/// Whether a file (by descriptor) is locked by a live process.
+pub fn is_locked(file: &File) -> bool {
+    // SAFETY: a non-blocking shared lock attempt, released at once.
+    unsafe {
+        if libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 {
+            return true;
+        }
+        libc::flock(file.as_raw_fd(), libc::LOCK_UN);
+    }
+    false
+}
+
+/// What a file export wrote.
+pub struct Written {
+    pub path: PathBuf,
+    pub rows: u64,
+    pub bytes: u64,
+    pub file_bytes: u64,
+    pub crc32: u32,
+    pub resume_token: Option<String>,
+}
+
+/// Export `source` to `name` in `dir` atomically (a locked `.partial`
+/// file renamed at the end); the caller has checked the privilege.
+pub fn export_to_file(
+    source: crate::source::Source,
+    options: crate::options::ExportOptions,
+    dir: &Directory,
+    name: &OsStr,
+    overwrite: bool,
+) -> Written {
+    use crate::export::{write_whole_export, Export};
+    use crate::sink::{background::BackgroundWriter, ExportWriter};
+
+    let mut partial = PartialFile::create(dir, name, overwrite);
+    let (compression, level) = (options.compression, options.compression_level);
+    let mut export = Export::open(source, options, crate::progress::Destination::File);
+    let file = partial
+        .take_file()
+        .unwrap_or_else(|e| raise_io(e, "export output"));
+    let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
+    write_whole_export(&mut export, &mut writer);
+    let stats = writer.stats();
+    let (rows, bytes, crc32) = (stats.rows, stats.bytes, stats.crc32());
+    let file_bytes = writer.output_bytes();
+    let file = writer
+        .into_output()
+        .finish()
+        .unwrap_or_else(|e| raise_io(e, "export output"));
+    let resume_token = export.resume_token();
+    let path = partial.commit(file, overwrite);
+    Written {
+        path,
+        rows,
+        bytes,
+        file_bytes,
+        crc32,
+        resume_token,
+    }
 }

@@ -11,6 +11,7 @@ mod error;
 mod export;
 mod file;
 mod footer;
+mod gucs;
 mod ident;
 mod options;
 mod parallel;
@@ -27,7 +28,7 @@ mod verify;
 /// Called when the library is loaded: registers the GUCs and the COPY hook.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    file::define_gucs();
+    gucs::define();
     copy_hook::install();
 }
 

@@ -112,7 +112,9 @@ pub struct RawOptions<'a> {
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
 pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
 pub const CHUNK_SIZE_MIN: usize = 1024;
-pub const CHUNK_SIZE_MAX: usize = 1 << 30;
+/// The largest chunk a `bytea` value can hold comfortably (1 GB; a value
+/// holds at most 1 GiB less a few bytes).
+pub const CHUNK_SIZE_MAX: usize = 1_000_000_000;
 
 impl ExportOptions {
     pub fn parse(raw: &RawOptions<'_>) -> Result<ExportOptions, OptionError> {
@@ -181,7 +183,7 @@ impl ExportOptions {
 pub fn parse_chunk_size(value: Option<i32>) -> Result<usize, OptionError> {
     match value {
         None => Ok(DEFAULT_CHUNK_SIZE),
-        Some(n) if n >= CHUNK_SIZE_MIN as i32 => Ok(n as usize),
+        Some(n) if n >= CHUNK_SIZE_MIN as i32 && n as usize <= CHUNK_SIZE_MAX => Ok(n as usize),
         Some(n) => Err(OptionError::new(
             format!("invalid value for chunk_size: {n}"),
             format!("chunk_size must be between {CHUNK_SIZE_MIN} and {CHUNK_SIZE_MAX} bytes"),
@@ -295,5 +297,8 @@ mod unit_tests {
         assert_eq!(parse_chunk_size(None).unwrap(), 1 << 20);
         assert!(parse_chunk_size(Some(100)).is_err());
         assert_eq!(parse_chunk_size(Some(4096)).unwrap(), 4096);
+        assert!(parse_chunk_size(Some(1_000_000_000)).is_ok());
+        assert!(parse_chunk_size(Some(1_000_000_001)).is_err());
+        assert!(parse_chunk_size(Some(i32::MAX)).is_err());
     }
 }

@@ -1,37 +1,51 @@
 //! Partitioned export to a directory with dynamic background workers that
 //! all read ONE snapshot: the leader exports its snapshot, each worker
 //! imports it, takes partitions from a shared counter and writes
-//! `part-NNNNN.ndjson[.gz]` atomically; the leader writes `manifest.json`
-//! last. Workers run as the calling role, so privileges and row-level
-//! security apply. Results and errors travel through a dynamic shared
-//! memory segment.
+//! `part-<export id>-NNNNN.ndjson[.gz]` atomically; the leader writes
+//! `manifest.json` last. Workers run with the caller's identity, so
+//! privileges and row-level security apply. Results and errors travel
+//! through a dynamic shared memory segment.
+//!
+//! What makes it safe to run where another export already is:
+//! - the leader holds `manifest.json.partial` (created and locked like any
+//!   partial file) for the whole export, so two exports into one directory
+//!   exclude each other, and one that died is recognised as stale;
+//! - part names carry an id unique to the export, so a new export never
+//!   touches the files of the one it replaces; renaming the manifest into
+//!   place is the one moment the new export replaces the old, and only
+//!   then are the old parts removed;
+//! - cleanup removes only files with this export's id;
+//! - workers reopen the directory the leader checked and refuse to write
+//!   if the path now leads elsewhere;
+//! - when the leader exits for any reason (ERROR, FATAL, terminate), a
+//!   detach callback on the shared segment stops the workers.
 
-use std::ffi::CString;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::ffi::{CString, OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
-};
+use pgrx::bgworkers::BackgroundWorkerBuilder;
 use pgrx::{pg_guard, pg_sys, PgSqlErrorCode, PgTryBuilder};
 use serde_json::{json, Value};
 
-use crate::api::export_to_path;
 use crate::error::raise;
-use crate::file::PartialFile;
-use crate::options::{ExportOptions, RawOptions};
+use crate::file::{export_to_file, is_locked, raise_io, Directory, PartialFile, Written};
+use crate::options::{BatchSize, Compression, ExportOptions, RawOptions};
 use crate::source::Source;
 
-const PENDING: u32 = 0;
+// A slot's state starts at 0 (pending): the segment is zeroed.
 const RUNNING: u32 = 1;
 const DONE: u32 = 2;
 const FAILED: u32 = 3;
 const MESSAGE_BYTES: usize = 480;
+const MANIFEST: &str = "manifest.json";
 
 /// The fixed start of the shared segment.
 #[repr(C)]
 struct Header {
     partitions: u32,
+    workers: u32,
     next: AtomicU32,
     abort: AtomicU32,
     config_len: u32,
@@ -39,24 +53,70 @@ struct Header {
     guc_len: u64,
 }
 
+/// An error: SQLSTATE and message.
+#[repr(C)]
+struct ErrorSlot {
+    sqlstate: i32,
+    message_len: u32,
+    message: [u8; MESSAGE_BYTES],
+}
+
+impl ErrorSlot {
+    fn set(&mut self, code: i32, message: &[u8]) {
+        let len = message.len().min(MESSAGE_BYTES);
+        self.message[..len].copy_from_slice(&message[..len]);
+        self.message_len = len as u32;
+        self.sqlstate = code;
+    }
+
+    fn get(&self) -> (PgSqlErrorCode, String) {
+        let len = (self.message_len as usize).min(MESSAGE_BYTES);
+        (
+            PgSqlErrorCode::from(self.sqlstate),
+            String::from_utf8_lossy(&self.message[..len]).into_owned(),
+        )
+    }
+}
+
 /// One partition's state and result, written by its worker before the
 /// state is published with Release ordering.
 #[repr(C)]
 struct Slot {
     state: AtomicU32,
-    sqlstate: i32,
     rows: u64,
     bytes: u64,
     file_bytes: u64,
     crc32: u32,
-    message_len: u32,
-    message: [u8; MESSAGE_BYTES],
+    error: ErrorSlot,
 }
 
-fn layout(partitions: usize, config_len: usize) -> (usize, usize) {
-    let slots = std::mem::size_of::<Header>();
-    let config = slots + partitions * std::mem::size_of::<Slot>();
-    (config, config + config_len)
+/// One worker: the partition it is on, and the error that ended it (also
+/// a FATAL one, caught by the log hook before the process exits).
+#[repr(C)]
+struct WorkerSlot {
+    partition: AtomicI32,
+    has_error: AtomicU32,
+    error: ErrorSlot,
+}
+
+/// Offsets of the partition slots, worker slots, config and settings.
+struct Layout {
+    slots: usize,
+    workers: usize,
+    config: usize,
+    gucs: usize,
+}
+
+fn layout(partitions: usize, workers: usize, config_len: usize) -> Layout {
+    let slots = std::mem::size_of::<Header>().next_multiple_of(8);
+    let worker_slots = slots + partitions * std::mem::size_of::<Slot>();
+    let config = worker_slots + workers * std::mem::size_of::<WorkerSlot>();
+    Layout {
+        slots,
+        workers: worker_slots,
+        config,
+        gucs: (config + config_len).next_multiple_of(8),
+    }
 }
 
 /// A view of the shared segment.
@@ -71,71 +131,163 @@ impl Shared {
         unsafe { &*self.base.cast::<Header>() }
     }
 
+    fn layout(&self) -> Layout {
+        let header = self.header();
+        layout(
+            header.partitions as usize,
+            header.workers as usize,
+            header.config_len as usize,
+        )
+    }
+
     fn slot(&self, index: usize) -> *mut Slot {
         // SAFETY: index < partitions, inside the segment.
+        unsafe { self.base.add(self.layout().slots).cast::<Slot>().add(index) }
+    }
+
+    fn worker(&self, index: usize) -> *mut WorkerSlot {
+        // SAFETY: index < workers, inside the segment.
         unsafe {
             self.base
-                .add(std::mem::size_of::<Header>())
-                .cast::<Slot>()
+                .add(self.layout().workers)
+                .cast::<WorkerSlot>()
                 .add(index)
         }
     }
 
     /// Where the serialized settings start.
     fn gucs(&self) -> *mut u8 {
-        let header = self.header();
-        let (_, config_end) = layout(header.partitions as usize, header.config_len as usize);
         // SAFETY: inside the segment; the leader put guc_len bytes there.
-        unsafe { self.base.add(config_end.next_multiple_of(8)) }
+        unsafe { self.base.add(self.layout().gucs) }
     }
 
     fn config(&self) -> Value {
-        let header = self.header();
-        let (start, _) = layout(header.partitions as usize, 0);
+        let at = self.layout().config;
         // SAFETY: the leader wrote config_len bytes of JSON there.
-        let bytes =
-            unsafe { std::slice::from_raw_parts(self.base.add(start), header.config_len as usize) };
+        let bytes = unsafe {
+            std::slice::from_raw_parts(self.base.add(at), self.header().config_len as usize)
+        };
         serde_json::from_slice(bytes).unwrap_or(Value::Null)
     }
 }
 
-fn part_name(index: usize, gzip: bool) -> String {
-    format!("part-{index:05}.ndjson{}", if gzip { ".gz" } else { "" })
+/// `part-<id>-NNNNN.ndjson[.gz]`.
+fn part_name(export_id: &str, index: usize, gzip: bool) -> String {
+    format!(
+        "part-{export_id}-{index:05}.ndjson{}",
+        if gzip { ".gz" } else { "" }
+    )
 }
 
-/// The background worker's entry point (by name, from the library).
+/// The export id in a part file name of this layout (with `.partial` or
+/// not), or `None` for any other name.
+fn export_id_of_part(name: &[u8]) -> Option<&[u8]> {
+    let name = name.strip_suffix(b".partial").unwrap_or(name);
+    let name = name
+        .strip_suffix(b".ndjson.gz")
+        .or_else(|| name.strip_suffix(b".ndjson"))?;
+    let rest = name.strip_prefix(b"part-")?;
+    let (id, number) = (rest.get(..12)?, rest.get(12..)?);
+    let number = number.strip_prefix(b"-")?;
+    (id.iter().all(|b| b.is_ascii_hexdigit())
+        && number.len() == 5
+        && number.iter().all(u8::is_ascii_digit))
+    .then_some(id)
+}
+
+/// A part file name that a manifest may list and an overwrite may remove:
+/// this layout's, or the earlier `part-NNNNN.ndjson[.gz]`.
+fn is_part_file_name(name: &str) -> bool {
+    if export_id_of_part(name.as_bytes()).is_some() {
+        return true;
+    }
+    let stem = name
+        .strip_suffix(".ndjson.gz")
+        .or_else(|| name.strip_suffix(".ndjson"));
+    stem.and_then(|s| s.strip_prefix("part-"))
+        .is_some_and(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// This worker's slot, for the log hook (set once the segment is attached).
+static mut WORKER_SLOT: *mut WorkerSlot = std::ptr::null_mut();
+static mut PREVIOUS_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
+
+/// Records the first ERROR or FATAL this worker reports (a FATAL never
+/// returns to Rust: the process exits right after this hook).
+unsafe extern "C-unwind" fn capture_worker_error(edata: *mut pg_sys::ErrorData) {
+    // SAFETY: called by PostgreSQL with a valid ErrorData; the slot is in
+    // the attached segment; nothing here can raise.
+    unsafe {
+        let slot = WORKER_SLOT;
+        if !slot.is_null()
+            && (*edata).elevel >= pgrx::PgLogLevel::ERROR as i32
+            && (*slot).has_error.load(Ordering::Acquire) == 0
+        {
+            let message = if (*edata).message.is_null() {
+                &b"unknown error"[..]
+            } else {
+                std::ffi::CStr::from_ptr((*edata).message).to_bytes()
+            };
+            (*slot).error.set((*edata).sqlerrcode, message);
+            (*slot).has_error.store(1, Ordering::Release);
+        }
+        if let Some(previous) = PREVIOUS_EMIT_LOG_HOOK {
+            previous(edata);
+        }
+    }
+}
+
+/// The background worker's entry point (by name, from the library). The
+/// argument holds the segment handle (low 32 bits) and the worker's index.
 #[pg_guard]
 #[no_mangle]
 pub extern "C-unwind" fn pg_stream_export_part_worker(argument: pg_sys::Datum) {
+    let handle = (argument.value() & 0xffff_ffff) as pg_sys::dsm_handle;
+    let worker_index = argument.value() >> 32;
     // SAFETY: standard background worker start-up. SIGTERM gets `die`,
     // which only sets a flag that the next CHECK_FOR_INTERRUPTS acts on (the
     // default handler would exit from inside the signal handler, possibly
     // in the middle of malloc); then signals are unblocked and the segment
     // whose handle is the argument is attached.
     let segment = unsafe {
-        pg_sys::pqsignal(libc_sigterm(), Some(postgres_die));
+        pg_sys::pqsignal(libc::SIGTERM, Some(postgres_die));
         pg_sys::BackgroundWorkerUnblockSignals();
-        pg_sys::dsm_attach(argument.value() as pg_sys::dsm_handle)
+        pg_sys::dsm_attach(handle)
     };
     if segment.is_null() {
+        // The leader is gone already.
         return;
     }
     // SAFETY: an attached segment's address stays valid until detach.
     let shared = Shared {
         base: unsafe { pg_sys::dsm_segment_address(segment) }.cast(),
     };
-    let config = shared.config();
-    let database = pg_sys::Oid::from(config["database"].as_u64().unwrap_or(0) as u32);
-    let role = pg_sys::Oid::from(config["role"].as_u64().unwrap_or(0) as u32);
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), Some(role));
-    // The leader's settings (TimeZone, DateStyle, extra_float_digits, ...)
-    // shape the output: restore them, as parallel query workers do.
-    // SAFETY: the leader serialized them into the segment; restoring needs
-    // a transaction for the check hooks' catalog lookups.
+    if worker_index >= shared.header().workers as usize {
+        return;
+    }
+    // SAFETY: this worker's own slot; the hook is installed on this
+    // process only, before anything can fail.
     unsafe {
+        WORKER_SLOT = shared.worker(worker_index);
+        PREVIOUS_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(capture_worker_error);
+    }
+    let config = shared.config();
+    let oid = |name: &str| pg_sys::Oid::from(config[name].as_u64().unwrap_or(0) as u32);
+    // Connect as the leader's authenticated user (who could log in), then
+    // take on its settings and its current user and security context, as
+    // PostgreSQL's parallel workers do.
+    // SAFETY: connection set-up of a background worker; restoring the
+    // settings needs a transaction for the check hooks' catalog lookups.
+    unsafe {
+        pg_sys::BackgroundWorkerInitializeConnectionByOid(oid("database"), oid("session_user"), 0);
         pg_sys::StartTransactionCommand();
         pg_sys::RestoreGUCState(shared.gucs().cast());
         pg_sys::CommitTransactionCommand();
+        pg_sys::SetUserIdAndSecContext(
+            oid("current_user"),
+            config["security_context"].as_i64().unwrap_or(0) as i32,
+        );
     }
     let partitions = shared.header().partitions as usize;
     loop {
@@ -147,14 +299,24 @@ pub extern "C-unwind" fn pg_stream_export_part_worker(argument: pg_sys::Datum) {
             break;
         }
         let slot = shared.slot(index);
-        // SAFETY: this worker owns the slot it took from the counter.
-        unsafe { (*slot).state.store(RUNNING, Ordering::Release) };
+        // SAFETY: this worker owns the slot it took from the counter and
+        // its own worker slot.
+        unsafe {
+            (*shared.worker(worker_index))
+                .partition
+                .store(index as i32, Ordering::Release);
+            (*slot).state.store(RUNNING, Ordering::Release);
+        }
         if !run_partition(&config, index, slot) {
             break;
         }
     }
-    // SAFETY: detaching the segment this worker attached.
-    unsafe { pg_sys::dsm_detach(segment) };
+    // SAFETY: detaching the segment this worker attached; the hook must
+    // not write to it afterwards.
+    unsafe {
+        WORKER_SLOT = std::ptr::null_mut();
+        pg_sys::dsm_detach(segment);
+    }
 }
 
 extern "C-unwind" {
@@ -164,9 +326,41 @@ extern "C-unwind" {
     fn postgres_die(signal: std::ffi::c_int);
 }
 
-/// SIGTERM's number (15 on every platform PostgreSQL runs the workers on).
-const fn libc_sigterm() -> i32 {
-    15
+/// What a worker exports: its partition's options and file.
+fn partition_export(config: &Value, index: usize) -> (Source, ExportOptions, Directory, String) {
+    let bounds = &config["bounds"][index];
+    let raw = RawOptions {
+        compression: config["compression"].as_str(),
+        compression_level: config["level"].as_i64().map(|l| l as i32),
+        key: config["key"].as_str(),
+        batch_size: config["batch_size"].as_i64().map(|b| b as i32),
+        footer: Some(true),
+        key_from: bounds[0].as_str(),
+        key_to: bounds[1].as_str(),
+        ..Default::default()
+    };
+    let options = ExportOptions::parse(&raw).unwrap_or_else(|e| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            e.message,
+            Some(&e.hint),
+        )
+    });
+    let identity = (
+        config["directory_dev"].as_u64().unwrap_or(0),
+        config["directory_ino"].as_u64().unwrap_or(0),
+    );
+    let directory = Directory::reopen(
+        &PathBuf::from(config["directory"].as_str().unwrap_or("/nonexistent")),
+        identity,
+    );
+    let name = part_name(
+        config["export_id"].as_str().unwrap_or(""),
+        index,
+        options.compression == Compression::Gzip,
+    );
+    let source = Source::resolve(config["source"].as_str().unwrap_or(""));
+    (source, options, directory, name)
 }
 
 /// Export one partition in its own transaction on the shared snapshot;
@@ -185,34 +379,8 @@ fn run_partition(config: &Value, index: usize, slot: *mut Slot) -> bool {
             pg_sys::ImportSnapshot(snapshot.as_ptr());
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         }
-        let bounds = &config["bounds"][index];
-        let raw = RawOptions {
-            compression: config["compression"].as_str(),
-            compression_level: config["level"].as_i64().map(|l| l as i32),
-            key: config["key"].as_str(),
-            batch_size: config["batch_size"].as_i64().map(|b| b as i32),
-            footer: Some(true),
-            key_from: bounds[0].as_str(),
-            key_to: bounds[1].as_str(),
-            ..Default::default()
-        };
-        let options = ExportOptions::parse(&raw).unwrap_or_else(|e| {
-            raise(
-                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                e.message,
-                Some(&e.hint),
-            )
-        });
-        let gzip = config["compression"].as_str() == Some("gzip");
-        let target = Path::new(config["directory"].as_str().unwrap_or("/nonexistent"))
-            .join(part_name(index, gzip));
-        let source = Source::resolve(config["source"].as_str().unwrap_or(""));
-        let written = export_to_path(
-            source,
-            options,
-            target,
-            config["overwrite"].as_bool().unwrap_or(false),
-        );
+        let (source, options, directory, name) = partition_export(config, index);
+        let written = export_to_file(source, options, &directory, OsStr::new(&name), false);
         // SAFETY: ends the transaction started above.
         unsafe {
             pg_sys::PopActiveSnapshot();
@@ -236,20 +404,22 @@ fn run_partition(config: &Value, index: usize, slot: *mut Slot) -> bool {
     // SAFETY: this worker owns the slot; the state is published last.
     unsafe {
         match outcome {
-            Ok(written) => {
-                (*slot).rows = written.rows;
-                (*slot).bytes = written.bytes;
-                (*slot).file_bytes = written.file_bytes;
-                (*slot).crc32 = written.crc32;
+            Ok(Written {
+                rows,
+                bytes,
+                file_bytes,
+                crc32,
+                ..
+            }) => {
+                (*slot).rows = rows;
+                (*slot).bytes = bytes;
+                (*slot).file_bytes = file_bytes;
+                (*slot).crc32 = crc32;
                 (*slot).state.store(DONE, Ordering::Release);
                 true
             }
             Err((code, message)) => {
-                let bytes = message.as_bytes();
-                let len = bytes.len().min(MESSAGE_BYTES);
-                (&mut (*slot).message)[..len].copy_from_slice(&bytes[..len]);
-                (*slot).message_len = len as u32;
-                (*slot).sqlstate = code as i32;
+                (*slot).error.set(code as i32, message.as_bytes());
                 (*slot).state.store(FAILED, Ordering::Release);
                 false
             }
@@ -266,194 +436,468 @@ pub struct DirectoryTotals {
     pub file_bytes: i64,
 }
 
-/// Stops the workers, detaches the segment and removes every file of a
-/// failed or cancelled export; disarmed once the manifest is written.
-struct Cleanup {
-    workers: Vec<DynamicBackgroundWorker>,
+/// The workers' handles, in TopMemoryContext: read by the detach callback,
+/// which also runs when the leader exits on FATAL.
+#[repr(C)]
+struct WorkerHandles {
+    shared: *mut u8,
+    count: usize,
+    handles: [*mut pg_sys::BackgroundWorkerHandle; 0],
+}
+
+impl WorkerHandles {
+    /// # Safety
+    /// `this` must point at a live WorkerHandles with `count` handles.
+    unsafe fn handles<'a>(
+        this: *mut WorkerHandles,
+    ) -> &'a mut [*mut pg_sys::BackgroundWorkerHandle] {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                std::ptr::addr_of_mut!((*this).handles).cast(),
+                (*this).count,
+            )
+        }
+    }
+}
+
+/// Tell every worker to stop: the abort flag, then SIGTERM through the
+/// postmaster. Never raises.
+///
+/// # Safety
+/// `handles` must point at a live WorkerHandles whose segment is mapped.
+unsafe fn signal_workers_to_stop(handles: *mut WorkerHandles) {
+    // SAFETY: forwarded; TerminateBackgroundWorker only marks a slot.
+    unsafe {
+        let header = (*handles).shared.cast::<Header>();
+        (*header).abort.store(1, Ordering::Release);
+        for &handle in WorkerHandles::handles(handles).iter() {
+            if !handle.is_null() {
+                pg_sys::TerminateBackgroundWorker(handle);
+            }
+        }
+    }
+}
+
+/// Detach callback of the leader's segment: runs on every exit path,
+/// ERROR, FATAL (`pg_terminate_backend`, shutdown) and normal end alike.
+unsafe extern "C-unwind" fn stop_workers_on_detach(
+    _segment: *mut pg_sys::dsm_segment,
+    arg: pg_sys::Datum,
+) {
+    // SAFETY: `arg` is the WorkerHandles registered with this callback; it
+    // is freed here, once, and never used after.
+    unsafe {
+        let handles = arg.cast_mut_ptr::<WorkerHandles>();
+        signal_workers_to_stop(handles);
+        pg_sys::pfree(handles.cast());
+    }
+}
+
+fn worker_stopped(handle: *mut pg_sys::BackgroundWorkerHandle) -> bool {
+    let mut pid: pg_sys::pid_t = 0;
+    // SAFETY: a handle returned by RegisterDynamicBackgroundWorker.
+    let status = unsafe { pg_sys::GetBackgroundWorkerPid(handle, &mut pid) };
+    matches!(
+        status,
+        pg_sys::BgwHandleStatus::BGWH_STOPPED | pg_sys::BgwHandleStatus::BGWH_POSTMASTER_DIED
+    )
+}
+
+/// The leader's state for one directory export. Dropping it while armed
+/// (an error, a cancel) stops the workers and removes exactly the files of
+/// this export; it never raises, since it also runs while an error
+/// unwinds.
+struct Leader {
+    directory: Directory,
+    export_id: String,
     segment: *mut pg_sys::dsm_segment,
     shared: Shared,
-    files: Vec<PathBuf>,
+    handles: *mut WorkerHandles,
     armed: bool,
 }
 
-impl Cleanup {
-    fn stop_workers(&mut self) {
-        self.shared.header().abort.store(1, Ordering::Release);
-        for worker in self.workers.drain(..) {
-            let _ = worker.terminate().wait_for_shutdown();
+impl Leader {
+    fn handles(&self) -> &[*mut pg_sys::BackgroundWorkerHandle] {
+        // SAFETY: the handles live until the segment is detached (in drop).
+        unsafe { WorkerHandles::handles(self.handles) }
+    }
+
+    /// Wait until every worker has exited, for at most `limit`, without
+    /// acting on interrupts (a second cancel must not raise here).
+    fn wait_for_workers(&self, limit: std::time::Duration) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if self
+                .handles()
+                .iter()
+                .all(|&h| h.is_null() || worker_stopped(h))
+            {
+                return;
+            }
+            // SAFETY: waits on this backend's latch for at most 10 ms;
+            // WaitLatch itself never processes interrupts.
+            unsafe {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                        as i32,
+                    10,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+        }
+    }
+
+    /// Remove the files of this export: committed parts, and partial parts
+    /// that no live worker holds.
+    fn remove_own_files(&self) {
+        let Ok(names) = self.directory.names() else {
+            return;
+        };
+        for name in names {
+            if export_id_of_part(name.as_bytes()) != Some(self.export_id.as_bytes()) {
+                continue;
+            }
+            if name.as_bytes().ends_with(b".partial") {
+                match self.directory.open_regular(&name) {
+                    Ok(file) if !is_locked(&file) => {}
+                    _ => continue,
+                }
+            }
+            let _ = self.directory.unlink(&name);
         }
     }
 }
 
-impl Drop for Cleanup {
+impl Drop for Leader {
     fn drop(&mut self) {
-        if self.armed {
-            self.stop_workers();
-            for file in &self.files {
-                let _ = std::fs::remove_file(file);
-                let mut partial = file.clone().into_os_string();
-                partial.push(".partial");
-                let _ = std::fs::remove_file(partial);
-            }
+        // SAFETY: the handles and segment are alive until the detach below.
+        unsafe { signal_workers_to_stop(self.handles) };
+        self.wait_for_workers(std::time::Duration::from_secs(if self.armed {
+            30
         } else {
-            for worker in self.workers.drain(..) {
-                let _ = worker.wait_for_shutdown();
-            }
+            5
+        }));
+        if self.armed {
+            self.remove_own_files();
         }
-        if !self.segment.is_null() {
-            // SAFETY: detaching the segment the leader created.
-            unsafe { pg_sys::dsm_detach(self.segment) };
+        // SAFETY: detaching the segment the leader created; this runs the
+        // detach callback, which frees the handles.
+        unsafe { pg_sys::dsm_detach(self.segment) };
+    }
+}
+
+/// A random id for this export's file names: 12 hex digits.
+fn new_export_id() -> String {
+    let mut bytes = [0u8; 6];
+    // SAFETY: fills the buffer from PostgreSQL's strong random source.
+    if !unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) } {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes.copy_from_slice(&(now as u64 ^ std::process::id() as u64).to_be_bytes()[2..]);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The part file names a manifest lists (only valid part names).
+fn manifest_parts(manifest: &Value) -> Vec<String> {
+    manifest["parts"]
+        .as_array()
+        .map(|parts| {
+            parts
+                .iter()
+                .filter_map(|p| p["file"].as_str())
+                .filter(|name| is_part_file_name(name))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn read_manifest(file: std::fs::File) -> Option<Value> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    file.take(64 << 20).read_to_end(&mut text).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// With the directory's manifest lock held, no other export is running
+/// here: part files of other exports that no manifest lists, and partial
+/// parts without a lock, were left by exports that died. Remove them.
+fn remove_stale_parts(directory: &Directory) {
+    let current: Vec<String> = directory
+        .open_regular(OsStr::new(MANIFEST))
+        .ok()
+        .and_then(read_manifest)
+        .map(|m| manifest_parts(&m))
+        .unwrap_or_default();
+    let Ok(names) = directory.names() else {
+        return;
+    };
+    // SAFETY: geteuid(2) has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    for name in names {
+        if export_id_of_part(name.as_bytes()).is_none()
+            || current.iter().any(|c| c.as_bytes() == name.as_bytes())
+        {
+            continue;
+        }
+        let Ok(file) = directory.open_regular(&name) else {
+            continue;
+        };
+        let owned = directory.stat(&name).is_ok_and(|st| st.st_uid == uid);
+        if owned && !is_locked(&file) && directory.unlink(&name).is_ok() {
+            pgrx::log!(
+                "pg_stream_export: removed \"{}\" left by a directory export that did not finish",
+                directory.display(&name)
+            );
         }
     }
 }
 
-/// Run a directory export; `directory` is canonical and checked.
+/// Refuse to run in a transaction that has written: the workers read a
+/// snapshot exported from it, which cannot show its own uncommitted rows.
+fn refuse_in_writing_transaction() {
+    // SAFETY: reads this transaction's id, if it has one.
+    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() };
+    if xid != pg_sys::InvalidTransactionId {
+        raise(
+            PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+            "stream_export_to_directory cannot run in a transaction that has written data",
+            Some("its workers read this transaction's snapshot from other sessions, which cannot see its uncommitted changes; commit first, or use stream_export_to_file, which sees them"),
+        );
+    }
+}
+
+/// Run a directory export into `directory` (opened and checked).
 #[allow(clippy::too_many_arguments)]
 pub fn export_directory(
     source_text: &str,
     source: &Source,
-    directory: &Path,
+    directory: &Directory,
     key: &str,
     options: &ExportOptions,
     bounds: Vec<(Option<String>, Option<String>)>,
     workers_wanted: usize,
     overwrite: bool,
 ) -> DirectoryTotals {
+    refuse_in_writing_transaction();
     let partitions = bounds.len();
-    let gzip = options.compression == crate::options::Compression::Gzip;
-    let snapshot: String = pgrx::spi::Spi::get_one("SELECT pg_catalog.pg_export_snapshot()")
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| {
-            raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                "could not export a snapshot",
-                None,
-            )
-        });
-    let snapshot_time: String = pgrx::spi::Spi::get_one("SELECT now()::text")
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    // SAFETY: plain reads of backend globals.
-    let (database, role) = unsafe { (pg_sys::MyDatabaseId, pg_sys::GetUserId()) };
+    let gzip = options.compression == Compression::Gzip;
+    // Held until the manifest is in place: one export per directory.
+    let manifest_partial = PartialFile::create(directory, OsStr::new(MANIFEST), overwrite);
+    remove_stale_parts(directory);
+    let export_id = new_export_id();
+    // Exporting a snapshot writes nothing: read-only SPI is enough.
+    let snapshot: String =
+        crate::scan::select_one("SELECT pg_catalog.pg_export_snapshot()", &[]).unwrap_or_default();
+    let snapshot_time: String =
+        crate::scan::select_one("SELECT now()::text", &[]).unwrap_or_default();
+    let mut current_user = pg_sys::InvalidOid;
+    let mut security_context = 0;
+    // SAFETY: plain reads of backend globals and this session's identity.
+    let (database, session_user) = unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut current_user, &mut security_context);
+        (pg_sys::MyDatabaseId, pg_sys::GetAuthenticatedUserId())
+    };
+    let (dev, ino) = directory.identity();
     let config = json!({
         "database": database.to_u32(),
-        "role": role.to_u32(),
+        "session_user": session_user.to_u32(),
+        "current_user": current_user.to_u32(),
+        "security_context": security_context,
         "snapshot": snapshot,
         "source": source_text,
         "key": key,
-        "directory": directory.to_string_lossy(),
+        "directory": directory.path().to_string_lossy(),
+        "directory_dev": dev,
+        "directory_ino": ino,
+        "export_id": export_id,
         "compression": options.compression.to_string(),
         "level": options.compression_level,
-        "batch_size": match options.batch_size { crate::options::BatchSize::Auto => 0, crate::options::BatchSize::Fixed(n) => n },
-        "overwrite": overwrite,
+        "batch_size": match options.batch_size { BatchSize::Auto => 0, BatchSize::Fixed(n) => n },
         "bounds": bounds.iter().map(|(l, u)| json!([l, u])).collect::<Vec<_>>(),
     });
     let config_bytes = serde_json::to_vec(&config).unwrap_or_default();
-    let (config_at, config_end) = layout(partitions, config_bytes.len());
+    let workers = workers_wanted.min(partitions);
+    let offsets = layout(partitions, workers, config_bytes.len());
     // SAFETY: sizing the serialized settings of this backend.
     let guc_len = unsafe { pg_sys::EstimateGUCStateSpace() };
-    let size = config_end.next_multiple_of(8) + guc_len;
-    // SAFETY: a new segment, zeroed, then filled before any worker starts.
-    let segment = unsafe { pg_sys::dsm_create(size, 0) };
-    let base: *mut u8 = unsafe { pg_sys::dsm_segment_address(segment) }.cast();
-    // SAFETY: `size` bytes are mapped at `base`.
-    unsafe {
+    let size = offsets.gucs + guc_len;
+    // SAFETY: a new segment, zeroed, then filled before any worker starts;
+    // the handles array lives in TopMemoryContext so that the detach
+    // callback can use it on any exit path.
+    let (segment, base, handles) = unsafe {
+        let segment = pg_sys::dsm_create(size, 0);
+        let base: *mut u8 = pg_sys::dsm_segment_address(segment).cast();
         std::ptr::write_bytes(base, 0, size);
         let header = base.cast::<Header>();
         (*header).partitions = partitions as u32;
+        (*header).workers = workers as u32;
         (*header).config_len = config_bytes.len() as u32;
         (*header).guc_len = guc_len as u64;
+        for index in 0..workers {
+            let slot = base.add(offsets.workers).cast::<WorkerSlot>().add(index);
+            (*slot).partition.store(-1, Ordering::Relaxed);
+        }
         std::ptr::copy_nonoverlapping(
             config_bytes.as_ptr(),
-            base.add(config_at),
+            base.add(offsets.config),
             config_bytes.len(),
         );
-        pg_sys::SerializeGUCState(guc_len, base.add(config_end.next_multiple_of(8)).cast());
-    }
+        pg_sys::SerializeGUCState(guc_len, base.add(offsets.gucs).cast());
+        let handles = pg_sys::MemoryContextAllocZero(
+            pg_sys::TopMemoryContext,
+            std::mem::size_of::<WorkerHandles>()
+                + workers * std::mem::size_of::<*mut pg_sys::BackgroundWorkerHandle>(),
+        )
+        .cast::<WorkerHandles>();
+        (*handles).shared = base;
+        (*handles).count = workers;
+        pg_sys::on_dsm_detach(
+            segment,
+            Some(stop_workers_on_detach),
+            pg_sys::Datum::from(handles),
+        );
+        (segment, base, handles)
+    };
     // SAFETY: the handle of the segment just created.
-    let handle = unsafe { pg_sys::dsm_segment_handle(segment) };
-    let files: Vec<PathBuf> = (0..partitions)
-        .map(|i| directory.join(part_name(i, gzip)))
-        .collect();
-    let mut cleanup = Cleanup {
-        workers: Vec::new(),
+    let dsm_handle = unsafe { pg_sys::dsm_segment_handle(segment) };
+    let mut leader = Leader {
+        directory: directory.clone(),
+        export_id: export_id.clone(),
         segment,
         shared: Shared { base },
-        files,
+        handles,
         armed: true,
     };
-    for _ in 0..workers_wanted.min(partitions) {
-        let launched = BackgroundWorkerBuilder::new("pg_stream_export partition worker")
+    let mut started = 0;
+    for index in 0..workers {
+        let argument = dsm_handle as usize | (index << 32);
+        let builder = BackgroundWorkerBuilder::new("pg_stream_export partition worker")
             .set_type("pg_stream_export")
             .set_library("pg_stream_export")
             .set_function("pg_stream_export_part_worker")
-            .set_argument(Some(pg_sys::Datum::from(handle as usize)))
+            .set_argument(Some(pg_sys::Datum::from(argument)))
             .enable_spi_access()
             .set_restart_time(None)
             // SAFETY: reads this backend's pid.
-            .set_notify_pid(unsafe { pg_sys::MyProcPid })
-            .load_dynamic();
-        match launched {
-            Ok(worker) => cleanup.workers.push(worker),
-            Err(_) => break,
+            .set_notify_pid(unsafe { pg_sys::MyProcPid });
+        let mut worker: pg_sys::BackgroundWorker = (&builder).into();
+        // SAFETY: registers the worker; the handle is allocated in
+        // TopMemoryContext so that it outlives this transaction if the
+        // detach callback needs it.
+        let registered = unsafe {
+            let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+            let mut handle = std::ptr::null_mut();
+            let ok = pg_sys::RegisterDynamicBackgroundWorker(&mut worker, &mut handle);
+            pg_sys::MemoryContextSwitchTo(old);
+            ok.then_some(handle)
+        };
+        match registered {
+            Some(handle) => {
+                // SAFETY: `index < workers`, the array's length.
+                unsafe { WorkerHandles::handles(handles)[index] = handle };
+                started += 1;
+            }
+            None => break,
         }
     }
-    let workers = cleanup.workers.len();
-    if workers == 0 {
+    if started == 0 {
         raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
             "no background worker could be started for the directory export",
             Some("raise max_worker_processes, or wait for other background workers to finish"),
         );
     }
-    // Wait for every partition, or the first failure.
+    wait_for_partitions(&leader, partitions, started);
+    let totals = write_manifest(
+        &mut leader,
+        manifest_partial,
+        source,
+        key,
+        options,
+        &snapshot,
+        &snapshot_time,
+        &bounds,
+        gzip,
+        started,
+        overwrite,
+    );
+    drop(leader);
+    totals
+}
+
+/// Wait for every partition, or raise the first failure: a partition's
+/// error, or the error of a worker that exited before finishing its part.
+fn wait_for_partitions(leader: &Leader, partitions: usize, started: usize) {
+    let shared = &leader.shared;
     loop {
         let mut done = 0;
         for index in 0..partitions {
-            let slot = cleanup.shared.slot(index);
+            let slot = shared.slot(index);
             // SAFETY: slots are read after their state is published.
-            let state = unsafe { (*slot).state.load(Ordering::Acquire) };
-            match state {
+            match unsafe { (*slot).state.load(Ordering::Acquire) } {
                 DONE => done += 1,
                 FAILED => {
-                    let (code, message) = unsafe {
-                        let len = (*slot).message_len as usize;
-                        (
-                            PgSqlErrorCode::from((*slot).sqlstate),
-                            String::from_utf8_lossy(&(&(*slot).message)[..len.min(MESSAGE_BYTES)])
-                                .into_owned(),
-                        )
-                    };
-                    cleanup.stop_workers();
-                    drop(cleanup);
-                    raise(
-                        code,
-                        format!("partition {index} failed: {message}"),
-                        Some("no part file and no manifest were left behind"),
-                    );
+                    // SAFETY: a FAILED slot's error is published.
+                    let (code, message) = unsafe { (*slot).error.get() };
+                    raise(code, format!("partition {index} failed: {message}"), None);
                 }
-                PENDING | RUNNING => {}
                 _ => {}
             }
         }
         if done == partitions {
-            break;
+            return;
         }
-        let all_gone = cleanup.workers.iter().all(|w| {
-            matches!(
-                w.pid(),
-                Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied)
-            )
-        });
-        if all_gone {
+        let mut alive = 0;
+        for (index, &handle) in leader.handles().iter().enumerate().take(started) {
+            if !worker_stopped(handle) {
+                alive += 1;
+                continue;
+            }
+            let worker = shared.worker(index);
+            // SAFETY: the worker slot's fields are published before its
+            // process exits.
+            let (partition, error) = unsafe {
+                let partition = (*worker).partition.load(Ordering::Acquire);
+                let error = ((*worker).has_error.load(Ordering::Acquire) != 0)
+                    .then(|| (*worker).error.get());
+                (partition, error)
+            };
+            let unfinished = partition >= 0
+                // SAFETY: as above.
+                && unsafe { (*shared.slot(partition as usize)).state.load(Ordering::Acquire) }
+                    == RUNNING;
+            if unfinished {
+                let (code, message) = error.unwrap_or((
+                    PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                    "its worker exited without reporting an error".into(),
+                ));
+                raise(
+                    code,
+                    format!("partition {partition} failed: {message}"),
+                    None,
+                );
+            }
+            if let Some((code, message)) = error {
+                if partition < 0 {
+                    raise(
+                        code,
+                        format!("a partition worker could not start: {message}"),
+                        None,
+                    );
+                }
+            }
+        }
+        if alive == 0 {
             raise(
-                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-                format!(
-                    "the workers stopped with {} of {partitions} partitions done",
-                    done
-                ),
+                PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
+                format!("the workers stopped with {done} of {partitions} partitions done"),
                 None,
             );
         }
@@ -470,17 +914,34 @@ pub fn export_directory(
         }
         pgrx::check_for_interrupts!();
     }
-    // Manifest, written last and atomically.
+}
+
+/// Write the manifest and rename it into place (the commit point), then
+/// remove the parts of the export it replaced.
+#[allow(clippy::too_many_arguments)]
+fn write_manifest(
+    leader: &mut Leader,
+    mut manifest_partial: PartialFile,
+    source: &Source,
+    key: &str,
+    options: &ExportOptions,
+    snapshot: &str,
+    snapshot_time: &str,
+    bounds: &[(Option<String>, Option<String>)],
+    gzip: bool,
+    workers: usize,
+    overwrite: bool,
+) -> DirectoryTotals {
     let mut parts = Vec::new();
     let mut totals = DirectoryTotals {
-        partitions: partitions as i32,
+        partitions: bounds.len() as i32,
         workers: workers as i32,
         rows: 0,
         bytes: 0,
         file_bytes: 0,
     };
     for (index, (lower, upper)) in bounds.iter().enumerate() {
-        let slot = cleanup.shared.slot(index);
+        let slot = leader.shared.slot(index);
         // SAFETY: every slot is DONE, its fields published.
         let (rows, bytes, file_bytes, crc32) = unsafe {
             (
@@ -494,71 +955,78 @@ pub fn export_directory(
         totals.bytes += bytes as i64;
         totals.file_bytes += file_bytes as i64;
         parts.push(json!({
-            "partition": index, "file": part_name(index, gzip), "key_from": lower, "key_to": upper,
+            "partition": index, "file": part_name(&leader.export_id, index, gzip),
+            "key_from": lower, "key_to": upper,
             "rows": rows, "bytes": bytes, "file_bytes": file_bytes, "crc32": format!("{crc32:08x}"),
         }));
     }
     let manifest = json!({
         "pg_stream_export_manifest": 1,
+        "export_id": leader.export_id,
         "source": source.canonical(),
         "key": key,
         "compression": options.compression.to_string(),
         "snapshot": snapshot,
         "snapshot_time": snapshot_time,
         "parts": parts,
-        "totals": {"partitions": partitions, "rows": totals.rows, "bytes": totals.bytes, "file_bytes": totals.file_bytes},
+        "totals": {"partitions": bounds.len(), "rows": totals.rows, "bytes": totals.bytes, "file_bytes": totals.file_bytes},
     });
     let text = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
-    let manifest_path = directory.join("manifest.json");
-    cleanup.files.push(manifest_path.clone());
-    let mut partial = PartialFile::create(manifest_path, overwrite);
-    let mut file = partial
+    let mut file = manifest_partial
         .take_file()
-        .unwrap_or_else(|e| crate::file::raise_io(e, "manifest.json"));
-    std::io::Write::write_all(&mut file, text.as_bytes())
-        .unwrap_or_else(|e| crate::file::raise_io(e, "manifest.json"));
-    partial
-        .commit(file)
-        .unwrap_or_else(|e| crate::file::raise_io(e, "manifest.json"));
-    cleanup.armed = false;
-    drop(cleanup);
+        .unwrap_or_else(|e| raise_io(e, MANIFEST));
+    std::io::Write::write_all(&mut file, text.as_bytes()).unwrap_or_else(|e| raise_io(e, MANIFEST));
+    let replaced = manifest_partial.commit_returning_replaced(file, overwrite);
+    // The new export is in place: from here on nothing may undo it.
+    leader.armed = false;
+    if let Some(old) = replaced.and_then(read_manifest) {
+        let new_parts = manifest_parts(&manifest);
+        for name in manifest_parts(&old) {
+            if !new_parts.contains(&name) {
+                let _ = leader.directory.unlink(OsStr::new(&name));
+            }
+        }
+    }
     totals
 }
 
 /// Check every part of a directory export against the manifest and its own
 /// footer. Returns (ok, parts, rows, detail); never raises for bad contents.
-pub fn verify_directory(directory: &Path) -> (bool, i32, i64, String) {
-    let manifest_path = directory.join("manifest.json");
-    let manifest: Value =
-        match std::fs::read(&manifest_path).map(|b| serde_json::from_slice::<Value>(&b)) {
-            Ok(Ok(value)) => value,
-            Ok(Err(e)) => return (false, 0, 0, format!("manifest.json is not valid JSON: {e}")),
-            Err(e) => return (false, 0, 0, format!("cannot read manifest.json: {e}")),
-        };
+pub fn verify_directory(
+    directory: &Directory,
+    interrupt: &mut dyn FnMut(),
+) -> (bool, i32, i64, String) {
+    let manifest = match directory.open_regular(OsStr::new(MANIFEST)) {
+        Ok(file) => match read_manifest(file) {
+            Some(value) => value,
+            None => return (false, 0, 0, "manifest.json is not valid JSON".into()),
+        },
+        Err(e) => return (false, 0, 0, format!("cannot read manifest.json: {e}")),
+    };
     let Some(parts) = manifest["parts"].as_array() else {
         return (false, 0, 0, "manifest.json has no parts".into());
     };
+    let count = parts.len() as i32;
     let mut rows = 0i64;
     for part in parts {
         let name = part["file"].as_str().unwrap_or("");
-        let verdict = match std::fs::File::open(directory.join(name)).map(crate::verify::verify) {
-            Ok(Ok(verdict)) => verdict,
-            Ok(Err(e)) | Err(e) => {
-                return (
-                    false,
-                    parts.len() as i32,
-                    rows,
-                    format!("{name}: cannot be read: {e}"),
-                )
-            }
-        };
-        if !verdict.ok {
+        if !is_part_file_name(name) {
             return (
                 false,
-                parts.len() as i32,
+                count,
                 rows,
-                format!("{name}: {}", verdict.detail),
+                format!("\"{name}\" is not a part file name"),
             );
+        }
+        let verdict = match directory
+            .open_regular(&OsString::from(name))
+            .and_then(|file| crate::verify::verify(file, interrupt))
+        {
+            Ok(verdict) => verdict,
+            Err(e) => return (false, count, rows, format!("{name}: cannot be read: {e}")),
+        };
+        if !verdict.ok {
+            return (false, count, rows, format!("{name}: {}", verdict.detail));
         }
         let expected = (part["rows"].as_u64(), part["crc32"].as_str());
         if expected
@@ -569,7 +1037,7 @@ pub fn verify_directory(directory: &Path) -> (bool, i32, i64, String) {
         {
             return (
                 false,
-                parts.len() as i32,
+                count,
                 rows,
                 format!("{name}: does not match the manifest"),
             );
@@ -579,25 +1047,53 @@ pub fn verify_directory(directory: &Path) -> (bool, i32, i64, String) {
     if manifest["totals"]["rows"].as_i64() != Some(rows) {
         return (
             false,
-            parts.len() as i32,
+            count,
             rows,
             "the parts' rows do not add up to the manifest's total".into(),
         );
     }
     (
         true,
-        parts.len() as i32,
+        count,
         rows,
-        format!("{} parts, {rows} rows: all match the manifest", parts.len()),
+        format!("{count} parts, {rows} rows: all match the manifest"),
     )
 }
 
-/// Names used in errors about the directory argument.
-pub fn directory_from(path: &str) -> PathBuf {
-    let probe =
-        crate::file::resolve_target(&format!("{}/manifest.json", path.trim_end_matches('/')));
-    probe
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(path))
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn part_names_carry_the_export_id() {
+        let name = part_name("0123456789ab", 7, true);
+        assert_eq!(name, "part-0123456789ab-00007.ndjson.gz");
+        assert_eq!(
+            export_id_of_part(name.as_bytes()),
+            Some(&b"0123456789ab"[..])
+        );
+        assert_eq!(
+            export_id_of_part(b"part-0123456789ab-00007.ndjson.partial"),
+            Some(&b"0123456789ab"[..])
+        );
+        for other in [
+            &b"part-00007.ndjson"[..],
+            b"manifest.json",
+            b"part-0123456789ab-0007.ndjson",
+            b"part-0123456789zz-00007.ndjson",
+            b"notes.txt",
+        ] {
+            assert_eq!(export_id_of_part(other), None);
+        }
+        assert!(is_part_file_name("part-00007.ndjson.gz"));
+        assert!(is_part_file_name(&name));
+        for bad in [
+            "../part-00001.ndjson",
+            "/etc/passwd",
+            "part-1.ndjson",
+            "manifest.json",
+        ] {
+            assert!(!is_part_file_name(bad), "{bad}");
+        }
+    }
 }

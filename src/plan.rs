@@ -2,10 +2,6 @@
 //! about equal row counts, from pg_stats when the key has a histogram, else
 //! from the key values themselves (a sample for large tables).
 
-use pgrx::spi::Spi;
-use pgrx::PgSqlErrorCode;
-
-use crate::error::raise;
 use crate::ident::quote_identifier;
 use crate::source::Source;
 
@@ -32,16 +28,21 @@ pub fn pick_evenly(values: &[String], partitions: usize) -> Vec<String> {
     picked
 }
 
-fn spi_error(e: pgrx::spi::SpiError) -> ! {
-    raise(
-        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-        format!("planning query failed: {e}"),
-        None,
-    )
+/// Boundaries (text form of the key type) and an estimate of the rows:
+/// `partitions - 1` of them whenever the key has that many distinct values
+/// (fewer only when it has not). The text is rendered under fixed settings
+/// (see [`crate::gucs::with_key_text_settings`]), so that any session reads
+/// the bounds back as the same values.
+pub fn boundaries(
+    source: &Source,
+    column: &str,
+    type_name: &str,
+    partitions: usize,
+) -> (Vec<String>, i64) {
+    crate::gucs::with_key_text_settings(|| boundaries_inner(source, column, type_name, partitions))
 }
 
-/// Boundaries (text form of the key type) and an estimate of the rows.
-pub fn boundaries(
+fn boundaries_inner(
     source: &Source,
     column: &str,
     type_name: &str,
@@ -49,60 +50,75 @@ pub fn boundaries(
 ) -> (Vec<String>, i64) {
     let quoted = quote_identifier(column);
     if let Source::Relation { oid, .. } = source {
-        let stats: Option<(TextArray, Option<f32>)> = Spi::connect(|client| {
-            let table = client
-                .select(
-                    &format!(
-                        "SELECT (s.histogram_bounds::text::{type_name}[])::text[], c.reltuples
-                         FROM pg_catalog.pg_class c
-                         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                         LEFT JOIN pg_catalog.pg_stats s
-                           ON s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = $2
-                         WHERE c.oid = $1"
-                    ),
-                    None,
-                    &[(*oid).into(), column.into()],
-                )
-                .unwrap_or_else(|e| spi_error(e));
-            table.first().get_two::<Vec<Option<String>>, f32>().ok()
-        });
-        if let Some((Some(histogram), reltuples)) = stats {
+        let stats: (TextArray, Option<f32>) = crate::scan::select_first_row(
+            &format!(
+                "SELECT (s.histogram_bounds::text::{type_name}[])::text[], c.reltuples
+                 FROM pg_catalog.pg_class c
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                 LEFT JOIN pg_catalog.pg_stats s
+                   ON s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = $2
+                 WHERE c.oid = $1"
+            ),
+            &[(*oid).into(), column.into()],
+            |row| Ok((row.get::<Vec<Option<String>>>(1)?, row.get::<f32>(2)?)),
+        )
+        .unwrap_or((None, None));
+        if let (Some(histogram), reltuples) = stats {
             let values: Vec<String> = histogram.into_iter().flatten().collect();
             let total = reltuples.unwrap_or(0.0).max(0.0) as i64;
-            if values.len() >= 2 && total > 0 {
-                return (pick_evenly(&values, partitions), total);
+            let picked = pick_evenly(&values, partitions);
+            // A histogram coarser than the partitions asked for is not
+            // enough: the key values themselves are.
+            if total > 0 && picked.len() + 1 == partitions {
+                return (picked, total);
             }
         }
     }
-    // No histogram: the key values themselves, sampled for big tables.
+    // The key values themselves, sampled for big tables.
     let (from, scale) = match source {
         Source::Relation {
             oid,
             qualified_name,
             indexable: true,
         } => {
-            let reltuples: f64 = Spi::get_one_with_args::<f32>(
+            let reltuples: f64 = crate::scan::select_one::<f32>(
                 "SELECT reltuples FROM pg_catalog.pg_class WHERE oid = $1",
                 &[(*oid).into()],
             )
-            .unwrap_or(None)
             .unwrap_or(0.0)
             .max(0.0) as f64;
-            if reltuples > SAMPLE_ROWS * 2.0 {
-                let percent = (100.0 * SAMPLE_ROWS / reltuples).clamp(0.01, 100.0);
+            let sample_rows = SAMPLE_ROWS.max(partitions as f64 * 20.0);
+            if reltuples > sample_rows * 2.0 {
+                let percent = (100.0 * sample_rows / reltuples).clamp(0.0001, 100.0);
                 (
-                    format!("{qualified_name} TABLESAMPLE SYSTEM ({percent:.4}) REPEATABLE (0)"),
+                    Some(format!(
+                        "{qualified_name} TABLESAMPLE SYSTEM ({percent:.4}) REPEATABLE (0)"
+                    )),
                     100.0 / percent,
                 )
             } else {
-                (qualified_name.clone(), 1.0)
+                (None, 1.0)
             }
         }
-        other => (
-            format!("{} AS pg_stream_export_source", other.sql_from_item()),
-            1.0,
-        ),
+        _ => (None, 1.0),
     };
+    let whole = match source {
+        Source::Relation { qualified_name, .. } => qualified_name.clone(),
+        other => format!("{} AS pg_stream_export_source", other.sql_from_item()),
+    };
+    if let Some(sample) = from {
+        let (values, count) = percentiles(&sample, &quoted, partitions);
+        if values.len() + 1 == partitions {
+            return (values, (count as f64 * scale) as i64);
+        }
+        // The sample had too few distinct keys: read them all.
+    }
+    percentiles(&whole, &quoted, partitions)
+}
+
+/// `partitions - 1` evenly spaced key values of `from` (without repeats)
+/// and its row count.
+fn percentiles(from: &str, quoted_key: &str, partitions: usize) -> (Vec<String>, i64) {
     let fractions: Vec<String> = (1..partitions)
         .map(|i| format!("{}", i as f64 / partitions as f64))
         .collect();
@@ -110,15 +126,16 @@ pub fn boundaries(
         format!("SELECT NULL::text[], count(*) FROM {from}")
     } else {
         format!(
-            "SELECT (percentile_disc(ARRAY[{}]::float8[]) WITHIN GROUP (ORDER BY {quoted}))::text[], count(*) FROM {from}",
+            "SELECT (percentile_disc(ARRAY[{}]::float8[]) WITHIN GROUP (ORDER BY {quoted_key}))::text[], count(*) FROM {from}",
             fractions.join(",")
         )
     };
-    let result: (TextArray, Option<i64>) = Spi::get_two(&sql).unwrap_or_else(|e| spi_error(e));
+    let result: (TextArray, Option<i64>) =
+        crate::scan::select_first_row(&sql, &[], |row| Ok((row.get(1)?, row.get(2)?)))
+            .unwrap_or((None, None));
     let mut values: Vec<String> = result.0.unwrap_or_default().into_iter().flatten().collect();
     values.dedup();
-    let total = (result.1.unwrap_or(0) as f64 * scale) as i64;
-    (values, total)
+    (values, result.1.unwrap_or(0))
 }
 
 #[cfg(test)]

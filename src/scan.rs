@@ -183,6 +183,76 @@ impl Cursor {
         }
     }
 
+    /// Analyse, rewrite and plan a query PostgreSQL has parsed (the query of
+    /// a COPY statement), as COPY itself does, and open it as a portal. Only
+    /// a read-only SELECT is accepted.
+    pub fn open_parsed(
+        query: &crate::source::ParsedQuery,
+        row_cxt: pg_sys::MemoryContext,
+    ) -> Cursor {
+        let refuse = |problem: &str| -> ! {
+            raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid source query: {problem}"),
+                Some("an export source query must be a single read-only statement"),
+            )
+        };
+        // SAFETY: the raw tree and text belong to the running statement;
+        // the tree is copied before analysis (which may scribble on it).
+        // Analysis, rewriting and planning raise their own errors; the plan
+        // and the portal live in the statement's memory, as long as the
+        // export.
+        unsafe {
+            let mut raw = pgrx::PgBox::<pg_sys::RawStmt>::alloc_node(pg_sys::NodeTag::T_RawStmt);
+            raw.stmt = pg_sys::copyObjectImpl(query.raw.cast()).cast();
+            raw.stmt_location = query.location;
+            raw.stmt_len = query.len;
+            let rewritten =
+                pgrx::PgList::<pg_sys::Query>::from_pg(pg_sys::pg_analyze_and_rewrite_fixedparams(
+                    raw.as_ptr(),
+                    query.source_text,
+                    std::ptr::null_mut(),
+                    0,
+                    std::ptr::null_mut(),
+                ));
+            let parsed = match (rewritten.len(), rewritten.get_ptr(0)) {
+                (1, Some(parsed)) => parsed,
+                (0, _) => refuse("DO INSTEAD NOTHING rules are not supported"),
+                _ => refuse("multi-statement DO INSTEAD rules are not supported"),
+            };
+            if (*parsed).commandType != pg_sys::CmdType::CMD_SELECT
+                || !(*parsed).utilityStmt.is_null()
+            {
+                refuse("only SELECT, WITH, VALUES and TABLE queries can be exported");
+            }
+            if (*parsed).hasModifyingCTE {
+                refuse("a data-modifying statement in WITH is not allowed");
+            }
+            let plan = pg_sys::pg_plan_query(
+                parsed,
+                query.source_text,
+                pg_sys::CURSOR_OPT_NO_SCROLL as i32,
+                std::ptr::null_mut(),
+            );
+            let portal = pg_sys::CreateNewPortal();
+            (*portal).visible = false;
+            pg_sys::PortalDefineQuery(
+                portal,
+                std::ptr::null(),
+                query.source_text,
+                pg_sys::CommandTag::CMDTAG_SELECT,
+                pg_sys::lappend(std::ptr::null_mut(), plan.cast()),
+                std::ptr::null_mut(),
+            );
+            pg_sys::PortalStart(portal, std::ptr::null_mut(), 0, std::ptr::null_mut());
+            Cursor {
+                portal_name: CStr::from_ptr((*portal).name).to_owned(),
+                closed: false,
+                row_cxt,
+            }
+        }
+    }
+
     /// The descriptor of the rows the cursor returns.
     pub fn tupdesc(&self) -> pg_sys::TupleDesc {
         // SAFETY: the portal is alive (checked by `portal`) and its tupDesc
@@ -260,4 +330,42 @@ impl Drop for Cursor {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// The first row of a read-only query (`None` without rows), through
+/// SPI's read-only mode. (pgrx's `Spi::get_one*` helpers run queries as
+/// updates, which assigns the transaction an id: an export would then
+/// count as a writing transaction, and fail on a hot standby.) Errors of
+/// the query itself are raised as they are.
+pub fn select_first_row<T>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+    read: impl FnOnce(pgrx::spi::SpiHeapTupleData<'_>) -> pgrx::spi::SpiResult<T>,
+) -> Option<T> {
+    pgrx::spi::Spi::connect(|client| {
+        let table = client.select(sql, Some(1), args)?;
+        if table.is_empty() {
+            return Ok(None);
+        }
+        match table.first().get_heap_tuple()? {
+            Some(row) => read(row).map(Some),
+            None => Ok(None),
+        }
+    })
+    .unwrap_or_else(|e: pgrx::spi::SpiError| {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("catalog query failed: {e}"),
+            None,
+        )
+    })
+}
+
+/// The first column of the first row of a read-only query (see
+/// [`select_first_row`]); `None` for no row or NULL.
+pub fn select_one<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> Option<T> {
+    select_first_row(sql, args, |row| row.get::<T>(1)).flatten()
 }

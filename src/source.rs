@@ -24,6 +24,19 @@ pub enum Source {
     Query(String),
     /// A SELECT built by this extension over one relation (COPY table TO).
     Select { relation: pg_sys::Oid, sql: String },
+    /// The query of a COPY statement, as PostgreSQL parsed it.
+    Parsed(ParsedQuery),
+}
+
+/// A query PostgreSQL has parsed already: the raw parse tree of
+/// `COPY (query) TO ...` and the statement text it points into. Valid for
+/// the duration of the statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParsedQuery {
+    pub raw: *mut pg_sys::Node,
+    pub source_text: *const std::ffi::c_char,
+    pub location: i32,
+    pub len: i32,
 }
 
 impl Source {
@@ -48,7 +61,7 @@ impl Source {
         match self {
             Source::Relation { oid, .. } => *oid,
             Source::Select { relation, .. } => *relation,
-            Source::Query(_) => pg_sys::InvalidOid,
+            Source::Query(_) | Source::Parsed(_) => pg_sys::InvalidOid,
         }
     }
 
@@ -57,6 +70,7 @@ impl Source {
         match self {
             Source::Relation { qualified_name, .. } => qualified_name,
             Source::Query(query) | Source::Select { sql: query, .. } => query,
+            Source::Parsed(_) => "(query of a COPY statement)",
         }
     }
 
@@ -75,10 +89,17 @@ impl Source {
     }
 
     /// SQL text usable in a FROM clause (a query comes back parenthesised).
+    /// A parsed COPY query has no text of its own: it is only ever walked
+    /// whole, through [`crate::scan::Cursor::open_parsed`].
     pub fn sql_from_item(&self) -> String {
         match self {
             Source::Relation { qualified_name, .. } => qualified_name.clone(),
             Source::Query(query) | Source::Select { sql: query, .. } => format!("({query}\n)"),
+            Source::Parsed(_) => raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "the query of a COPY statement can only be exported whole",
+                None,
+            ),
         }
     }
 }

@@ -3,6 +3,11 @@
 //! export (source and key), the key column, the last exported key value
 //! (its text form, or none before the first row) and the rows so far, and
 //! ends with a CRC-32 of all of that so that an altered token is refused.
+//!
+//! Version 2 holds the key's text as rendered under fixed settings (see
+//! `gucs::with_key_text_settings`), so it reads back exactly in any
+//! session; version 1 held it in the exporting session's settings and is
+//! still decoded, for the caller to accept only where that was exact.
 //! Pure Rust: no SQL is built from it (the key value is bound as a
 //! parameter by the caller).
 
@@ -10,7 +15,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
 const MAGIC: &[u8; 3] = b"PSE";
-pub const TOKEN_VERSION: u8 = 1;
+pub const TOKEN_VERSION: u8 = 2;
+/// The oldest version still decoded.
+const OLDEST_VERSION: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResumeToken {
@@ -19,6 +26,8 @@ pub struct ResumeToken {
     /// Text form of the last exported key; `None` before the first row.
     pub last_key: Option<String>,
     pub rows: u64,
+    /// The format version the token was written in.
+    pub version: u8,
 }
 
 /// Why a token was refused; the message names the part that is wrong.
@@ -82,7 +91,7 @@ impl ResumeToken {
     pub fn encode(&self) -> String {
         let mut bytes = Vec::with_capacity(64);
         bytes.extend_from_slice(MAGIC);
-        bytes.push(TOKEN_VERSION);
+        bytes.push(self.version);
         bytes.extend_from_slice(&self.fingerprint.to_be_bytes());
         bytes.extend_from_slice(&self.rows.to_be_bytes());
         bytes.extend_from_slice(&(self.key_column.len() as u32).to_be_bytes());
@@ -114,8 +123,9 @@ impl ResumeToken {
         if &bytes[..3] != MAGIC {
             return Err(TokenError::NotAToken);
         }
-        if bytes[3] != TOKEN_VERSION {
-            return Err(TokenError::Version(bytes[3]));
+        let version = bytes[3];
+        if !(OLDEST_VERSION..=TOKEN_VERSION).contains(&version) {
+            return Err(TokenError::Version(version));
         }
         let mut reader = Reader {
             bytes: &bytes,
@@ -146,6 +156,7 @@ impl ResumeToken {
             key_column,
             last_key,
             rows,
+            version,
         })
     }
 
@@ -193,6 +204,7 @@ mod unit_tests {
             key_column: "id".into(),
             last_key: Some("12345".into()),
             rows: 12345,
+            version: TOKEN_VERSION,
         }
     }
 
@@ -203,6 +215,10 @@ mod unit_tests {
             ResumeToken {
                 last_key: None,
                 rows: 0,
+                ..sample()
+            },
+            ResumeToken {
+                version: 1,
                 ..sample()
             },
             ResumeToken {

@@ -56,119 +56,220 @@ fn parse_footer(line: &[u8]) -> Result<Expected, String> {
     Ok(Expected { rows, bytes, crc32 })
 }
 
-/// Verify an export read from `input` (plain or gzip).
-pub fn verify(input: impl Read) -> io::Result<Verdict> {
-    let mut buffered = BufReader::with_capacity(1 << 20, input);
+/// The longest footer line that is read as a footer (its resume token
+/// carries the last key, so it grows with the key). A longer last line is
+/// not a footer: the check ends with `ok = false`. Record lines of any
+/// length are checked in constant memory.
+pub const FOOTER_MAX_BYTES: usize = 16 << 20;
+
+/// Bytes read at a time; `interrupt` is called once per chunk.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// Verify an export read from `input` (plain or gzip), in constant memory.
+/// `interrupt` is called between chunks (a cancel or timeout check that
+/// may raise).
+pub fn verify(input: impl Read, interrupt: &mut dyn FnMut()) -> io::Result<Verdict> {
+    let mut buffered = BufReader::with_capacity(CHUNK_BYTES, input);
     let is_gzip = buffered.fill_buf()?.starts_with(&[0x1f, 0x8b]);
-    let reader: Box<dyn Read> = if is_gzip {
+    let mut reader: Box<dyn Read> = if is_gzip {
         Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
     } else {
         Box::new(buffered)
     };
-    Ok(verify_lines(BufReader::with_capacity(1 << 20, reader)))
+    let mut scanner = Scanner::default();
+    let mut chunk = vec![0u8; CHUNK_BYTES];
+    loop {
+        interrupt();
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let what = if e.kind() == io::ErrorKind::UnexpectedEof {
+                    "the gzip stream is truncated"
+                } else if is_gzip {
+                    "the gzip stream is corrupt"
+                } else {
+                    "the file cannot be read"
+                };
+                return Ok(scanner.verdict(false, format!("{what}: {e}")));
+            }
+        };
+        scanner.feed(&chunk[..n]);
+    }
+    Ok(scanner.finish())
 }
 
-fn verify_lines(mut reader: impl BufRead) -> Verdict {
-    let mut rows = 0u64;
-    let mut bytes = 0u64;
-    let mut crc = libdeflater::Crc::new();
-    // The line read last is held back until we know it is not the footer.
-    let mut held: Option<Vec<u8>> = None;
-    let mut footer_seen_at: Option<u64> = None;
-    let mut line = Vec::new();
-    let result = loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) => break Ok(()),
-            Ok(_) => {}
-            Err(e) => break Err(e),
-        }
-        if let Some(previous) = held.take() {
-            if previous.starts_with(FOOTER_PREFIX.as_bytes()) && footer_seen_at.is_none() {
-                footer_seen_at = Some(rows + 1);
-            }
-            rows += 1;
-            bytes += previous.len() as u64;
-            crc.update(&previous);
-        }
-        held = Some(std::mem::take(&mut line));
-    };
-    let verdict = |ok: bool, detail: String| Verdict {
-        ok,
-        rows,
-        bytes,
-        crc32: crc.sum(),
-        detail,
-    };
-    if let Err(e) = result {
-        let what = if e.kind() == io::ErrorKind::UnexpectedEof {
-            "the gzip stream is truncated"
-        } else {
-            "the file cannot be read"
-        };
-        return verdict(false, format!("{what}: {e}"));
+/// The line being read: too short yet to tell, a record, or a line that
+/// starts like the footer (held, up to [`FOOTER_MAX_BYTES`]).
+enum Line {
+    Head(Vec<u8>),
+    Record,
+    Candidate(Vec<u8>),
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Line::Head(Vec::new())
     }
-    let Some(last) = held else {
-        return verdict(false, "the file is empty: no footer".into());
-    };
-    if !last.ends_with(b"\n") {
-        return verdict(
-            false,
-            "the last line has no newline: the file was cut off".into(),
-        );
+}
+
+/// Counts record lines, their bytes and CRC-32 as bytes stream by; holds
+/// back only a complete line that may be the footer until the next line
+/// shows it was not the last.
+#[derive(Default)]
+struct Scanner {
+    rows: u64,
+    bytes: u64,
+    crc: libdeflater::Crc,
+    line: Line,
+    line_len: u64,
+    held: Option<Vec<u8>>,
+    /// Line number of the first footer-like line followed by more lines.
+    footer_seen_at: Option<u64>,
+    /// The current line started like the footer but outgrew the limit.
+    oversized: bool,
+    last_oversized: bool,
+    any_line: bool,
+}
+
+impl Scanner {
+    fn record_bytes(&mut self, bytes: &[u8]) {
+        self.bytes += bytes.len() as u64;
+        self.crc.update(bytes);
     }
-    if !last.starts_with(FOOTER_PREFIX.as_bytes()) {
-        let detail = match footer_seen_at {
-            Some(n) => {
-                format!("data follows the footer (footer at line {n}): something was appended")
+
+    fn feed(&mut self, mut data: &[u8]) {
+        let prefix = FOOTER_PREFIX.as_bytes();
+        while !data.is_empty() {
+            if self.line_len == 0 {
+                // A new line starts: a held footer-like line was a record.
+                if let Some(held) = self.held.take() {
+                    self.footer_seen_at.get_or_insert(self.rows + 1);
+                    self.record_bytes(&held);
+                    self.rows += 1;
+                }
+                self.oversized = false;
             }
-            None => {
-                "no footer: the file was cut off, or written without footer => true".to_string()
+            let (segment, ends_line) = match memchr::memchr(b'\n', data) {
+                Some(at) => (&data[..=at], true),
+                None => (data, false),
+            };
+            data = &data[segment.len()..];
+            self.line_len += segment.len() as u64;
+            let line = std::mem::take(&mut self.line);
+            self.line = match line {
+                Line::Head(mut head) => {
+                    head.extend_from_slice(segment);
+                    if head.len() < prefix.len() && !ends_line {
+                        Line::Head(head)
+                    } else if head.starts_with(prefix) {
+                        Line::Candidate(head)
+                    } else {
+                        self.record_bytes(&head);
+                        Line::Record
+                    }
+                }
+                Line::Record => {
+                    self.record_bytes(segment);
+                    Line::Record
+                }
+                Line::Candidate(mut held) => {
+                    held.extend_from_slice(segment);
+                    Line::Candidate(held)
+                }
+            };
+            if matches!(&self.line, Line::Candidate(held) if held.len() > FOOTER_MAX_BYTES) {
+                if let Line::Candidate(held) = std::mem::replace(&mut self.line, Line::Record) {
+                    self.record_bytes(&held);
+                }
+                self.oversized = true;
             }
-        };
-        // The last line is a record, not a footer: count it.
-        rows += 1;
-        bytes += last.len() as u64;
-        crc.update(&last);
-        return Verdict {
-            ok: false,
-            rows,
-            bytes,
-            crc32: crc.sum(),
+            if ends_line {
+                self.any_line = true;
+                self.last_oversized = self.oversized;
+                match std::mem::take(&mut self.line) {
+                    Line::Candidate(held) => self.held = Some(held),
+                    Line::Head(head) => {
+                        self.record_bytes(&head);
+                        self.rows += 1;
+                    }
+                    Line::Record => self.rows += 1,
+                }
+                self.line_len = 0;
+            }
+        }
+    }
+
+    fn verdict(&self, ok: bool, detail: String) -> Verdict {
+        Verdict {
+            ok,
+            rows: self.rows,
+            bytes: self.bytes,
+            crc32: self.crc.sum(),
             detail,
+        }
+    }
+
+    fn finish(mut self) -> Verdict {
+        if self.line_len > 0 {
+            return self.verdict(
+                false,
+                "the last line has no newline: the file was cut off".into(),
+            );
+        }
+        let Some(last) = self.held.take() else {
+            if !self.any_line {
+                return self.verdict(false, "the file is empty: no footer".into());
+            }
+            let detail = if self.last_oversized {
+                format!(
+                    "no footer: the last line starts like a footer but is longer than {} MiB",
+                    FOOTER_MAX_BYTES >> 20
+                )
+            } else {
+                match self.footer_seen_at {
+                    Some(n) => format!(
+                        "data follows the footer (footer at line {n}): something was appended"
+                    ),
+                    None => "no footer: the file was cut off, or written without footer => true"
+                        .to_string(),
+                }
+            };
+            return self.verdict(false, detail);
         };
-    }
-    let expected = match parse_footer(&last[..last.len() - 1]) {
-        Ok(expected) => expected,
-        Err(problem) => return verdict(false, problem),
-    };
-    let crc32 = crc.sum();
-    let mut problems = Vec::new();
-    if rows != expected.rows {
-        problems.push(format!("{rows} rows, the footer says {}", expected.rows));
-    }
-    if bytes != expected.bytes {
-        problems.push(format!("{bytes} bytes, the footer says {}", expected.bytes));
-    }
-    if crc32 != expected.crc32 {
-        problems.push(format!(
-            "CRC-32 {crc32:08x}, the footer says {:08x}",
-            expected.crc32
-        ));
-    }
-    if problems.is_empty() {
-        verdict(
-            true,
-            format!("{rows} rows, {bytes} bytes, CRC-32 {crc32:08x}: matches the footer"),
-        )
-    } else {
-        verdict(
-            false,
-            format!(
-                "the contents do not match the footer: {}",
-                problems.join("; ")
-            ),
-        )
+        let expected = match parse_footer(&last[..last.len() - 1]) {
+            Ok(expected) => expected,
+            Err(problem) => return self.verdict(false, problem),
+        };
+        let (rows, bytes, crc32) = (self.rows, self.bytes, self.crc.sum());
+        let mut problems = Vec::new();
+        if rows != expected.rows {
+            problems.push(format!("{rows} rows, the footer says {}", expected.rows));
+        }
+        if bytes != expected.bytes {
+            problems.push(format!("{bytes} bytes, the footer says {}", expected.bytes));
+        }
+        if crc32 != expected.crc32 {
+            problems.push(format!(
+                "CRC-32 {crc32:08x}, the footer says {:08x}",
+                expected.crc32
+            ));
+        }
+        if problems.is_empty() {
+            self.verdict(
+                true,
+                format!("{rows} rows, {bytes} bytes, CRC-32 {crc32:08x}: matches the footer"),
+            )
+        } else {
+            self.verdict(
+                false,
+                format!(
+                    "the contents do not match the footer: {}",
+                    problems.join("; ")
+                ),
+            )
+        }
     }
 }
 
@@ -199,7 +300,7 @@ mod unit_tests {
     }
 
     fn check(bytes: &[u8]) -> Verdict {
-        verify(bytes).unwrap()
+        verify(bytes, &mut || {}).unwrap()
     }
 
     #[test]
@@ -261,5 +362,54 @@ mod unit_tests {
         let mut garbage = good.clone();
         garbage.extend_from_slice(b"not gzip at all");
         assert!(!check(&garbage).ok);
+    }
+
+    #[test]
+    fn long_lines_stream_in_constant_memory() {
+        // 64 MiB without a newline: cut off, and counted as it streams.
+        let verdict = verify(io::repeat(b'x').take(64 << 20), &mut || {}).unwrap();
+        assert!(
+            !verdict.ok && verdict.detail.contains("cut off"),
+            "{}",
+            verdict.detail
+        );
+        // A huge record line is fine when the footer follows.
+        let mut writer = ExportWriter::new(Vec::new(), Compression::None, 6);
+        writer.write_record(&vec![b'a'; 40 << 20]).unwrap();
+        writer
+            .write_record(b"{\"_stream_export\": \"a record that looks like a footer\"}")
+            .unwrap();
+        writer.write_record(b"{\"id\":1}").unwrap();
+        let make = |s: &RecordStats| Footer {
+            rows: s.rows,
+            bytes: s.bytes,
+            crc32: s.crc32(),
+            resume_token: None,
+        };
+        writer.finish(Some(&make)).unwrap();
+        let verdict = check(writer.output());
+        assert!(verdict.ok, "{}", verdict.detail);
+        assert_eq!(verdict.rows, 3);
+    }
+
+    #[test]
+    fn an_oversized_footer_like_last_line_is_not_a_footer() {
+        let mut data = FOOTER_PREFIX.as_bytes().to_vec();
+        data.extend(std::iter::repeat_n(b'x', FOOTER_MAX_BYTES + 10));
+        data.push(b'\n');
+        let verdict = check(&data);
+        assert!(
+            !verdict.ok && verdict.detail.contains("longer than"),
+            "{}",
+            verdict.detail
+        );
+        assert_eq!(verdict.rows, 1);
+    }
+
+    #[test]
+    fn the_interrupt_check_runs_while_reading() {
+        let mut calls = 0;
+        let _ = verify(io::repeat(b'x').take(8 << 20), &mut || calls += 1).unwrap();
+        assert!(calls >= 8, "{calls}");
     }
 }

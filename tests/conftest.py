@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
@@ -42,6 +42,8 @@ def _free_port() -> int:
 class Server:
     directory: Path
     port: int
+    environment: dict[str, str] = field(default_factory=dict)
+    start_options: str = ""
 
     @property
     def data(self) -> Path:
@@ -68,40 +70,75 @@ class Server:
         )
 
     def pg_ctl(self, *args: str) -> None:
-        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args]),
+        env = [f"{k}={v}" for k, v in self.environment.items()]
+        subprocess.run(_as_postgres(["env", *env, str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args]),
                        check=True, capture_output=True)
 
+    def start(self) -> None:
+        self.pg_ctl("-l", str(self.log), "-w", "start", "-o", self.start_options)
 
-@pytest.fixture(scope="session")
-def server():
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+# What a crashed backend leaves in the server log: a process killed by a
+# signal it did not ask for, or a Rust panic that could not unwind.
+CRASH_MARKS = ("terminated by signal 6", "terminated by signal 11", "terminated by signal 7",
+               "non-unwinding panic", "panic in a function that cannot unwind")
+
+
+def start_cluster(preload: str, *, environment: dict[str, str] | None = None) -> Server:
+    """initdb and start a throwaway cluster as postgres on a free port, with
+    the test database and the extension created. Stop it with stop_cluster."""
     directory = Path(tempfile.mkdtemp(prefix="pg_stream_export-e2e.", dir="/tmp"))
     shutil.chown(directory, "postgres", "postgres")
-    srv = Server(directory=directory, port=_free_port())
-    started = False
+    srv = Server(directory=directory, port=_free_port(), environment=environment or {})
     try:
         subprocess.run(
             _as_postgres([str(PG_BIN / "initdb"), "-D", str(srv.data), "-U", "postgres",
                           "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8"]),
             check=True, capture_output=True,
         )
-        # pg_stat_statements has a ProcessUtility hook of its own: the COPY
-        # integration must chain it.
-        options = (f"-c port={srv.port} -c listen_addresses=127.0.0.1 "
-                   f"-c unix_socket_directories={directory} -c fsync=off "
-                   f"-c shared_preload_libraries=pg_stat_statements")
-        srv.pg_ctl("-l", str(srv.log), "-w", "start", "-o", options)
-        started = True
+        srv.start_options = (f"-c port={srv.port} -c listen_addresses=127.0.0.1 "
+                             f"-c unix_socket_directories={directory} -c fsync=off "
+                             f"-c shared_preload_libraries={preload}")
+        srv.start()
         with psycopg.connect(srv.dsn("postgres"), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DATABASE}")
         with srv.connect() as conn:
             conn.execute("CREATE EXTENSION pg_stream_export")
+    except BaseException:
+        stop_cluster(srv)
+        raise
+    return srv
+
+
+def stop_cluster(srv: Server) -> str:
+    """Stop and remove a cluster; returns its server log."""
+    try:
+        srv.pg_ctl("-m", "fast", "-w", "stop")
+    except subprocess.CalledProcessError:
+        pass
+    log = srv.log.read_text(errors="replace") if srv.log.exists() else ""
+    shutil.rmtree(srv.directory, ignore_errors=True)
+    return log
+
+
+def crashes_in(log: str) -> list[str]:
+    return [line for line in log.splitlines() if any(mark in line for mark in CRASH_MARKS)]
+
+
+@pytest.fixture(scope="session")
+def server():
+    # pg_stat_statements has a ProcessUtility hook of its own: the COPY
+    # integration must chain it. RUST_BACKTRACE=1 is set as it is where Rust
+    # is installed: errors must look the same with it.
+    srv = start_cluster("pg_stat_statements", environment={"RUST_BACKTRACE": "1"})
+    try:
         yield srv
     finally:
-        if started:
-            srv.pg_ctl("-m", "fast", "-w", "stop")
-        log = srv.log.read_text(errors="replace") if srv.log.exists() else ""
-        shutil.rmtree(directory, ignore_errors=True)
-        if "terminated by signal" in log:
+        log = stop_cluster(srv)
+        if "terminated by signal" in log or crashes_in(log):
             pytest.fail("a backend crashed during the end-to-end tests:\n" + log[-5000:])
 
 

@@ -51,3 +51,25 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02):
             return value
         time.sleep(interval)
     raise AssertionError("condition not reached in time")
+
+
+def progress_of(conn, pid: int):
+    """(tuples, bytes) of a backend's row in pg_stat_progress_copy, or None."""
+    return conn.execute(
+        "SELECT tuples_processed, bytes_processed FROM pg_stat_progress_copy WHERE pid = %s", [pid]
+    ).fetchone()
+
+
+def run_in_thread(target):
+    """Run `target` in a thread; its value or exception lands in the dict."""
+    result = {}
+
+    def wrapper():
+        try:
+            result["value"] = target()
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=wrapper)
+    thread.start()
+    return thread, result

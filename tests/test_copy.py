@@ -13,8 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from helpers import wait_until
-from test_streaming import run_in_thread
+from helpers import run_in_thread, wait_until
 
 PRELOAD = "-c session_preload_libraries=pg_stream_export"
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from helpers import wait_until
-from test_streaming import progress_of, run_in_thread
+from helpers import progress_of, run_in_thread, wait_until
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import time
 import psycopg
 import pytest
 
-from helpers import PeakSampler, rss_anon_kib, wait_until
+from helpers import PeakSampler, progress_of, rss_anon_kib, run_in_thread, wait_until
 
 
 def plain_bytes(conn, source: str, **options) -> bytes:
@@ -34,12 +34,6 @@ def test_gzip_stream_reads_back_with_every_gzip_reader(conn, events_small, tmp_p
     lines = plain.decode().splitlines()
     assert lines[-1].startswith('{"_stream_export":')
     assert len(lines) == 500_001
-
-
-def progress_of(conn, pid: int):
-    return conn.execute(
-        "SELECT tuples_processed, bytes_processed FROM pg_stat_progress_copy WHERE pid = %s", [pid]
-    ).fetchone()
 
 
 def test_first_rows_arrive_while_the_backend_is_still_producing(server, events_big):
@@ -112,20 +106,6 @@ def test_wide_rows_keep_memory_flat(server):
     growth, total = peak_growth_kib(server, "SELECT stream_export('wide_rows')")
     assert total > 300 * 1_000_000
     assert growth < 32 * 1024, f"peak growth {growth} KiB with 1 MB rows"
-
-
-def run_in_thread(target):
-    result = {}
-
-    def wrapper():
-        try:
-            result["value"] = target()
-        except Exception as exc:  # noqa: BLE001 - handed back to the test
-            result["error"] = exc
-
-    thread = threading.Thread(target=wrapper)
-    thread.start()
-    return thread, result
 
 
 @pytest.mark.parametrize("function", ["stream_export", "stream_export_bytes"])

@@ -1,0 +1,61 @@
+//! The extension's settings, all prefixed `pg_stream_export.`.
+
+use std::ffi::CString;
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// `pg_stream_export.allowed_directory`: when set, server files must lie
+/// inside it. Only superusers can change it.
+pub static ALLOWED_DIRECTORY: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
+pub fn define() {
+    GucRegistry::define_string_guc(
+        c"pg_stream_export.allowed_directory",
+        c"Directory that server-side export files must be inside (empty: no restriction).",
+        c"When set, stream_export_to_file, stream_export_to_directory and COPY ... TO 'file' WITH (FORMAT ndjson) only write files inside this directory, after resolving '..' and symbolic links.",
+        &ALLOWED_DIRECTORY,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+/// Settings under which key values are turned into text and back for
+/// resume tokens and partition bounds: a text made under them reads back
+/// as the same value in any session, whatever its DateStyle, TimeZone,
+/// extra_float_digits, IntervalStyle, lc_* or search_path.
+const KEY_TEXT_SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
+    (c"DateStyle", c"ISO, YMD"),
+    (c"IntervalStyle", c"postgres"),
+    (c"TimeZone", c"UTC"),
+    (c"extra_float_digits", c"3"),
+    (c"lc_monetary", c"C"),
+    (c"search_path", c"pg_catalog"),
+];
+
+/// Run `body` with [`KEY_TEXT_SETTINGS`] in force, as a function with SET
+/// clauses does: the session's own values come back afterwards (and, if
+/// `body` raises, when the (sub)transaction aborts).
+pub fn with_key_text_settings<R>(body: impl FnOnce() -> R) -> R {
+    // SAFETY: a GUC nest level, set_config_option with GUC_ACTION_SAVE for
+    // each setting (values every role may set), and AtEOXact_GUC to pop
+    // exactly that level.
+    unsafe {
+        let level = pgrx::pg_sys::NewGUCNestLevel();
+        for (name, value) in KEY_TEXT_SETTINGS {
+            pgrx::pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pgrx::pg_sys::GucContext::PGC_USERSET,
+                pgrx::pg_sys::GucSource::PGC_S_SESSION,
+                pgrx::pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            );
+        }
+        let result = body();
+        pgrx::pg_sys::AtEOXact_GUC(true, level);
+        result
+    }
+}
