@@ -7,8 +7,8 @@ use pgrx::prelude::*;
 use crate::error::raise;
 use crate::export::{Export, LineSink, WriterSink};
 use crate::file::{
-    check_read_privilege, check_write_privilege, export_to_file, open_regular_file, raise_io,
-    require_absolute, resolve_directory, resolve_target,
+    check_read_privilege, check_write_privilege, export_to_file, open_directory_for_reading,
+    open_regular_file, raise_io, require_absolute, resolve_directory, resolve_target,
 };
 use crate::options::{parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions};
 use crate::progress::Destination;
@@ -551,7 +551,7 @@ fn stream_export_verify_manifest(
     ),
 > {
     check_read_privilege();
-    let directory = resolve_directory(directory);
+    let directory = open_directory_for_reading(directory);
     TableIterator::once(crate::parallel::verify_directory(
         &directory,
         &mut check_interrupts,

@@ -168,12 +168,12 @@ impl Directory {
     /// Open the directory that a checked path names, as [`resolve_target`]
     /// and [`resolve_directory`] do.
     fn open_checked(given: &Path) -> Directory {
-        let canonical = given.canonicalize().unwrap_or_else(|e| {
-            raise_file_error(e, format_args!("open directory \"{}\"", given.display()))
-        });
-        let directory = Directory::open_path(&canonical).unwrap_or_else(|e| {
-            raise_file_error(e, format_args!("open directory \"{}\"", given.display()))
-        });
+        let directory = given
+            .canonicalize()
+            .and_then(|canonical| Directory::open_path(&canonical))
+            .unwrap_or_else(|e| {
+                raise_file_error(e, format_args!("open directory \"{}\"", given.display()))
+            });
         directory.check_allowed(&given.to_string_lossy());
         directory
     }
@@ -366,6 +366,18 @@ pub fn resolve_target(path: &str) -> (Directory, OsString) {
 pub fn resolve_directory(path: &str) -> Directory {
     require_absolute(path);
     Directory::open_checked(Path::new(path))
+}
+
+/// Open a directory to read an export from it. `allowed_directory` limits
+/// where exports are written, not what may be verified (as for
+/// `stream_export_verify`), so it is not applied here.
+pub fn open_directory_for_reading(path: &str) -> Directory {
+    require_absolute(path);
+    let given = Path::new(path);
+    given
+        .canonicalize()
+        .and_then(|canonical| Directory::open_path(&canonical))
+        .unwrap_or_else(|e| raise_file_error(e, format_args!("open directory \"{path}\"")))
 }
 
 /// Whether the server flushes files (`fsync`); export files follow it.

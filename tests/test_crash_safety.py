@@ -439,3 +439,17 @@ def test_verify_reports_a_long_file_without_newline_as_cut_off(conn, public_dir)
     os.chmod(path, 0o644)
     ok, rows, nbytes, crc, detail = conn.execute("SELECT * FROM stream_export_verify(%s)", [str(path)]).fetchone()
     assert not ok and "cut off" in detail
+
+
+def test_allowed_directory_limits_writes_not_verification(scratch, out_dir):
+    finished_export(scratch, out_dir)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    part = out_dir / manifest["parts"][0]["file"]
+    with scratch.connect() as c:
+        c.execute("SET pg_stream_export.allowed_directory = '/nonexistent-allowed'")
+        ok, *_, detail = c.execute("SELECT * FROM stream_export_verify_manifest(%s)", [str(out_dir)]).fetchone()
+        assert ok, detail
+        assert c.execute("SELECT ok FROM stream_export_verify(%s)", [str(part)]).fetchone() == (True,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT * FROM stream_export_to_directory('SELECT 1 AS id', %s, 'id', 1, overwrite => true)",
+                      [str(out_dir)])
