@@ -275,7 +275,7 @@ impl Directory {
     /// Open `name` for reading: a regular file only, never through a link,
     /// and without blocking on a FIFO.
     pub fn open_regular(&self, name: &OsStr) -> io::Result<File> {
-        open_regular_at(self.fd(), &c_name(name))
+        open_regular_at(self.fd(), &c_name(name)).map(|(file, _)| file)
     }
 
     /// Flush the directory entry changes, when the server flushes files.
@@ -293,7 +293,8 @@ impl Directory {
 
 /// Open a regular file for reading without blocking (a FIFO would) and
 /// without following a final symbolic link; anything else is refused.
-fn open_regular_at(dirfd: libc::c_int, name: &CStr) -> io::Result<File> {
+/// Returns the file and its metadata.
+fn open_regular_at(dirfd: libc::c_int, name: &CStr) -> io::Result<(File, libc::stat)> {
     // SAFETY: openat(2) on a NUL-terminated name; the descriptor is owned
     // by the File from here on.
     let file = unsafe {
@@ -311,7 +312,7 @@ fn open_regular_at(dirfd: libc::c_int, name: &CStr) -> io::Result<File> {
             "not a regular file",
         ));
     }
-    Ok(file)
+    Ok((file, st))
 }
 
 /// Open a server file named by an absolute path for reading: a regular
@@ -461,19 +462,70 @@ fn next_serial() -> u64 {
     SERIAL.fetch_add(1, Ordering::Relaxed)
 }
 
-/// What stands at a partial file's name when we want to create it.
-enum Occupant {
-    /// A partial file whose export is gone: removed (and logged).
-    StaleRemoved,
-    /// Gone or replaced while we looked: try again.
-    Changed,
+/// What stood at a name that an export wanted to use or clean up.
+pub enum Occupant {
+    /// An abandoned export file (see [`remove_if_abandoned`]): removed;
+    /// its size in bytes.
+    Removed(i64),
+    /// Nothing is there any more, or it changed while we looked.
+    Gone,
+    /// A live export holds it (it is locked).
+    Live,
+    /// Something that is not an export's file: why, and what to do.
+    Foreign(&'static str, &'static str),
 }
 
-/// Decide about something already at `name`: a regular file of ours with
-/// no lock on it was left by an export that died, and is removed; a live
-/// export's file (locked) and anything else (a link, a FIFO, another
-/// owner's file) is an error and is never followed or touched.
-fn take_over_stale(dir: &Directory, name: &OsStr) -> Occupant {
+/// Remove `name` if it is an abandoned export file: a regular file of this
+/// server's OS user, with no other name, that no live export holds (we can
+/// lock it; every export keeps its files locked while it runs). The lock
+/// is held while the name is checked again and removed. Never follows a
+/// link and never touches anything else.
+pub fn remove_if_abandoned(dir: &Directory, name: &OsStr) -> io::Result<Occupant> {
+    let (file, st) = match open_regular_at(dir.fd(), &c_name(name)) {
+        Ok(opened) => opened,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Occupant::Gone),
+        Err(e)
+            if e.raw_os_error() == Some(libc::ELOOP)
+                || e.kind() == io::ErrorKind::InvalidInput =>
+        {
+            return Ok(Occupant::Foreign(
+                "something that is not an export's partial file is there",
+                "a symbolic link, FIFO or directory at the partial file's name is never followed or replaced; remove it",
+            ))
+        }
+        Err(e) => return Err(e),
+    };
+    // SAFETY: geteuid(2) has no preconditions.
+    if st.st_uid != unsafe { libc::geteuid() } {
+        return Ok(Occupant::Foreign(
+            "a file of another owner is there",
+            "only a partial file this server made is replaced; remove it",
+        ));
+    }
+    // SAFETY: a non-blocking lock attempt on our own descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Ok(Occupant::Live);
+    }
+    // Locked by us now: no live export holds it. Remove it only if the
+    // name still means this very file.
+    match dir.stat(name) {
+        Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {}
+        _ => return Ok(Occupant::Gone),
+    }
+    if st.st_nlink != 1 {
+        return Ok(Occupant::Foreign(
+            "the file there has other names (hard links)",
+            "only a partial file this server made is replaced; remove it",
+        ));
+    }
+    dir.unlink(name)?;
+    Ok(Occupant::Removed(st.st_size))
+}
+
+/// Make way at a partial file's name: a stale partial file is removed (and
+/// logged); a live export's file and anything that is not an export's file
+/// is an error (`58P02`) and is left as it is.
+fn take_over_stale(dir: &Directory, name: &OsStr) {
     let path = dir.display(name);
     let refuse = |why: &str, hint: &str| -> ! {
         raise(
@@ -482,57 +534,18 @@ fn take_over_stale(dir: &Directory, name: &OsStr) -> Occupant {
             Some(hint),
         )
     };
-    let file = match open_regular_at(dir.fd(), &c_name(name)) {
-        Ok(file) => file,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Occupant::Changed,
-        Err(e)
-            if e.raw_os_error() == Some(libc::ELOOP)
-                || e.kind() == io::ErrorKind::InvalidInput =>
-        {
-            refuse(
-                "something that is not an export's partial file is there",
-                "a symbolic link, FIFO or directory at the partial file's name is never followed or replaced; remove it",
-            )
-        }
-        Err(e) => raise_file_error(e, format_args!("open file \"{path}\"")),
-    };
-    let Ok(st) = fstat(file.as_raw_fd()) else {
-        return Occupant::Changed;
-    };
-    // SAFETY: geteuid(2) has no preconditions.
-    if st.st_uid != unsafe { libc::geteuid() } {
-        refuse(
-            "a file of another owner is there",
-            "only a partial file this server made is replaced; remove it",
-        );
-    }
-    // SAFETY: a non-blocking lock attempt on our own descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        refuse(
+    match remove_if_abandoned(dir, name) {
+        Ok(Occupant::Removed(size)) => pgrx::log!(
+            "pg_stream_export: removed stale partial file \"{path}\" ({size} bytes) left by an export that did not finish"
+        ),
+        Ok(Occupant::Gone) => {}
+        Ok(Occupant::Live) => refuse(
             "another export to the same path is running",
             "wait for it to finish, or cancel it",
-        );
+        ),
+        Ok(Occupant::Foreign(why, hint)) => refuse(why, hint),
+        Err(e) => raise_file_error(e, format_args!("replace stale file \"{path}\"")),
     }
-    // Locked by us now: no live export holds it. Remove it only if the
-    // name still means this very file.
-    match dir.stat(name) {
-        Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {}
-        _ => return Occupant::Changed,
-    }
-    if st.st_nlink != 1 {
-        refuse(
-            "the file there has other names (hard links)",
-            "only a partial file this server made is replaced; remove it",
-        );
-    }
-    if let Err(e) = dir.unlink(name) {
-        raise_file_error(e, format_args!("remove stale file \"{path}\""));
-    }
-    pgrx::log!(
-        "pg_stream_export: removed stale partial file \"{path}\" ({} bytes) left by an export that did not finish",
-        st.st_size
-    );
-    Occupant::StaleRemoved
 }
 
 /// A `<target>.partial` file being written; it holds an exclusive lock for
@@ -720,18 +733,6 @@ impl Drop for PartialFile {
         // The lock goes last, once the name is gone.
         self.lock = None;
     }
-}
-
-/// Whether a file (by descriptor) is locked by a live process.
-pub fn is_locked(file: &File) -> bool {
-    // SAFETY: a non-blocking shared lock attempt, released at once.
-    unsafe {
-        if libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 {
-            return true;
-        }
-        libc::flock(file.as_raw_fd(), libc::LOCK_UN);
-    }
-    false
 }
 
 /// What a file export wrote.

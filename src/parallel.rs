@@ -30,7 +30,9 @@ use pgrx::{pg_guard, pg_sys, PgSqlErrorCode, PgTryBuilder};
 use serde_json::{json, Value};
 
 use crate::error::raise;
-use crate::file::{export_to_file, is_locked, raise_io, Directory, PartialFile, Written};
+use crate::file::{
+    export_to_file, raise_io, remove_if_abandoned, Directory, Occupant, PartialFile, Written,
+};
 use crate::options::{BatchSize, Compression, ExportOptions, RawOptions};
 use crate::source::Source;
 
@@ -494,6 +496,23 @@ unsafe extern "C-unwind" fn stop_workers_on_detach(
     }
 }
 
+/// Wait on this backend's latch (set when a worker starts or stops) for at
+/// most `milliseconds`. It never acts on interrupts itself, so it is safe
+/// in cleanup that runs while an error unwinds.
+fn sleep_on_latch(milliseconds: i64) {
+    // SAFETY: WaitLatch on this backend's own latch with a timeout, then
+    // ResetLatch; neither processes interrupts or raises.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            milliseconds,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+}
+
 fn worker_stopped(handle: *mut pg_sys::BackgroundWorkerHandle) -> bool {
     let mut pid: pg_sys::pid_t = 0;
     // SAFETY: a handle returned by RegisterDynamicBackgroundWorker.
@@ -535,18 +554,7 @@ impl Leader {
             {
                 return;
             }
-            // SAFETY: waits on this backend's latch for at most 10 ms;
-            // WaitLatch itself never processes interrupts.
-            unsafe {
-                pg_sys::WaitLatch(
-                    pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
-                        as i32,
-                    10,
-                    pg_sys::PG_WAIT_EXTENSION,
-                );
-                pg_sys::ResetLatch(pg_sys::MyLatch);
-            }
+            sleep_on_latch(10);
         }
     }
 
@@ -557,16 +565,9 @@ impl Leader {
             return;
         };
         for name in names {
-            if export_id_of_part(name.as_bytes()) != Some(self.export_id.as_bytes()) {
-                continue;
+            if export_id_of_part(name.as_bytes()) == Some(self.export_id.as_bytes()) {
+                let _ = remove_if_abandoned(&self.directory, &name);
             }
-            if name.as_bytes().ends_with(b".partial") {
-                match self.directory.open_regular(&name) {
-                    Ok(file) if !is_locked(&file) => {}
-                    _ => continue,
-                }
-            }
-            let _ = self.directory.unlink(&name);
         }
     }
 }
@@ -638,21 +639,15 @@ fn remove_stale_parts(directory: &Directory) {
     let Ok(names) = directory.names() else {
         return;
     };
-    // SAFETY: geteuid(2) has no preconditions.
-    let uid = unsafe { libc::geteuid() };
     for name in names {
         if export_id_of_part(name.as_bytes()).is_none()
             || current.iter().any(|c| c.as_bytes() == name.as_bytes())
         {
             continue;
         }
-        let Ok(file) = directory.open_regular(&name) else {
-            continue;
-        };
-        let owned = directory.stat(&name).is_ok_and(|st| st.st_uid == uid);
-        if owned && !is_locked(&file) && directory.unlink(&name).is_ok() {
+        if let Ok(Occupant::Removed(size)) = remove_if_abandoned(directory, &name) {
             pgrx::log!(
-                "pg_stream_export: removed \"{}\" left by a directory export that did not finish",
+                "pg_stream_export: removed \"{}\" ({size} bytes) left by a directory export that did not finish",
                 directory.display(&name)
             );
         }
@@ -740,9 +735,11 @@ pub fn export_directory(
         (*header).workers = workers as u32;
         (*header).config_len = config_bytes.len() as u32;
         (*header).guc_len = guc_len as u64;
+        let shared = Shared { base };
         for index in 0..workers {
-            let slot = base.add(offsets.workers).cast::<WorkerSlot>().add(index);
-            (*slot).partition.store(-1, Ordering::Relaxed);
+            (*shared.worker(index))
+                .partition
+                .store(-1, Ordering::Relaxed);
         }
         std::ptr::copy_nonoverlapping(
             config_bytes.as_ptr(),
@@ -901,17 +898,8 @@ fn wait_for_partitions(leader: &Leader, partitions: usize, started: usize) {
                 None,
             );
         }
-        // SAFETY: waits on this backend's latch for at most 20 ms; an
-        // interrupt (cancel, statement_timeout) is raised right after.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                20,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
+        sleep_on_latch(20);
+        // A cancel or statement_timeout is raised here, outside any cleanup.
         pgrx::check_for_interrupts!();
     }
 }
