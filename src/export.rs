@@ -243,6 +243,21 @@ struct Keyset {
     exhausted: bool,
 }
 
+impl Keyset {
+    /// The token (in the current format) that resumes after `last`, or
+    /// from the start when `None`, with `rows` exported before it.
+    fn token_after(&self, last: Option<&KeyValue>, rows: u64) -> String {
+        ResumeToken {
+            fingerprint: self.fingerprint,
+            key_column: self.key.column.clone(),
+            last_key: last.map(|v| self.key.token_text(v)),
+            rows,
+            version: crate::token::TOKEN_VERSION,
+        }
+        .encode()
+    }
+}
+
 enum Walk {
     Whole(Cursor),
     Keyset(Box<Keyset>),
@@ -276,17 +291,17 @@ impl Export {
     pub fn open(source: Source, options: ExportOptions, destination: Destination) -> Export {
         check_utf8_database();
         // The probe gives the row shape (and is the whole walk without a key).
-        let probe_sql = match (&source, &options.key) {
-            (Source::Parsed(_), None) => String::new(),
-            (_, None) => source.select_all_sql(),
-            (_, Some(_)) => format!("{} LIMIT 0", source.select_all_sql()),
-        };
         // Everything that outlives one call of a set-returning function is
         // created here, in the context current at open.
         let row_cxt = row_context();
         let probe = match (&source, &options.key) {
             (Source::Parsed(query), None) => Cursor::open_parsed(query, row_cxt),
-            _ => Cursor::open(&probe_sql, &[], row_cxt),
+            (_, None) => Cursor::open(&source.select_all_sql(), &[], row_cxt),
+            (_, Some(_)) => Cursor::open(
+                &format!("{} LIMIT 0", source.select_all_sql()),
+                &[],
+                row_cxt,
+            ),
         };
         // SAFETY: the descriptor is valid while the probe is open; the plan
         // copies what it needs and its caches live in the current (per-call
@@ -402,16 +417,7 @@ impl Export {
         let Walk::Keyset(keyset) = &self.walk else {
             return None;
         };
-        Some(
-            ResumeToken {
-                fingerprint: keyset.fingerprint,
-                key_column: keyset.key.column.clone(),
-                last_key: keyset.last.as_ref().map(|v| keyset.key.token_text(v)),
-                rows: self.rows_before + self.rows,
-                version: crate::token::TOKEN_VERSION,
-            }
-            .encode(),
-        )
+        Some(keyset.token_after(keyset.last.as_ref(), self.rows_before + self.rows))
     }
 
     /// The key column and its type as SQL (`format_type_be`), with a key.
@@ -448,14 +454,7 @@ impl Export {
             );
         }
         let value = keyset.key.parse_token_text(key_text);
-        ResumeToken {
-            fingerprint: keyset.fingerprint,
-            key_column: keyset.key.column.clone(),
-            last_key: Some(keyset.key.token_text(&value)),
-            rows: 0,
-            version: crate::token::TOKEN_VERSION,
-        }
-        .encode()
+        keyset.token_after(Some(&value), 0)
     }
 
     /// Finish `writer`: flush the records, append the footer when asked.
@@ -470,12 +469,7 @@ impl Export {
     }
 
     pub fn footer(&self, stats: &RecordStats) -> Footer {
-        Footer {
-            rows: stats.rows,
-            bytes: stats.bytes,
-            crc32: stats.crc32(),
-            resume_token: self.resume_token(),
-        }
+        stats.footer(self.resume_token())
     }
 }
 

@@ -276,7 +276,6 @@ impl Scanner {
 #[cfg(test)]
 mod unit_tests {
     use super::*;
-    use crate::footer::Footer;
     use crate::options::Compression;
     use crate::sink::{ExportWriter, RecordStats};
 
@@ -287,12 +286,7 @@ mod unit_tests {
                 .write_record(format!("{{\"id\":{i},\"v\":\"é {i}\"}}").as_bytes())
                 .unwrap();
         }
-        let make = |s: &RecordStats| Footer {
-            rows: s.rows,
-            bytes: s.bytes,
-            crc32: s.crc32(),
-            resume_token: None,
-        };
+        let make = |s: &RecordStats| s.footer(None);
         writer
             .finish(if footer { Some(&make) } else { None })
             .unwrap();
@@ -380,12 +374,7 @@ mod unit_tests {
             .write_record(b"{\"_stream_export\": \"a record that looks like a footer\"}")
             .unwrap();
         writer.write_record(b"{\"id\":1}").unwrap();
-        let make = |s: &RecordStats| Footer {
-            rows: s.rows,
-            bytes: s.bytes,
-            crc32: s.crc32(),
-            resume_token: None,
-        };
+        let make = |s: &RecordStats| s.footer(None);
         writer.finish(Some(&make)).unwrap();
         let verdict = check(writer.output());
         assert!(verdict.ok, "{}", verdict.detail);

@@ -34,6 +34,16 @@ impl RecordStats {
     pub fn crc32(&self) -> u32 {
         self.crc.sum()
     }
+
+    /// The footer that covers these records.
+    pub fn footer(&self, resume_token: Option<String>) -> Footer {
+        Footer {
+            rows: self.rows,
+            bytes: self.bytes,
+            crc32: self.crc32(),
+            resume_token,
+        }
+    }
 }
 
 enum Stage {
@@ -207,12 +217,7 @@ mod unit_tests {
             for line in &rows {
                 writer.write_record(line.as_bytes()).unwrap();
             }
-            let make = |s: &RecordStats| Footer {
-                rows: s.rows,
-                bytes: s.bytes,
-                crc32: s.crc32(),
-                resume_token: None,
-            };
+            let make = |s: &RecordStats| s.footer(None);
             writer.finish(Some(&make)).unwrap();
             let produced = writer.output_bytes();
             let compressed = std::mem::take(writer.output());
