@@ -169,3 +169,13 @@ def events_small(server):
 def conn(server):
     with server.connect() as connection:
         yield connection
+
+
+@pytest.fixture
+def server_dir():
+    """A fresh directory the server (user postgres) owns and can write; root,
+    running the tests, can write and read in it too."""
+    path = Path(tempfile.mkdtemp(prefix="pse-e2e.", dir="/tmp"))
+    shutil.chown(path, "postgres", "postgres")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -157,27 +157,23 @@ def test_columns_privileges_and_row_level_security(server, conn):
     conn.execute("RESET ROLE")
 
 
-def test_copy_to_server_file_is_atomic_and_equal(conn, events_small):
+def test_copy_to_server_file_is_atomic_and_equal(conn, events_small, server_dir):
     loaded(conn)
-    directory = Path(tempfile.mkdtemp(prefix="pse-copy.", dir="/tmp"))
-    shutil.chown(directory, "postgres", "postgres")
-    try:
-        target = directory / "events.ndjson.gz"
-        target.write_bytes(b"old")
-        shutil.chown(target, "postgres", "postgres")
-        with conn.cursor() as cur:
-            cur.execute(f"COPY {events_small} TO '{target}' WITH (FORMAT ndjson, COMPRESSION gzip, FOOTER true)")
-            assert cur.rowcount == 500_000
-            assert cur.statusmessage == "COPY 500000"
-        assert target.read_bytes() == function_bytes(conn, events_small, compression="gzip", footer=True)
-        ok, detail = conn.execute("SELECT ok, detail FROM stream_export_verify(%s)", [str(target)]).fetchone()
-        assert ok, detail
-        with pytest.raises(psycopg.errors.DivisionByZero):
-            conn.execute(f"COPY (SELECT 1 / (id - 1000) FROM {events_small}) TO '{target}' WITH (FORMAT ndjson)")
-        assert sorted(p.name for p in directory.iterdir()) == ["events.ndjson.gz"]
-        assert target.read_bytes() == function_bytes(conn, events_small, compression="gzip", footer=True)
-    finally:
-        shutil.rmtree(directory)
+    directory = server_dir
+    target = directory / "events.ndjson.gz"
+    target.write_bytes(b"old")
+    shutil.chown(target, "postgres", "postgres")
+    with conn.cursor() as cur:
+        cur.execute(f"COPY {events_small} TO '{target}' WITH (FORMAT ndjson, COMPRESSION gzip, FOOTER true)")
+        assert cur.rowcount == 500_000
+        assert cur.statusmessage == "COPY 500000"
+    assert target.read_bytes() == function_bytes(conn, events_small, compression="gzip", footer=True)
+    ok, detail = conn.execute("SELECT ok, detail FROM stream_export_verify(%s)", [str(target)]).fetchone()
+    assert ok, detail
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute(f"COPY (SELECT 1 / (id - 1000) FROM {events_small}) TO '{target}' WITH (FORMAT ndjson)")
+    assert sorted(p.name for p in directory.iterdir()) == ["events.ndjson.gz"]
+    assert target.read_bytes() == function_bytes(conn, events_small, compression="gzip", footer=True)
 
 
 def test_cancel_and_progress_of_copy_to_stdout(server, events_big):

@@ -14,8 +14,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,14 +43,6 @@ def scratch():
     finally:
         log = stop_cluster(srv)
         assert not crashes_in(log), "\n".join(crashes_in(log))
-
-
-@pytest.fixture
-def out_dir():
-    path = Path(tempfile.mkdtemp(prefix="pse-e2e-crash.", dir="/tmp"))
-    shutil.chown(path, "postgres", "postgres")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_for_server(srv, timeout: float = 60.0):
@@ -88,8 +78,8 @@ def workers_running(conn) -> int:
 
 
 @pytest.mark.parametrize("how", ["kill -9", "pg_terminate_backend", "fast shutdown"])
-def test_a_dead_exports_partial_file_is_replaced_by_the_next_export(scratch, out_dir, how):
-    target = out_dir / "big.ndjson.gz"
+def test_a_dead_exports_partial_file_is_replaced_by_the_next_export(scratch, server_dir, how):
+    target = server_dir / "big.ndjson.gz"
     partial = Path(str(target) + ".partial")
     conn, pid, thread, result = start_file_export(scratch, target)
     if how == "kill -9":
@@ -118,8 +108,8 @@ def test_a_dead_exports_partial_file_is_replaced_by_the_next_export(scratch, out
     assert "removed stale partial file" in log and str(partial) in log
 
 
-def test_copy_replaces_a_stale_partial_file(scratch, out_dir):
-    target = out_dir / "copy.ndjson"
+def test_copy_replaces_a_stale_partial_file(scratch, server_dir):
+    target = server_dir / "copy.ndjson"
     conn, pid, thread, result = start_file_export(scratch, target)
     os.kill(pid, signal.SIGKILL)
     thread.join(timeout=120)
@@ -129,11 +119,11 @@ def test_copy_replaces_a_stale_partial_file(scratch, out_dir):
     with scratch.connect() as c:
         c.execute(f"COPY (SELECT 1 AS x) TO '{target}' WITH (FORMAT ndjson)")
     assert target.read_bytes() == b'{"x":1}\n'
-    assert sorted(p.name for p in out_dir.iterdir()) == ["copy.ndjson"]
+    assert sorted(p.name for p in server_dir.iterdir()) == ["copy.ndjson"]
 
 
-def test_a_live_exports_partial_file_is_never_touched(scratch, out_dir):
-    target = out_dir / "live.ndjson.gz"
+def test_a_live_exports_partial_file_is_never_touched(scratch, server_dir):
+    target = server_dir / "live.ndjson.gz"
     partial = Path(str(target) + ".partial")
     conn, pid, thread, result = start_file_export(scratch, target)
     try:
@@ -153,11 +143,11 @@ def test_a_live_exports_partial_file_is_never_touched(scratch, out_dir):
         assert isinstance(result.get("error"), psycopg.errors.QueryCanceled)
     finally:
         conn.close()
-    assert list(out_dir.iterdir()) == []
+    assert list(server_dir.iterdir()) == []
 
 
-def test_a_file_that_appears_at_the_target_is_not_replaced(scratch, out_dir):
-    target = out_dir / "appears.ndjson.gz"
+def test_a_file_that_appears_at_the_target_is_not_replaced(scratch, server_dir):
+    target = server_dir / "appears.ndjson.gz"
     conn, pid, thread, result = start_file_export(scratch, target)
     target.write_bytes(b"someone else's file\n")
     thread.join(timeout=300)
@@ -165,11 +155,11 @@ def test_a_file_that_appears_at_the_target_is_not_replaced(scratch, out_dir):
     assert isinstance(result.get("error"), psycopg.errors.DuplicateFile), result
     assert "appeared during the export" in str(result["error"])
     assert target.read_bytes() == b"someone else's file\n"
-    assert sorted(p.name for p in out_dir.iterdir()) == ["appears.ndjson.gz"]
+    assert sorted(p.name for p in server_dir.iterdir()) == ["appears.ndjson.gz"]
 
 
-def test_something_else_at_the_partial_name_is_refused_and_left_alone(scratch, out_dir):
-    target = out_dir / "t.ndjson"
+def test_something_else_at_the_partial_name_is_refused_and_left_alone(scratch, server_dir):
+    target = server_dir / "t.ndjson"
     partial = Path(str(target) + ".partial")
     os.mkfifo(partial)
     shutil.chown(partial, "postgres", "postgres")
@@ -216,8 +206,8 @@ def finished_export(srv, directory: Path, source: str = "SELECT g AS id FROM gen
     return snapshot_of(directory)
 
 
-def test_terminating_the_leader_stops_its_workers(scratch, out_dir):
-    conn, pid, thread, result = start_directory_export(scratch, out_dir)
+def test_terminating_the_leader_stops_its_workers(scratch, server_dir):
+    conn, pid, thread, result = start_directory_export(scratch, server_dir)
     with scratch.connect() as observer:
         observer.execute("SELECT pg_terminate_backend(%s)", [pid])
         thread.join(timeout=60)
@@ -225,17 +215,17 @@ def test_terminating_the_leader_stops_its_workers(scratch, out_dir):
         started = time.monotonic()
         wait_until(lambda: workers_running(observer) == 0, timeout=10)
         assert time.monotonic() - started < 3
-    assert not (out_dir / "manifest.json").exists()
+    assert not (server_dir / "manifest.json").exists()
     # What the dead export left is stale: the next export takes the
     # directory and leaves only its own files.
-    files = finished_export(scratch, out_dir)
-    manifest = json.loads((out_dir / "manifest.json").read_text())
+    files = finished_export(scratch, server_dir)
+    manifest = json.loads((server_dir / "manifest.json").read_text())
     assert sorted(files) == sorted(["manifest.json"] + [p["file"] for p in manifest["parts"]])
 
 
 @pytest.mark.parametrize("round", range(3))
-def test_a_double_cancel_of_a_directory_export_is_an_ordinary_cancel(scratch, out_dir, round):
-    conn, pid, thread, result = start_directory_export(scratch, out_dir)
+def test_a_double_cancel_of_a_directory_export_is_an_ordinary_cancel(scratch, server_dir, round):
+    conn, pid, thread, result = start_directory_export(scratch, server_dir)
     with scratch.connect() as observer:
         observer.execute("SELECT pg_cancel_backend(%s)", [pid])
         time.sleep(0.03)  # the second cancel lands while the first unwinds
@@ -245,12 +235,12 @@ def test_a_double_cancel_of_a_directory_export_is_an_ordinary_cancel(scratch, ou
         assert conn.execute("SELECT 1").fetchone() == (1,)  # the same backend lives on
         conn.close()
         wait_until(lambda: workers_running(observer) == 0, timeout=10)
-    assert list(out_dir.iterdir()) == []
+    assert list(server_dir.iterdir()) == []
     assert not crashes_in(scratch.log_text())
 
 
-def test_a_terminated_worker_fails_the_export_with_its_own_error(scratch, out_dir):
-    conn, pid, thread, result = start_directory_export(scratch, out_dir)
+def test_a_terminated_worker_fails_the_export_with_its_own_error(scratch, server_dir):
+    conn, pid, thread, result = start_directory_export(scratch, server_dir)
     with scratch.connect() as observer:
         worker = observer.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_stream_export' "
                                   "LIMIT 1").fetchone()[0]
@@ -261,20 +251,20 @@ def test_a_terminated_worker_fails_the_export_with_its_own_error(scratch, out_di
         assert isinstance(error, psycopg.errors.AdminShutdown), result
         assert "partition" in str(error) and "terminating" in str(error)
         wait_until(lambda: workers_running(observer) == 0, timeout=10)
-    assert list(out_dir.iterdir()) == []
+    assert list(server_dir.iterdir()) == []
 
 
-def test_a_directory_export_in_use_refuses_a_second_and_both_keep_their_files(scratch, out_dir):
-    old = finished_export(scratch, out_dir)
-    conn, pid, thread, result = start_directory_export(scratch, out_dir, extra=", overwrite => true")
+def test_a_directory_export_in_use_refuses_a_second_and_both_keep_their_files(scratch, server_dir):
+    old = finished_export(scratch, server_dir)
+    conn, pid, thread, result = start_directory_export(scratch, server_dir, extra=", overwrite => true")
     with scratch.connect() as c:
         for overwrite in (False, True):
             with pytest.raises(psycopg.errors.DuplicateFile):
                 c.execute("SELECT * FROM stream_export_to_directory('SELECT 1 AS id', %s, 'id', 1, overwrite => %s)",
-                          [str(out_dir), overwrite])
+                          [str(server_dir), overwrite])
     # The running export is untouched, and the old one is still whole.
     with scratch.connect() as c:
-        ok, *_ , detail = c.execute("SELECT * FROM stream_export_verify_manifest(%s)", [str(out_dir)]).fetchone()
+        ok, *_ , detail = c.execute("SELECT * FROM stream_export_verify_manifest(%s)", [str(server_dir)]).fetchone()
         assert ok, detail
     thread.join(timeout=300)
     conn.close()
@@ -282,50 +272,50 @@ def test_a_directory_export_in_use_refuses_a_second_and_both_keep_their_files(sc
     assert result["value"][3] == BIG_ROWS
     with scratch.connect() as c:
         ok, parts, rows, detail = c.execute("SELECT * FROM stream_export_verify_manifest(%s)",
-                                            [str(out_dir)]).fetchone()
+                                            [str(server_dir)]).fetchone()
         assert ok and rows == BIG_ROWS, detail
-    manifest = json.loads((out_dir / "manifest.json").read_text())
+    manifest = json.loads((server_dir / "manifest.json").read_text())
     # The replaced export's parts are gone; nothing else is there.
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+    assert sorted(p.name for p in server_dir.iterdir()) == sorted(
         ["manifest.json"] + [p["file"] for p in manifest["parts"]])
-    assert not set(old) - {"manifest.json"} & set(p.name for p in out_dir.iterdir())
+    assert not set(old) - {"manifest.json"} & set(p.name for p in server_dir.iterdir())
 
 
-def test_refused_and_failed_exports_leave_the_previous_export_exactly_as_it_was(scratch, out_dir):
-    before = finished_export(scratch, out_dir)
-    (out_dir / "notes.txt").write_text("a file of the user's")
+def test_refused_and_failed_exports_leave_the_previous_export_exactly_as_it_was(scratch, server_dir):
+    before = finished_export(scratch, server_dir)
+    (server_dir / "notes.txt").write_text("a file of the user's")
     before["notes.txt"] = hashlib.sha256(b"a file of the user's").hexdigest()
     with scratch.connect() as c:
         with pytest.raises(psycopg.errors.DuplicateFile):
             c.execute("SELECT * FROM stream_export_to_directory('SELECT g AS id FROM generate_series(1, 10) g', "
-                      "%s, 'id', 2)", [str(out_dir)])
-        assert snapshot_of(out_dir) == before
+                      "%s, 'id', 2)", [str(server_dir)])
+        assert snapshot_of(server_dir) == before
         with pytest.raises(psycopg.errors.DivisionByZero):
             c.execute("SELECT * FROM stream_export_to_directory("
                       "'SELECT g AS id, 1 / (g - 9000) AS boom FROM generate_series(1, 10000) g', %s, 'id', 4, "
-                      "overwrite => true)", [str(out_dir)])
-        assert snapshot_of(out_dir) == before
-        ok, *_, detail = c.execute("SELECT * FROM stream_export_verify_manifest(%s)", [str(out_dir)]).fetchone()
+                      "overwrite => true)", [str(server_dir)])
+        assert snapshot_of(server_dir) == before
+        ok, *_, detail = c.execute("SELECT * FROM stream_export_verify_manifest(%s)", [str(server_dir)]).fetchone()
         assert ok, detail
     # A successful overwrite replaces the export and only the export.
-    after = finished_export(scratch, out_dir, "SELECT g AS id FROM generate_series(1, 777) g", overwrite=True)
+    after = finished_export(scratch, server_dir, "SELECT g AS id FROM generate_series(1, 777) g", overwrite=True)
     assert after["notes.txt"] == before["notes.txt"]
     assert not (set(before) - {"notes.txt", "manifest.json"}) & set(after)
 
 
-def test_a_directory_export_in_a_writing_transaction_is_refused(scratch, out_dir):
+def test_a_directory_export_in_a_writing_transaction_is_refused(scratch, server_dir):
     with scratch.connect(autocommit=False) as c:
         c.execute("CREATE TEMP TABLE scratch_written (id int)")
         with pytest.raises(psycopg.errors.ActiveSqlTransaction) as err:
-            c.execute("SELECT * FROM stream_export_to_directory('big', %s, 'id', 2)", [str(out_dir)])
+            c.execute("SELECT * FROM stream_export_to_directory('big', %s, 'id', 2)", [str(server_dir)])
         assert "commit first" in (err.value.diag.message_hint or "")
-    assert list(out_dir.iterdir()) == []
+    assert list(server_dir.iterdir()) == []
 
 
-def test_a_directory_swapped_for_a_link_mid_export_is_not_written_through(scratch, out_dir):
-    allowed = out_dir / "allowed"
+def test_a_directory_swapped_for_a_link_mid_export_is_not_written_through(scratch, server_dir):
+    allowed = server_dir / "allowed"
     target = allowed / "export"
-    outside = out_dir / "outside"
+    outside = server_dir / "outside"
     for d in (allowed, target, outside):
         d.mkdir()
         shutil.chown(d, "postgres", "postgres")
@@ -345,7 +335,7 @@ def test_a_directory_swapped_for_a_link_mid_export_is_not_written_through(scratc
     assert list((allowed / "moved").iterdir()) == []
 
 
-def test_a_nologin_role_gets_the_workers_real_error(scratch, out_dir):
+def test_a_nologin_role_gets_the_workers_real_error(scratch, server_dir):
     with scratch.connect() as c:
         c.execute("DROP ROLE IF EXISTS dir_exporter; DROP ROLE IF EXISTS dir_nologin")
         c.execute("CREATE ROLE dir_exporter LOGIN; GRANT pg_write_server_files TO dir_exporter; "
@@ -356,7 +346,7 @@ def test_a_nologin_role_gets_the_workers_real_error(scratch, out_dir):
         c.execute("SET ROLE dir_nologin")
         rows = c.execute("SELECT rows FROM stream_export_to_directory("
                          "'SELECT g AS id FROM generate_series(1, 100) g', %s, 'id', 2)",
-                         [str(out_dir)]).fetchone()[0]
+                         [str(server_dir)]).fetchone()[0]
         assert rows == 100
         c.execute("RESET ROLE")
         with scratch.connect() as admin:
@@ -365,7 +355,7 @@ def test_a_nologin_role_gets_the_workers_real_error(scratch, out_dir):
             with pytest.raises(psycopg.Error) as err:
                 c.execute("SELECT * FROM stream_export_to_directory("
                           "'SELECT g AS id FROM generate_series(1, 100) g', %s, 'id', 2, overwrite => true)",
-                          [str(out_dir)])
+                          [str(server_dir)])
             assert err.value.sqlstate == "28000", err.value
             assert "not permitted to log in" in str(err.value)
         finally:
@@ -375,38 +365,26 @@ def test_a_nologin_role_gets_the_workers_real_error(scratch, out_dir):
 
 # --- verify on hostile files -------------------------------------------------
 
-@pytest.fixture
-def public_dir():
-    """A directory the server can read."""
-    path = Path(tempfile.mkdtemp(prefix="pse-e2e-public.", dir="/tmp"))
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.mark.parametrize("path", ["/dev/zero", "/dev/null", "fifo", "directory"])
-def test_verify_refuses_files_that_are_not_regular_without_blocking(conn, public_dir, path):
+def test_verify_refuses_files_that_are_not_regular_without_blocking(conn, server_dir, path):
     if path == "fifo":
-        path = str(public_dir / "fifo")
+        path = str(server_dir / "fifo")
         os.mkfifo(path)
         os.chmod(path, 0o644)
     elif path == "directory":
-        path = str(public_dir)
+        path = str(server_dir)
     conn.execute("SET statement_timeout = '10s'")
     with pytest.raises(psycopg.errors.WrongObjectType):
         conn.execute("SELECT * FROM stream_export_verify(%s)", [path])
 
 
 @pytest.fixture
-def huge_sparse_file():
-    directory = Path(tempfile.mkdtemp(prefix="pse-e2e-sparse.", dir="/tmp"))
-    os.chmod(directory, 0o755)
-    path = directory / "zeros.ndjson"
+def huge_sparse_file(server_dir):
+    path = server_dir / "zeros.ndjson"
     with open(path, "wb") as f:
         f.truncate(64 << 30)  # 64 GiB of zeros, no newline, no disk used
     os.chmod(path, 0o644)
-    yield path
-    shutil.rmtree(directory, ignore_errors=True)
+    return path
 
 
 @pytest.mark.parametrize("stop", ["cancel", "statement_timeout"])
@@ -432,8 +410,8 @@ def test_verify_of_an_endless_line_is_flat_and_stops_on_request(server, huge_spa
         assert checker.execute("SELECT 1").fetchone() == (1,)
 
 
-def test_verify_reports_a_long_file_without_newline_as_cut_off(conn, public_dir):
-    path = public_dir / "long.ndjson"
+def test_verify_reports_a_long_file_without_newline_as_cut_off(conn, server_dir):
+    path = server_dir / "long.ndjson"
     with open(path, "wb") as f:
         f.write(b"x" * (80 << 20))
     os.chmod(path, 0o644)
@@ -441,15 +419,15 @@ def test_verify_reports_a_long_file_without_newline_as_cut_off(conn, public_dir)
     assert not ok and "cut off" in detail
 
 
-def test_allowed_directory_limits_writes_not_verification(scratch, out_dir):
-    finished_export(scratch, out_dir)
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    part = out_dir / manifest["parts"][0]["file"]
+def test_allowed_directory_limits_writes_not_verification(scratch, server_dir):
+    finished_export(scratch, server_dir)
+    manifest = json.loads((server_dir / "manifest.json").read_text())
+    part = server_dir / manifest["parts"][0]["file"]
     with scratch.connect() as c:
         c.execute("SET pg_stream_export.allowed_directory = '/nonexistent-allowed'")
-        ok, *_, detail = c.execute("SELECT * FROM stream_export_verify_manifest(%s)", [str(out_dir)]).fetchone()
+        ok, *_, detail = c.execute("SELECT * FROM stream_export_verify_manifest(%s)", [str(server_dir)]).fetchone()
         assert ok, detail
         assert c.execute("SELECT ok FROM stream_export_verify(%s)", [str(part)]).fetchone() == (True,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("SELECT * FROM stream_export_to_directory('SELECT 1 AS id', %s, 'id', 1, overwrite => true)",
-                      [str(out_dir)])
+                      [str(server_dir)])

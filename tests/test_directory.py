@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 
@@ -14,14 +12,6 @@ import psycopg
 import pytest
 
 from helpers import run_in_thread, wait_until
-
-
-@pytest.fixture
-def out_dir():
-    path = Path(tempfile.mkdtemp(prefix="pse-e2e-dir.", dir="/tmp"))
-    shutil.chown(path, "postgres", "postgres")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def read_part(path: Path) -> list[bytes]:
@@ -35,7 +25,7 @@ def workers_running(conn) -> int:
     return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_stream_export'").fetchone()[0]
 
 
-def test_parts_are_one_snapshot_while_others_write(server, events_small, out_dir):
+def test_parts_are_one_snapshot_while_others_write(server, events_small, server_dir):
     # A copy of its own: this test changes and deletes rows.
     table = "churn_events"
     with server.connect() as c:
@@ -65,7 +55,7 @@ def test_parts_are_one_snapshot_while_others_write(server, events_small, out_dir
                 f"SELECT row_to_json(e)::text FROM {table} e ORDER BY id")]
             row = c.execute(
                 "SELECT * FROM stream_export_to_directory(%s, %s, 'id', 3, compression => 'gzip')",
-                [table, str(out_dir)],
+                [table, str(server_dir)],
             ).fetchone()
             c.commit()
     finally:
@@ -73,61 +63,61 @@ def test_parts_are_one_snapshot_while_others_write(server, events_small, out_dir
         churner.join()
     _, partitions, workers, rows, *_ = row
     assert partitions == 3 and workers >= 1 and rows == len(expected)
-    manifest = json.loads((out_dir / "manifest.json").read_text())
+    manifest = json.loads((server_dir / "manifest.json").read_text())
     got = []
     for part in manifest["parts"]:
-        got.extend(read_part(out_dir / part["file"]))
+        got.extend(read_part(server_dir / part["file"]))
     assert got == expected  # parts in key order, same snapshot, nothing missing or doubled
     with server.connect() as c:
         ok, parts, total, detail = c.execute(
-            "SELECT * FROM stream_export_verify_manifest(%s)", [str(out_dir)]).fetchone()
+            "SELECT * FROM stream_export_verify_manifest(%s)", [str(server_dir)]).fetchone()
         assert ok and parts == 3 and total == len(expected), detail
         for part in manifest["parts"]:
-            assert c.execute("SELECT ok FROM stream_export_verify(%s)", [str(out_dir / part["file"])]).fetchone()[0]
+            assert c.execute("SELECT ok FROM stream_export_verify(%s)", [str(server_dir / part["file"])]).fetchone()[0]
         c.execute(f"DROP TABLE {table}")
         assert wait_until(lambda: workers_running(c) == 0) is True
 
 
-def test_a_failing_partition_leaves_nothing(server, out_dir):
+def test_a_failing_partition_leaves_nothing(server, server_dir):
     with server.connect() as c:
         with pytest.raises(psycopg.errors.DivisionByZero) as err:
             c.execute(
                 "SELECT * FROM stream_export_to_directory("
                 "'SELECT g AS id, 1 / (g - 90000) AS boom FROM generate_series(1, 100000) g', %s, 'id', 4)",
-                [str(out_dir)],
+                [str(server_dir)],
             )
         assert "partition 3" in str(err.value)
-        assert list(out_dir.iterdir()) == []
+        assert list(server_dir.iterdir()) == []
         assert wait_until(lambda: workers_running(c) == 0) is True
         assert c.execute("SELECT 1").fetchone()[0] == 1
 
 
-def test_cancelling_the_leader_stops_every_worker(server, events_big, out_dir):
+def test_cancelling_the_leader_stops_every_worker(server, events_big, server_dir):
     with server.connect() as leader, server.connect() as observer:
         pid = leader.info.backend_pid
         thread, result = run_in_thread(lambda: leader.execute(
             "SELECT * FROM stream_export_to_directory(%s, %s, 'id', 2, compression => 'gzip')",
-            [events_big, str(out_dir)]).fetchone())
+            [events_big, str(server_dir)]).fetchone())
         wait_until(lambda: workers_running(observer) > 0)
         observer.execute("SELECT pg_cancel_backend(%s)", [pid])
         thread.join(timeout=60)
         assert isinstance(result.get("error"), psycopg.errors.QueryCanceled), result
         assert wait_until(lambda: workers_running(observer) == 0) is True
-        assert list(out_dir.iterdir()) == []
+        assert list(server_dir.iterdir()) == []
 
 
-def test_bad_directory_arguments(conn, out_dir):
+def test_bad_directory_arguments(conn, server_dir):
     for sql, state in [
         ("SELECT * FROM stream_export_to_directory('pg_class', %s, 'oid', 0)", "22023"),
         ("SELECT * FROM stream_export_to_directory('pg_class', 'relative/dir', 'oid', 2)", "42501"),
         ("SELECT * FROM stream_export_to_directory('pg_class', %s, 'relname', 2)", "22023"),
     ]:
         with pytest.raises(psycopg.Error) as err:
-            conn.execute(sql, [str(out_dir)] if "%s" in sql else [])
+            conn.execute(sql, [str(server_dir)] if "%s" in sql else [])
         assert err.value.sqlstate == state, sql
 
 
-def test_workers_render_with_the_callers_settings(server, out_dir):
+def test_workers_render_with_the_callers_settings(server, server_dir):
     with server.connect() as c:
         c.execute("""
             DROP TABLE IF EXISTS settings_t;
@@ -141,9 +131,9 @@ def test_workers_render_with_the_callers_settings(server, out_dir):
                   "SET IntervalStyle = 'iso_8601'")
         expected = [r[0].encode() + b"\n" for r in c.execute(
             "SELECT row_to_json(s)::text FROM settings_t s ORDER BY id")]
-        c.execute("SELECT * FROM stream_export_to_directory('settings_t', %s, 'id', 3)", [str(out_dir)])
-    manifest = json.loads((out_dir / "manifest.json").read_text())
+        c.execute("SELECT * FROM stream_export_to_directory('settings_t', %s, 'id', 3)", [str(server_dir)])
+    manifest = json.loads((server_dir / "manifest.json").read_text())
     got = []
     for part in manifest["parts"]:
-        got.extend(line + b"\n" for line in read_part(out_dir / part["file"]))
+        got.extend(line + b"\n" for line in read_part(server_dir / part["file"]))
     assert got == expected

@@ -4,7 +4,6 @@ concurrent writers."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -14,15 +13,6 @@ import psycopg
 import pytest
 
 from helpers import progress_of, run_in_thread, wait_until
-
-
-@pytest.fixture
-def server_dir():
-    """A directory the server (user postgres) can write."""
-    path = Path(tempfile.mkdtemp(prefix="pse-e2e-files.", dir="/tmp"))
-    shutil.chown(path, "postgres", "postgres")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

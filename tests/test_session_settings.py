@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
-import shutil
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -180,21 +177,13 @@ def test_copy_takes_the_query_from_the_parsed_statement(server, query, settings)
         assert got == expected
 
 
-@pytest.fixture
-def public_dir():
-    path = Path(tempfile.mkdtemp(prefix="pse-e2e-copy.", dir="/tmp"))
-    shutil.chown(path, "postgres", "postgres")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_copy_inside_plpgsql_and_sql_functions(server, public_dir):
-    target = public_dir / "from_do.ndjson"
+def test_copy_inside_plpgsql_and_sql_functions(server, server_dir):
+    target = server_dir / "from_do.ndjson"
     with session(server, {"standard_conforming_strings": "off"}) as c:
         c.execute(f"DO $$ BEGIN EXECUTE $c$COPY (SELECT 'a\\'' AS x, $v$)$v$ AS y) TO '{target}' "
                   "(FORMAT ndjson)$c$; END $$")
     assert target.read_text() == '{"x":"a\'","y":")"}\n'
-    target = public_dir / "from_sql_function.ndjson"
+    target = server_dir / "from_sql_function.ndjson"
     with server.connect() as c:
         c.execute("LOAD 'pg_stream_export'")
         c.execute(f"CREATE OR REPLACE FUNCTION copy_from_sql() RETURNS void LANGUAGE sql AS "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import subprocess
-import threading
 import time
 
 import psycopg
