@@ -6,8 +6,10 @@
 //! symbolic link after the check cannot redirect a write. Files are made by
 //! [`PartialFile`]: an unnamed file, locked with `flock` before it gets its
 //! `<name>.partial` name, so a partial file without a lock always belongs
-//! to an export that died (kill -9, FATAL, shutdown) and can be replaced,
-//! while a live export's partial file is never touched. The final rename
+//! to an export that died and can be replaced, while a live export's
+//! partial file is never touched. A process that exits on FATAL
+//! (terminated, shut down) removes its own partial files on the way out;
+//! one killed outright leaves them for the next export. The final rename
 //! never replaces a file that appeared meanwhile unless overwrite is asked.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
@@ -548,6 +550,67 @@ fn take_over_stale(dir: &Directory, name: &OsStr) {
     }
 }
 
+/// Partial files this process is writing, for [`remove_partials_on_exit`]:
+/// the directory's descriptor, the partial name and the file's identity.
+struct LivePartial {
+    serial: u64,
+    dirfd: libc::c_int,
+    name: CString,
+    identity: (u64, u64),
+}
+
+static LIVE_PARTIALS: std::sync::Mutex<Vec<LivePartial>> = std::sync::Mutex::new(Vec::new());
+
+/// Remember a partial file until it is committed or dropped, so that a
+/// process that exits on FATAL (terminated, shut down) removes its partial
+/// files before it leaves: no Rust destructor runs on that path.
+fn register_live_partial(entry: LivePartial) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static HOOKED: AtomicBool = AtomicBool::new(false);
+    if !HOOKED.swap(true, Ordering::Relaxed) {
+        // SAFETY: registers a callback that only makes system calls; once
+        // per process, far below PostgreSQL's limit on exit callbacks.
+        unsafe { pg_sys::before_shmem_exit(Some(remove_partials_on_exit), pg_sys::Datum::from(0)) };
+    }
+    if let Ok(mut live) = LIVE_PARTIALS.lock() {
+        live.push(entry);
+    }
+}
+
+fn unregister_live_partial(serial: u64) {
+    if let Ok(mut live) = LIVE_PARTIALS.lock() {
+        live.retain(|p| p.serial != serial);
+    }
+}
+
+/// Runs as the process exits (before it leaves shared memory, so before
+/// it disappears from `pg_stat_activity`): removes the partial files it
+/// was still writing, if their names still mean those files. Never calls
+/// into PostgreSQL and never panics. A process killed outright leaves its
+/// partial files; the next export to the same name replaces them.
+unsafe extern "C-unwind" fn remove_partials_on_exit(_code: libc::c_int, _arg: pg_sys::Datum) {
+    let Ok(live) = LIVE_PARTIALS.try_lock() else {
+        return;
+    };
+    for partial in live.iter() {
+        // SAFETY: the descriptors of registered partial files stay open
+        // until they are unregistered; fstatat(2)/unlinkat(2) by name.
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstatat(
+                partial.dirfd,
+                partial.name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            ) == 0
+                && (st.st_dev, st.st_ino) == partial.identity
+            {
+                libc::unlinkat(partial.dirfd, partial.name.as_ptr(), 0);
+            }
+        }
+    }
+}
+
 /// A `<target>.partial` file being written; it holds an exclusive lock for
 /// the export's lifetime and is removed when dropped unless committed.
 pub struct PartialFile {
@@ -559,6 +622,8 @@ pub struct PartialFile {
     lock: Option<File>,
     file: Option<File>,
     identity: (u64, u64),
+    /// Its entry in the process's list of live partial files.
+    serial: u64,
 }
 
 impl PartialFile {
@@ -584,6 +649,13 @@ impl PartialFile {
                     let st = fstat(file.as_raw_fd()).unwrap_or_else(|e| {
                         raise_file_error(e, format_args!("stat \"{}\"", dir.display(&partial)))
                     });
+                    let serial = next_serial();
+                    register_live_partial(LivePartial {
+                        serial,
+                        dirfd: dir.fd(),
+                        name: c_partial.clone(),
+                        identity: (st.st_dev, st.st_ino),
+                    });
                     return PartialFile {
                         dir: dir.clone(),
                         partial,
@@ -591,6 +663,7 @@ impl PartialFile {
                         lock: Some(lock),
                         file: Some(file),
                         identity: (st.st_dev, st.st_ino),
+                        serial,
                     };
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
@@ -706,6 +779,7 @@ impl PartialFile {
         }
         // Renamed: nothing is left to remove, whatever happens next.
         self.partial = OsString::new();
+        unregister_live_partial(self.serial);
         self.dir.sync().unwrap_or_else(|e| {
             raise_file_error(
                 e,
@@ -730,6 +804,7 @@ impl Drop for PartialFile {
                 let _ = self.dir.unlink(&self.partial);
             }
         }
+        unregister_live_partial(self.serial);
         // The lock goes last, once the name is gone.
         self.lock = None;
     }

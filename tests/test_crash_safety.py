@@ -94,8 +94,18 @@ def test_a_dead_exports_partial_file_is_replaced_by_the_next_export(scratch, ser
     assert "error" in result, result
     conn.close()
     wait_for_server(scratch)
-    # The dead export's partial file is still there, and no one holds it.
-    assert partial.exists() and not target.exists()
+    assert not target.exists()
+    if how == "kill -9":
+        # A process killed outright cannot clean up: its partial file stays,
+        # and no one holds it.
+        assert partial.exists()
+    else:
+        # A process that exits on FATAL removes its partial file on the way
+        # out (the client hears of the FATAL before the process is gone).
+        wait_until(lambda: not partial.exists(), timeout=30)
+        # What the exit would have left is stale all the same: make one.
+        partial.write_bytes(b"{}\n")
+        shutil.chown(partial, "postgres", "postgres")
     log_before = len(scratch.log_text())
     with scratch.connect() as c:
         # Neither a function export without overwrite nor COPY is blocked.
@@ -215,12 +225,34 @@ def test_terminating_the_leader_stops_its_workers(scratch, server_dir):
         started = time.monotonic()
         wait_until(lambda: workers_running(observer) == 0, timeout=10)
         assert time.monotonic() - started < 3
-    assert not (server_dir / "manifest.json").exists()
+        wait_until(lambda: observer.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()[0] == 0)
+    # Leader and workers exit on FATAL and remove their partial files before
+    # they leave pg_stat_activity.
+    assert list(server_dir.iterdir()) == []
+    files = finished_export(scratch, server_dir)
+    manifest = json.loads((server_dir / "manifest.json").read_text())
+    assert sorted(files) == sorted(["manifest.json"] + [p["file"] for p in manifest["parts"]])
+
+
+def test_a_killed_directory_exports_files_are_removed_by_the_next_export(scratch, server_dir):
+    conn, pid, thread, result = start_directory_export(scratch, server_dir)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=60)
+    conn.close()
+    wait_for_server(scratch)
+    left = sorted(p.name for p in server_dir.iterdir())
+    assert "manifest.json.partial" in left
+    assert any(name.startswith("part-") and name.endswith(".partial") for name in left), left
+    log_before = len(scratch.log_text())
     # What the dead export left is stale: the next export takes the
     # directory and leaves only its own files.
     files = finished_export(scratch, server_dir)
     manifest = json.loads((server_dir / "manifest.json").read_text())
     assert sorted(files) == sorted(["manifest.json"] + [p["file"] for p in manifest["parts"]])
+    log = scratch.log_text()[log_before:]
+    assert "left by a directory export that did not finish" in log
+    assert "removed stale partial file" in log and "manifest.json.partial" in log
 
 
 @pytest.mark.parametrize("round", range(3))
