@@ -17,10 +17,11 @@ setup:
 	scripts/setup.sh
 
 install: setup
-	cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config
+	scripts/install.sh
 
 fmt:
 	cargo fmt
 
 clippy:
 	cargo clippy --all-targets --features pg_test -- -D warnings
+	cargo clippy --all-targets --no-default-features --features "pg18 pg_test" -- -D warnings

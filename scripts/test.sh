@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# make test: set up, then run the whole suite: formatting, lints, pure Rust
-# tests, in-database #[pg_test]s and the end-to-end tests under tests/.
+# make test: set up, then run the whole suite: formatting, pure Rust tests,
+# and for each PostgreSQL version (15 and 18; PG_VERSIONS="18" for one):
+# lints, in-database #[pg_test]s and the end-to-end tests under tests/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -10,20 +11,27 @@ scripts/setup.sh
 echo "==> cargo fmt --check"
 cargo fmt --check
 
-echo "==> cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --features pg_test -- -D warnings
-
 echo "==> pure Rust tests"
 cargo test --lib unit_tests
 
-echo "==> in-database tests (cargo pgrx test, as postgres)"
-pgdata=$(mktemp -d /tmp/pg_stream_export-pgtest.XXXXXX)
-chown postgres: "$pgdata"
-rmdir "$pgdata"    # pgrx wants to create it itself
-trap 'rm -rf "$pgdata"' EXIT
-# The test framework writes under target/; postgres must be able to reach it.
-cargo pgrx test pg15 --runas postgres --pgdata "$pgdata"
+pgdata=""
+trap '[ -z "$pgdata" ] || rm -rf "$pgdata"' EXIT
+for version in ${PG_VERSIONS:-15 18}; do
+    bin=$(pg_bin_of "$version")
+    features=(--no-default-features --features "pg$version pg_test")
 
-echo "==> end-to-end tests"
-cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
-.venv/bin/python -m pytest -q tests
+    echo "==> PostgreSQL $version: cargo clippy --all-targets -- -D warnings"
+    cargo clippy --all-targets "${features[@]}" -- -D warnings
+
+    echo "==> PostgreSQL $version: in-database tests (cargo pgrx test, as postgres)"
+    pgdata=$(mktemp -d /tmp/pg_stream_export-pgtest.XXXXXX)
+    chown postgres: "$pgdata"
+    rmdir "$pgdata"    # pgrx wants to create it itself
+    # The test framework writes under target/; postgres must be able to reach it.
+    cargo pgrx test "pg$version" --runas postgres --pgdata "$pgdata"
+    rm -rf "$pgdata"
+
+    echo "==> PostgreSQL $version: end-to-end tests"
+    cargo pgrx install --release --pg-config "$bin/pg_config" >/dev/null
+    PG_BIN="$bin" .venv/bin/python -m pytest -q tests
+done

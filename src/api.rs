@@ -55,8 +55,8 @@ fn io_error(err: std::io::Error) -> ! {
 
 /// One NDJSON line per row of `source`; the footer, if asked, comes last.
 #[allow(clippy::too_many_arguments)]
-#[pg_extern(volatile, parallel_unsafe)]
-fn stream_export(
+#[pg_extern(name = "stream_export", volatile, parallel_unsafe)]
+fn stream_export_v2(
     source: Option<&str>,
     compression: default!(Option<&str>, "'none'"),
     compression_level: default!(Option<i32>, 6),
@@ -66,6 +66,7 @@ fn stream_export(
     footer: default!(Option<bool>, false),
     key_from: default!(Option<&str>, "NULL"),
     key_to: default!(Option<&str>, "NULL"),
+    force_array: default!(Option<bool>, false),
 ) -> SetOfIterator<'static, String> {
     let options = export_options(RawOptions {
         compression,
@@ -76,6 +77,7 @@ fn stream_export(
         footer,
         key_from,
         key_to,
+        force_array,
     });
     if options.compression != Compression::None {
         option_error(OptionError {
@@ -103,6 +105,9 @@ struct LineStream {
     stats: RecordStats,
     finished: bool,
     footer_sent: bool,
+    /// With force_array: the `[` and `]` lines, each once.
+    opened: bool,
+    closed: bool,
 }
 
 impl LineStream {
@@ -115,7 +120,13 @@ impl LineStream {
             stats: RecordStats::default(),
             finished: false,
             footer_sent: false,
+            opened: false,
+            closed: false,
         }
+    }
+
+    fn array(&self) -> bool {
+        self.export.options().force_array
     }
 }
 
@@ -125,15 +136,22 @@ struct LineCollector<'a> {
     buffer: &'a mut Vec<u8>,
     ends: &'a mut Vec<usize>,
     stats: &'a mut RecordStats,
+    array: bool,
 }
 
 impl LineSink for LineCollector<'_> {
     fn buffer(&mut self) -> &mut Vec<u8> {
+        if self.array {
+            self.buffer
+                .push(crate::sink::array::separator(self.stats.rows));
+        }
         self.buffer
     }
 
     fn line_done(&mut self, start: usize) {
-        self.stats.add(&self.buffer[start..]);
+        // An array element's separator belongs to its line.
+        let from = start - usize::from(self.array);
+        self.stats.add(&self.buffer[from..]);
         self.ends.push(self.buffer.len());
     }
 }
@@ -142,6 +160,11 @@ impl Iterator for LineStream {
     type Item = String;
 
     fn next(&mut self) -> Option<String> {
+        if self.array() && !self.opened {
+            self.opened = true;
+            self.stats.cover(crate::sink::array::OPEN);
+            return Some("[".into());
+        }
         loop {
             if self.next_line < self.ends.len() {
                 let start = if self.next_line == 0 {
@@ -167,7 +190,16 @@ impl Iterator for LineStream {
             if self.finished {
                 if self.export.options().footer && !self.footer_sent {
                     self.footer_sent = true;
-                    return Some(self.export.footer(&self.stats).render());
+                    let footer = self.export.footer(&self.stats).render();
+                    if self.array() {
+                        let separator = crate::sink::array::separator(self.stats.rows) as char;
+                        return Some(format!("{separator}{footer}"));
+                    }
+                    return Some(footer);
+                }
+                if self.array() && !self.closed {
+                    self.closed = true;
+                    return Some("]".into());
                 }
                 return None;
             }
@@ -176,6 +208,7 @@ impl Iterator for LineStream {
             self.next_line = 0;
             let rows = self.export.next_fetch_rows();
             let mut collector = LineCollector {
+                array: self.export.options().force_array,
                 buffer: &mut self.buffer,
                 ends: &mut self.ends,
                 stats: &mut self.stats,
@@ -190,8 +223,8 @@ impl Iterator for LineStream {
 /// The export as a byte stream (`.ndjson` or `.ndjson.gz`) in chunks of
 /// `chunk_size` bytes (the last one shorter).
 #[allow(clippy::too_many_arguments)]
-#[pg_extern(volatile, parallel_unsafe)]
-fn stream_export_bytes(
+#[pg_extern(name = "stream_export_bytes", volatile, parallel_unsafe)]
+fn stream_export_bytes_v2(
     source: Option<&str>,
     compression: default!(Option<&str>, "'none'"),
     compression_level: default!(Option<i32>, 6),
@@ -202,6 +235,7 @@ fn stream_export_bytes(
     key_from: default!(Option<&str>, "NULL"),
     key_to: default!(Option<&str>, "NULL"),
     chunk_size: default!(Option<i32>, 1048576),
+    force_array: default!(Option<bool>, false),
 ) -> SetOfIterator<'static, Vec<u8>> {
     let options = export_options(RawOptions {
         compression,
@@ -212,9 +246,11 @@ fn stream_export_bytes(
         footer,
         key_from,
         key_to,
+        force_array,
     });
     let chunk_size = parse_chunk_size(chunk_size).unwrap_or_else(|e| option_error(e));
-    let writer = ExportWriter::new(Vec::new(), options.compression, options.compression_level);
+    let writer = ExportWriter::new(Vec::new(), options.compression, options.compression_level)
+        .writing_array(options.force_array);
     let export = Export::open(
         Source::resolve(required(source, "source")),
         options,
@@ -288,8 +324,8 @@ fn stream_export_resume_token(source: &str, key: &str, last_line: &str) -> Strin
 
 /// Write the export to a file on the database server, atomically.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-#[pg_extern(volatile, parallel_unsafe)]
-fn stream_export_to_file(
+#[pg_extern(name = "stream_export_to_file", volatile, parallel_unsafe)]
+fn stream_export_to_file_v2(
     source: Option<&str>,
     path: Option<&str>,
     compression: default!(Option<&str>, "'none'"),
@@ -301,6 +337,7 @@ fn stream_export_to_file(
     key_from: default!(Option<&str>, "NULL"),
     key_to: default!(Option<&str>, "NULL"),
     overwrite: default!(Option<bool>, false),
+    force_array: default!(Option<bool>, false),
 ) -> TableIterator<
     'static,
     (
@@ -323,6 +360,7 @@ fn stream_export_to_file(
         footer,
         key_from,
         key_to,
+        force_array,
     });
     let (source, path) = (required(source, "source"), required(path, "path"));
     check_write_privilege();
@@ -556,4 +594,112 @@ fn stream_export_verify_manifest(
         &directory,
         &mut check_interrupts,
     ))
+}
+
+/// The C entry points that version 0.1.0's SQL definitions name, with that
+/// version's argument lists. Between installing this library and `ALTER
+/// EXTENSION pg_stream_export UPDATE`, a database still on 0.1.0 calls
+/// these; without them its calls would read an argument that is not there.
+/// They take no SQL definition of their own (0.2.0's functions are the
+/// `_v2` entry points above).
+mod version_0_1 {
+    use pgrx::prelude::*;
+
+    #[allow(clippy::too_many_arguments)]
+    #[pg_extern(sql = false)]
+    fn stream_export(
+        source: Option<&str>,
+        compression: Option<&str>,
+        compression_level: Option<i32>,
+        key: Option<&str>,
+        after: Option<&str>,
+        batch_size: Option<i32>,
+        footer: Option<bool>,
+        key_from: Option<&str>,
+        key_to: Option<&str>,
+    ) -> SetOfIterator<'static, String> {
+        super::stream_export_v2(
+            source,
+            compression,
+            compression_level,
+            key,
+            after,
+            batch_size,
+            footer,
+            key_from,
+            key_to,
+            None,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[pg_extern(sql = false)]
+    fn stream_export_bytes(
+        source: Option<&str>,
+        compression: Option<&str>,
+        compression_level: Option<i32>,
+        key: Option<&str>,
+        after: Option<&str>,
+        batch_size: Option<i32>,
+        footer: Option<bool>,
+        key_from: Option<&str>,
+        key_to: Option<&str>,
+        chunk_size: Option<i32>,
+    ) -> SetOfIterator<'static, Vec<u8>> {
+        super::stream_export_bytes_v2(
+            source,
+            compression,
+            compression_level,
+            key,
+            after,
+            batch_size,
+            footer,
+            key_from,
+            key_to,
+            chunk_size,
+            None,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[pg_extern(sql = false)]
+    fn stream_export_to_file(
+        source: Option<&str>,
+        path: Option<&str>,
+        compression: Option<&str>,
+        compression_level: Option<i32>,
+        key: Option<&str>,
+        after: Option<&str>,
+        batch_size: Option<i32>,
+        footer: Option<bool>,
+        key_from: Option<&str>,
+        key_to: Option<&str>,
+        overwrite: Option<bool>,
+    ) -> TableIterator<
+        'static,
+        (
+            name!(path, String),
+            name!(rows, i64),
+            name!(bytes, i64),
+            name!(file_bytes, i64),
+            name!(crc32, String),
+            name!(resume_token, Option<String>),
+            name!(elapsed, pgrx::datum::Interval),
+        ),
+    > {
+        super::stream_export_to_file_v2(
+            source,
+            path,
+            compression,
+            compression_level,
+            key,
+            after,
+            batch_size,
+            footer,
+            key_from,
+            key_to,
+            overwrite,
+            None,
+        )
+    }
 }

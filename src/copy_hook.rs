@@ -1,8 +1,11 @@
-//! COPY integration: `COPY ... TO STDOUT | 'file' WITH (FORMAT ndjson, ...)`.
+//! COPY integration: `COPY ... TO STDOUT | 'file' WITH (FORMAT ndjson, ...)`,
+//! and PostgreSQL 19's spelling `(FORMAT json [, FORCE_ARRAY])`.
 //!
-//! A ProcessUtility hook takes COPY TO statements whose FORMAT is ndjson and
-//! runs them through the same export pipeline as the functions (so the
-//! bytes equal `stream_export_bytes` with the same options). The query and
+//! A ProcessUtility hook takes COPY TO statements whose FORMAT is ndjson or
+//! json and runs them through the same export pipeline as the functions (so
+//! the bytes equal `stream_export_bytes` with the same options). On a
+//! server with native `FORMAT json` (see `compat::NATIVE_COPY_JSON`), plain
+//! json statements are left to it. The query and
 //! the options come from the parsed `CopyStmt`, never from the statement's
 //! text. Every other statement goes to the previous hook, or to PostgreSQL,
 //! from a frame that holds nothing and catches nothing, so that its errors
@@ -72,7 +75,7 @@ unsafe extern "C-unwind" fn process_utility(
     // SAFETY: PostgreSQL passes a valid planned utility statement; the
     // check only reads it and cannot raise.
     unsafe {
-        if is_ndjson_copy(pstmt) {
+        if is_our_copy(pstmt) {
             run_ndjson_copy(pstmt, query_string, qc);
             return;
         }
@@ -151,20 +154,55 @@ fn option_word(def: *mut pg_sys::DefElem) -> Option<String> {
     }
 }
 
-/// Whether this statement is a COPY with FORMAT ndjson: pure reads of the
-/// parse tree, so deciding can never raise.
+/// The COPY formats this extension writes: `ndjson`, and `json`, the
+/// spelling of PostgreSQL 19 (the same lines, and FORCE_ARRAY).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum JsonFormat {
+    Ndjson,
+    Json,
+}
+
+/// The extension's own COPY options, beyond PostgreSQL 19's `FORMAT json`.
+const EXTENSION_OPTIONS: [&str; 3] = ["compression", "compression_level", "footer"];
+
+/// Whether this statement is a COPY for this extension: FORMAT ndjson;
+/// FORMAT json unless the server has it natively and no option of ours is
+/// used; or, on servers without native json, a FORCE_ARRAY that must get
+/// PostgreSQL 19's error. Pure reads of the parse tree, so deciding can
+/// never raise.
 ///
 /// # Safety
 /// `pstmt` must be a valid PlannedStmt.
-unsafe fn is_ndjson_copy(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+unsafe fn is_our_copy(pstmt: *mut pg_sys::PlannedStmt) -> bool {
     // SAFETY: forwarded.
     unsafe {
         copy_stmt(pstmt).is_some_and(|copy| {
-            copy_options(copy).into_iter().any(|def| {
-                option_name(def) == "format"
-                    && option_word(def).is_some_and(|w| w.eq_ignore_ascii_case("ndjson"))
-            })
+            let options = copy_options(copy);
+            let has = |name: &str| options.iter().any(|def| option_name(*def) == name);
+            match copy_format(&options) {
+                Some(JsonFormat::Ndjson) => true,
+                Some(JsonFormat::Json) => {
+                    !crate::compat::NATIVE_COPY_JSON || EXTENSION_OPTIONS.iter().any(|o| has(o))
+                }
+                None => !crate::compat::NATIVE_COPY_JSON && has("force_array"),
+            }
         })
+    }
+}
+
+/// The statement's FORMAT when it is one of ours (the first FORMAT given;
+/// PostgreSQL refuses a second).
+fn copy_format(options: &[*mut pg_sys::DefElem]) -> Option<JsonFormat> {
+    let format = options
+        .iter()
+        .find(|def| option_name(**def) == "format")
+        .and_then(|def| option_word(*def))?;
+    if format.eq_ignore_ascii_case("ndjson") {
+        Some(JsonFormat::Ndjson)
+    } else if format.eq_ignore_ascii_case("json") {
+        Some(JsonFormat::Json)
+    } else {
+        None
     }
 }
 
@@ -173,6 +211,7 @@ struct CopyOptions {
     compression: Compression,
     compression_level: Option<i32>,
     footer: bool,
+    force_array: bool,
 }
 
 fn option_string(def: *mut pg_sys::DefElem) -> String {
@@ -186,12 +225,35 @@ fn option_string(def: *mut pg_sys::DefElem) -> String {
 
 const NDJSON_OPTIONS_HINT: &str =
     "FORMAT ndjson takes COMPRESSION, COMPRESSION_LEVEL, FOOTER and ENCODING 'UTF8'";
+const JSON_OPTIONS_HINT: &str =
+    "FORMAT json takes FORCE_ARRAY, COMPRESSION, COMPRESSION_LEVEL, FOOTER and ENCODING 'UTF8'";
 
-/// The options of an ndjson COPY, or an error for one that does not fit.
-fn ndjson_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
-    // SAFETY: plain field reads of the statement.
-    let (is_from, is_program) = unsafe { ((*copy).is_from, (*copy).is_program) };
+/// The options of an ndjson or json COPY, or an error for one that does
+/// not fit. With json, the errors PostgreSQL 19 defines come first.
+fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
+    // SAFETY: plain field reads of the statement; a valid CopyStmt.
+    let (is_from, is_program, defs) =
+        unsafe { ((*copy).is_from, (*copy).is_program, copy_options(copy)) };
+    let format = copy_format(&defs);
+    if format != Some(JsonFormat::Json) && defs.iter().any(|d| option_name(*d) == "force_array") {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "COPY FORCE_ARRAY can only be used with JSON mode",
+            Some("write FORMAT json, FORCE_ARRAY"),
+        );
+    }
+    let (format_name, hint) = match format {
+        Some(JsonFormat::Json) => ("json", JSON_OPTIONS_HINT),
+        _ => ("ndjson", NDJSON_OPTIONS_HINT),
+    };
     if is_from {
+        if format == Some(JsonFormat::Json) {
+            raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                "cannot use JSON mode in COPY FROM",
+                Some("FORMAT json is an export format: use it with COPY ... TO"),
+            );
+        }
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             "COPY FROM with FORMAT ndjson is not supported",
@@ -201,7 +263,7 @@ fn ndjson_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
     if is_program {
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            "COPY TO PROGRAM with FORMAT ndjson is not supported",
+            format!("COPY TO PROGRAM with FORMAT {format_name} is not supported"),
             Some("use COPY ... TO STDOUT and a pipe, or COMPRESSION gzip"),
         );
     }
@@ -209,9 +271,9 @@ fn ndjson_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
         compression: Compression::None,
         compression_level: None,
         footer: false,
+        force_array: false,
     };
-    // SAFETY: a valid CopyStmt.
-    for def in unsafe { copy_options(copy) } {
+    for def in defs {
         let name = option_name(def);
         match name.as_str() {
             "format" => {}
@@ -232,6 +294,7 @@ fn ndjson_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
                 options.compression_level = Some(unsafe { pg_sys::defGetInt32(def) })
             }
             "footer" => options.footer = unsafe { pg_sys::defGetBoolean(def) },
+            "force_array" => options.force_array = unsafe { pg_sys::defGetBoolean(def) },
             "encoding" => {
                 let encoding = option_string(def)
                     .replace(['-', '_'], "")
@@ -240,23 +303,28 @@ fn ndjson_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
                     raise(
                         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
                         format!(
-                            "COPY option \"encoding\" must be UTF8 with FORMAT ndjson, not \"{}\"",
+                            "COPY option \"encoding\" must be UTF8 with FORMAT {format_name}, not \"{}\"",
                             option_string(def)
                         ),
-                        Some("NDJSON output is always UTF-8"),
+                        Some("JSON output is always UTF-8"),
                     );
                 }
             }
+            "header" | "delimiter" | "null" | "default" if format_name == "json" => raise(
+                PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
+                format!("cannot specify {} in JSON mode", name.to_ascii_uppercase()),
+                Some(hint),
+            ),
             "header" | "delimiter" | "null" | "quote" | "escape" | "force_quote"
             | "force_not_null" | "force_null" | "freeze" | "default" => raise(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("COPY option \"{name}\" cannot be used with FORMAT ndjson"),
-                Some(NDJSON_OPTIONS_HINT),
+                format!("COPY option \"{name}\" cannot be used with FORMAT {format_name}"),
+                Some(hint),
             ),
             _ => raise(
                 PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
-                format!("COPY option \"{name}\" not recognized with FORMAT ndjson"),
-                Some(NDJSON_OPTIONS_HINT),
+                format!("COPY option \"{name}\" not recognized with FORMAT {format_name}"),
+                Some(hint),
             ),
         }
     }
@@ -356,7 +424,7 @@ fn send_message(kind: u8, data: &[u8]) {
     }
 }
 
-/// Run an ndjson COPY. Our own errors are raised from here, inside the
+/// Run an ndjson or json COPY. Our own errors are raised from here, inside the
 /// guard; only this path runs Rust code that can fail.
 #[pg_guard]
 unsafe extern "C-unwind" fn run_ndjson_copy(
@@ -368,7 +436,7 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
     let Some(copy) = (unsafe { copy_stmt(pstmt) }) else {
         return;
     };
-    let copy_options = ndjson_options(copy);
+    let copy_options = json_copy_options(copy);
     let options = ExportOptions::parse(&RawOptions {
         compression: Some(if copy_options.compression == Compression::Gzip {
             "gzip"
@@ -377,6 +445,7 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
         }),
         compression_level: copy_options.compression_level,
         footer: Some(copy_options.footer),
+        force_array: Some(copy_options.force_array),
         ..Default::default()
     })
     .unwrap_or_else(|e| {
@@ -399,12 +468,16 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
         }
         // SAFETY: the hook's own arguments.
         let source = unsafe { copy_source(pstmt, query_string, copy) };
-        let (compression, level) = (options.compression, options.compression_level);
+        let (compression, level, array) = (
+            options.compression,
+            options.compression_level,
+            options.force_array,
+        );
         let mut export = Export::open(source, options, Destination::Pipe);
         // CopyOutResponse: overall format (1 = binary for gzip bytes), one column.
         let format = u8::from(compression == Compression::Gzip);
         send_message(b'H', &[format, 0, 1, 0, format]);
-        let mut writer = ExportWriter::new(CopyOut, compression, level);
+        let mut writer = ExportWriter::new(CopyOut, compression, level).writing_array(array);
         let rows = write_whole_export(&mut export, &mut writer);
         send_message(b'c', &[]);
         rows

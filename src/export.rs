@@ -34,7 +34,7 @@ pub struct WriterSink<'a, W: std::io::Write>(pub &'a mut ExportWriter<W>);
 
 impl<W: std::io::Write> LineSink for WriterSink<'_, W> {
     fn buffer(&mut self) -> &mut Vec<u8> {
-        self.0.buffer()
+        self.0.start_record()
     }
 
     fn line_done(&mut self, _start: usize) {
@@ -631,10 +631,7 @@ fn open_batch(keyset: &mut Keyset, source: &Source, limit: u64) {
 fn find_key(source: &Source, tupdesc: pg_sys::TupleDesc, column: &str) -> Key {
     // SAFETY: a valid descriptor from an open cursor; attributes within natts.
     let found = unsafe {
-        let natts = (*tupdesc).natts as usize;
-        (*tupdesc)
-            .attrs
-            .as_slice(natts)
+        crate::compat::attributes(tupdesc)
             .iter()
             .enumerate()
             .find(|(_, a)| {

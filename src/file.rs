@@ -833,12 +833,17 @@ pub fn export_to_file(
     use crate::sink::{background::BackgroundWriter, ExportWriter};
 
     let mut partial = PartialFile::create(dir, name, overwrite);
-    let (compression, level) = (options.compression, options.compression_level);
+    let (compression, level, array) = (
+        options.compression,
+        options.compression_level,
+        options.force_array,
+    );
     let mut export = Export::open(source, options, crate::progress::Destination::File);
     let file = partial
         .take_file()
         .unwrap_or_else(|e| raise_io(e, "export output"));
-    let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
+    let mut writer =
+        ExportWriter::new(BackgroundWriter::new(file), compression, level).writing_array(array);
     write_whole_export(&mut export, &mut writer);
     let stats = writer.stats();
     let (rows, bytes, crc32) = (stats.rows, stats.bytes, stats.crc32());

@@ -5,6 +5,7 @@
 //! talk to PostgreSQL through `pg_sys` ([`scan`], [`source`]).
 
 mod api;
+mod compat;
 mod copy_hook;
 mod encode;
 mod error;

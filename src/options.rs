@@ -94,6 +94,8 @@ pub struct ExportOptions {
     pub footer: bool,
     pub key_from: Option<String>,
     pub key_to: Option<String>,
+    /// One JSON array instead of NDJSON lines (see `sink::array`).
+    pub force_array: bool,
 }
 
 /// Options as they come from SQL, before validation.
@@ -107,6 +109,7 @@ pub struct RawOptions<'a> {
     pub footer: Option<bool>,
     pub key_from: Option<&'a str>,
     pub key_to: Option<&'a str>,
+    pub force_array: Option<bool>,
 }
 
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
@@ -175,6 +178,7 @@ impl ExportOptions {
             footer: raw.footer.unwrap_or(false),
             key_from: raw.key_from.map(str::to_owned),
             key_to: raw.key_to.map(str::to_owned),
+            force_array: raw.force_array.unwrap_or(false),
         })
     }
 }

@@ -252,7 +252,7 @@ pub extern "C-unwind" fn pg_stream_export_part_worker(argument: pg_sys::Datum) {
     // in the middle of malloc); then signals are unblocked and the segment
     // whose handle is the argument is attached.
     let segment = unsafe {
-        pg_sys::pqsignal(libc::SIGTERM, Some(postgres_die));
+        crate::compat::set_signal_handler(libc::SIGTERM, Some(postgres_die));
         pg_sys::BackgroundWorkerUnblockSignals();
         pg_sys::dsm_attach(handle)
     };

@@ -131,6 +131,11 @@ struct Scanner {
     oversized: bool,
     last_oversized: bool,
     any_line: bool,
+    /// The first line is `[`: a JSON array export (see `sink::array`).
+    array: bool,
+    /// An array's closing `]` line was read; nothing may follow.
+    closed: bool,
+    after_close: bool,
 }
 
 impl Scanner {
@@ -139,16 +144,36 @@ impl Scanner {
         self.crc.update(bytes);
     }
 
-    fn feed(&mut self, mut data: &[u8]) {
+    /// A footer-like line held back turned out not to be the last one: it
+    /// was a record.
+    fn release_held(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.footer_seen_at.get_or_insert(self.rows + 1);
+            self.record_bytes(&held);
+            self.rows += 1;
+        }
+    }
+
+    /// Whether a line that starts with `head` is footer-like; None while
+    /// too little of it is known. In an array the footer element comes
+    /// after its separator.
+    fn footer_like(&self, head: &[u8], ends_line: bool) -> Option<bool> {
         let prefix = FOOTER_PREFIX.as_bytes();
+        let skip = usize::from(self.array);
+        if head.len() < prefix.len() + skip && !ends_line {
+            return None;
+        }
+        let separated = !self.array || matches!(head.first(), Some(b' ' | b','));
+        Some(separated && head.len() >= skip && head[skip..].starts_with(prefix))
+    }
+
+    fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
+            if self.closed {
+                self.after_close = true;
+                return;
+            }
             if self.line_len == 0 {
-                // A new line starts: a held footer-like line was a record.
-                if let Some(held) = self.held.take() {
-                    self.footer_seen_at.get_or_insert(self.rows + 1);
-                    self.record_bytes(&held);
-                    self.rows += 1;
-                }
                 self.oversized = false;
             }
             let (segment, ends_line) = match memchr::memchr(b'\n', data) {
@@ -161,13 +186,33 @@ impl Scanner {
             self.line = match line {
                 Line::Head(mut head) => {
                     head.extend_from_slice(segment);
-                    if head.len() < prefix.len() && !ends_line {
-                        Line::Head(head)
-                    } else if head.starts_with(prefix) {
-                        Line::Candidate(head)
-                    } else {
+                    let first_line = !self.any_line && self.rows == 0;
+                    if first_line && ends_line && head == crate::sink::array::OPEN {
+                        // The opening bracket: covered by the checksum, not a row.
+                        self.array = true;
                         self.record_bytes(&head);
-                        Line::Record
+                        self.any_line = true;
+                        self.line_len = 0;
+                        continue;
+                    }
+                    if self.array && ends_line && head == crate::sink::array::CLOSE {
+                        // The closing bracket ends the array after the footer.
+                        self.closed = true;
+                        self.any_line = true;
+                        self.line_len = 0;
+                        continue;
+                    }
+                    match self.footer_like(&head, ends_line) {
+                        None => Line::Head(head),
+                        Some(footer_like) => {
+                            self.release_held();
+                            if footer_like {
+                                Line::Candidate(head)
+                            } else {
+                                self.record_bytes(&head);
+                                Line::Record
+                            }
+                        }
                     }
                 }
                 Line::Record => {
@@ -191,6 +236,7 @@ impl Scanner {
                 match std::mem::take(&mut self.line) {
                     Line::Candidate(held) => self.held = Some(held),
                     Line::Head(head) => {
+                        self.release_held();
                         self.record_bytes(&head);
                         self.rows += 1;
                     }
@@ -218,6 +264,19 @@ impl Scanner {
                 "the last line has no newline: the file was cut off".into(),
             );
         }
+        if self.after_close {
+            return self.verdict(
+                false,
+                "data follows the array's closing bracket: something was appended".into(),
+            );
+        }
+        if self.array && !self.closed {
+            self.release_held();
+            return self.verdict(
+                false,
+                "the array has no closing bracket: the file was cut off".into(),
+            );
+        }
         let Some(last) = self.held.take() else {
             if !self.any_line {
                 return self.verdict(false, "the file is empty: no footer".into());
@@ -238,7 +297,9 @@ impl Scanner {
             };
             return self.verdict(false, detail);
         };
-        let expected = match parse_footer(&last[..last.len() - 1]) {
+        // Without its newline, and in an array without its separator.
+        let footer = &last[usize::from(self.array)..last.len() - 1];
+        let expected = match parse_footer(footer) {
             Ok(expected) => expected,
             Err(problem) => return self.verdict(false, problem),
         };
@@ -280,7 +341,11 @@ mod unit_tests {
     use crate::sink::{ExportWriter, RecordStats};
 
     fn export(rows: usize, compression: Compression, footer: bool) -> Vec<u8> {
-        let mut writer = ExportWriter::new(Vec::new(), compression, 6);
+        export_shaped(rows, compression, footer, false)
+    }
+
+    fn export_shaped(rows: usize, compression: Compression, footer: bool, array: bool) -> Vec<u8> {
+        let mut writer = ExportWriter::new(Vec::new(), compression, 6).writing_array(array);
         for i in 0..rows {
             writer
                 .write_record(format!("{{\"id\":{i},\"v\":\"é {i}\"}}").as_bytes())
@@ -340,6 +405,45 @@ mod unit_tests {
         assert!(check(&appended).detail.contains("appended"));
         assert!(!check(b"").ok);
         assert!(!check(&export(10, Compression::None, false)).ok);
+    }
+
+    #[test]
+    fn array_exports_verify_and_damage_is_reported() {
+        for compression in [Compression::None, Compression::Gzip] {
+            for rows in [0, 1, 3, 50_000] {
+                let good = export_shaped(rows, compression, true, true);
+                let verdict = check(&good);
+                assert!(verdict.ok, "{compression} {rows}: {}", verdict.detail);
+                assert_eq!(verdict.rows, rows as u64);
+            }
+        }
+        let good = export_shaped(3, Compression::None, true, true);
+        let text = String::from_utf8(good.clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "[");
+        assert!(lines[1].starts_with(" {\"id\":0"));
+        assert!(lines[2].starts_with(",{\"id\":1"));
+        assert!(lines[4].starts_with(",{\"_stream_export\":"));
+        assert_eq!(lines[5], "]");
+        // The bytes before the footer element are what the footer covers.
+        let footer_at = text.find(",{\"_stream_export\"").unwrap();
+        assert_eq!(check(&good).bytes, footer_at as u64);
+        let unclosed = &good[..good.len() - 2];
+        assert!(check(unclosed).detail.contains("closing bracket"));
+        let mut appended = good.clone();
+        appended.extend_from_slice(b",{\"id\":9}\n");
+        assert!(check(&appended).detail.contains("appended"));
+        let mut flipped = good.clone();
+        flipped[10] ^= 0x01;
+        assert!(check(&flipped).detail.contains("CRC-32"));
+        let without_footer = export_shaped(3, Compression::None, false, true);
+        assert!(serde_json::from_slice::<serde_json::Value>(&without_footer).is_ok());
+        assert!(check(&without_footer).detail.contains("no footer"));
+        // An empty array is valid JSON too.
+        assert_eq!(export_shaped(0, Compression::None, false, true), b"[\n]\n");
+        // With a footer, the whole file still parses as one JSON array.
+        let parsed: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        assert_eq!(parsed.as_array().unwrap().len(), 4);
     }
 
     #[test]

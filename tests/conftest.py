@@ -1,4 +1,5 @@
-"""End-to-end harness: one throwaway PostgreSQL 15 cluster per test session.
+"""End-to-end harness: one throwaway PostgreSQL cluster per test session (the
+version whose binaries PG_BIN names; 15 from Debian by default).
 
 The cluster runs as the `postgres` OS user (PostgreSQL refuses root) in a
 fresh directory under /tmp, on a free local port, with the installed
@@ -56,9 +57,9 @@ class Server:
     def dsn(self, dbname: str = DATABASE, user: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} dbname={dbname} user={user}"
 
-    def connect(self, **kwargs) -> psycopg.Connection:
+    def connect(self, dbname: str = DATABASE, **kwargs) -> psycopg.Connection:
         kwargs.setdefault("autocommit", True)
-        return psycopg.connect(self.dsn(), **kwargs)
+        return psycopg.connect(self.dsn(dbname), **kwargs)
 
     def psql(self, *args: str, input: bytes | None = None, check: bool = True,
              options: str = "") -> subprocess.CompletedProcess:

@@ -131,7 +131,7 @@ impl RowEncoder {
         // natts.
         unsafe {
             let natts = (*tupdesc).natts as usize;
-            let attrs = (*tupdesc).attrs.as_slice(natts);
+            let attrs = crate::compat::attributes(tupdesc);
             let mut columns = Vec::with_capacity(natts);
             for (index, attr) in attrs.iter().enumerate() {
                 if attr.attisdropped {

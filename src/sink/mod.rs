@@ -31,6 +31,12 @@ impl RecordStats {
         self.crc.update(line);
     }
 
+    /// Count bytes that are not a record (an array's opening bracket).
+    pub fn cover(&mut self, bytes: &[u8]) {
+        self.bytes += bytes.len() as u64;
+        self.crc.update(bytes);
+    }
+
     pub fn crc32(&self) -> u32 {
         self.crc.sum()
     }
@@ -58,6 +64,24 @@ pub struct ExportWriter<W: Write> {
     stage: Stage,
     out: W,
     output_bytes: u64,
+    array: bool,
+}
+
+/// The lines of a JSON array export (PostgreSQL 19's `COPY ... (FORMAT json,
+/// FORCE_ARRAY)`): `[`, then each record prefixed with one space (the first)
+/// or a comma (every later one), then `]`, each line ending in a newline.
+pub mod array {
+    pub const OPEN: &[u8] = b"[\n";
+    pub const CLOSE: &[u8] = b"]\n";
+
+    /// What goes before the record (or footer) that follows `rows` records.
+    pub fn separator(rows: u64) -> u8 {
+        if rows == 0 {
+            b' '
+        } else {
+            b','
+        }
+    }
 }
 
 impl<W: Write> ExportWriter<W> {
@@ -74,12 +98,27 @@ impl<W: Write> ExportWriter<W> {
             stage,
             out,
             output_bytes: 0,
+            array: false,
         }
     }
 
-    /// The buffer record lines are appended to: a caller writes one line
+    /// Write one JSON array instead of NDJSON lines (see [`array`]). The
+    /// footer, when asked, is the array's last element; the stats cover
+    /// every byte before it, the opening bracket and separators included.
+    pub fn writing_array(mut self, array: bool) -> Self {
+        self.array = array;
+        if array {
+            self.block.extend_from_slice(array::OPEN);
+        }
+        self
+    }
+
+    /// The buffer the next record line goes to: a caller writes one line
     /// (with its newline) at the end of it and then calls [`Self::end_record`].
-    pub fn buffer(&mut self) -> &mut Vec<u8> {
+    pub fn start_record(&mut self) -> &mut Vec<u8> {
+        if self.array {
+            self.block.push(array::separator(self.stats.rows));
+        }
         &mut self.block
     }
 
@@ -95,7 +134,7 @@ impl<W: Write> ExportWriter<W> {
     /// Append one whole record line (without newline).
     #[cfg(test)]
     pub fn write_record(&mut self, line: &[u8]) -> io::Result<()> {
-        self.block.extend_from_slice(line);
+        self.start_record().extend_from_slice(line);
         self.block.push(b'\n');
         self.end_record()
     }
@@ -156,13 +195,22 @@ impl<W: Write> ExportWriter<W> {
     }
 
     /// Flush every record, append the footer line if given (not counted in
-    /// the stats), finish compression and flush the output.
+    /// the stats) and an array's closing bracket, finish compression and
+    /// flush the output.
     pub fn finish(&mut self, footer: Option<&dyn Fn(&RecordStats) -> Footer>) -> io::Result<()> {
         self.flush_block()?;
         if let Some(make_footer) = footer {
             let line = make_footer(&self.stats).render();
+            if self.array {
+                self.block.push(array::separator(self.stats.rows));
+            }
             self.block.extend_from_slice(line.as_bytes());
             self.block.push(b'\n');
+        }
+        if self.array {
+            self.block.extend_from_slice(array::CLOSE);
+        }
+        if !self.block.is_empty() {
             self.pass_on()?;
         }
         if let Stage::Gzip(gzip) = &mut self.stage {
