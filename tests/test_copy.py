@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from conftest import HAS_PG_STAT_STATEMENTS
 from helpers import run_in_thread, wait_until
 
 PRELOAD = "-c session_preload_libraries=pg_stream_export"
@@ -74,8 +75,9 @@ def test_psql_pipelines(server, events_small, tmp_path):
 def test_other_copies_are_untouched_and_hooks_chained(conn, tmp_path):
     loaded(conn)
     loaded(conn)  # loading twice is harmless
-    conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-    conn.execute("SELECT pg_stat_statements_reset()")
+    if HAS_PG_STAT_STATEMENTS:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        conn.execute("SELECT pg_stat_statements_reset()")
     conn.execute("DROP TABLE IF EXISTS plain_copy; CREATE TABLE plain_copy (a int, b text)")
     with conn.cursor() as cur:
         with cur.copy("COPY plain_copy FROM STDIN") as copy:
@@ -93,6 +95,8 @@ def test_other_copies_are_untouched_and_hooks_chained(conn, tmp_path):
     conn.execute(f"COPY plain_copy FROM '{target}'")
     assert conn.execute("SELECT count(*) FROM plain_copy").fetchone()[0] == 6
     shutil.rmtree(target.parent)
+    if not HAS_PG_STAT_STATEMENTS:
+        pytest.skip("hook chaining: this PostgreSQL build has no pg_stat_statements (checked on 15 and 18)")
     # The previous hook (pg_stat_statements) saw the statements we left alone.
     seen = conn.execute(
         "SELECT count(*) FROM pg_stat_statements WHERE query ILIKE 'COPY plain_copy TO STDOUT (FORMAT csv)%'"
