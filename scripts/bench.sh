@@ -21,7 +21,7 @@ rows_for_memory=$N
 [ "$mode" = memory ] && rows_for_memory=10000000
 buffers_mb=$(( rows_for_memory * 360 / 1000000 + 512 ))
 cluster_start -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c jit=off \
-    -c TimeZone=UTC -c shared_buffers=${buffers_mb}MB -c max_wal_size=8GB -c checkpoint_timeout=1h \
+    -c pg_stream_export.progress=5s -c TimeZone=UTC -c shared_buffers=${buffers_mb}MB -c max_wal_size=8GB -c checkpoint_timeout=1h \
     -c shared_preload_libraries=pg_stream_export
 out=$(mktemp -d /tmp/pg_stream_export-bench.XXXXXX)
 mkdir -p "$out/dir1" "$out/dir2"

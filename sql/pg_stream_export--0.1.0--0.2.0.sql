@@ -69,3 +69,36 @@ VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'stream_export_to_file_v2_wrapper';
 
+-- New in 0.2.0: the activity of running exports.
+CREATE FUNCTION "stream_export_get_activity"() RETURNS TABLE (
+	"pid" INT,  /* i32 */
+	"leader_pid" INT,  /* Option < i32 > */
+	"partition" INT,  /* Option < i32 > */
+	"role" TEXT,  /* String */
+	"database" TEXT,  /* String */
+	"source" TEXT,  /* Option < String > */
+	"destination" TEXT,  /* Option < String > */
+	"format" TEXT,  /* String */
+	"started_at" timestamp with time zone,  /* Option < pgrx :: datum :: TimestampWithTimeZone > */
+	"rows" bigint,  /* i64 */
+	"bytes" bigint,  /* i64 */
+	"bytes_written" bigint,  /* i64 */
+	"estimated_rows" bigint  /* Option < i64 > */
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'stream_export_get_activity_wrapper';
+
+CREATE VIEW stream_export_activity AS
+SELECT a.pid, a.leader_pid, a.partition, a.role, a.database, a.source, a.destination, a.format,
+       a.started_at, a.rows, a.bytes, a.bytes_written,
+       round((a.rows / greatest(extract(epoch FROM clock_timestamp() - a.started_at), 0.001))::numeric, 1)
+           AS rows_per_second,
+       a.estimated_rows,
+       CASE WHEN a.estimated_rows > 0 AND a.rows <= a.estimated_rows
+            THEN round(100.0 * a.rows / a.estimated_rows, 1) END AS percent_done,
+       CASE WHEN a.estimated_rows > 0 AND a.rows > 0 AND a.rows <= a.estimated_rows
+            THEN (clock_timestamp() - a.started_at) * ((a.estimated_rows - a.rows)::float8 / a.rows) END AS eta
+FROM stream_export_get_activity() a;
+COMMENT ON VIEW stream_export_activity IS 'Running pg_stream_export exports: one row per export, a directory export''s leader row summing its workers; estimated_rows, percent_done and eta are estimates.';
+GRANT SELECT ON stream_export_activity TO PUBLIC;

@@ -88,11 +88,12 @@ fn stream_export_v2(
             hint: "use stream_export_bytes or stream_export_to_file for compressed output".into(),
         });
     }
-    let export = Export::open(
+    let mut export = Export::open(
         Source::resolve(required(source, "source")),
         options,
         Destination::Callback,
     );
+    export.track("client (stream_export)");
     SetOfIterator::new(LineStream::new(export))
 }
 
@@ -201,6 +202,8 @@ impl Iterator for LineStream {
                     self.closed = true;
                     return Some("]".into());
                 }
+                let (bytes, crc32) = (self.stats.bytes, self.stats.crc32());
+                self.export.complete(bytes, Some(crc32));
                 return None;
             }
             self.buffer.clear();
@@ -251,11 +254,12 @@ fn stream_export_bytes_v2(
     let chunk_size = parse_chunk_size(chunk_size).unwrap_or_else(|e| option_error(e));
     let writer = ExportWriter::new(Vec::new(), options.compression, options.compression_level)
         .writing_array(options.force_array);
-    let export = Export::open(
+    let mut export = Export::open(
         Source::resolve(required(source, "source")),
         options,
         Destination::Callback,
     );
+    export.track("client (stream_export_bytes)");
     SetOfIterator::new(ChunkStream {
         export,
         writer,
@@ -284,6 +288,9 @@ impl Iterator for ChunkStream {
                 return Some(std::mem::replace(out, rest));
             }
             if self.finished {
+                let crc32 = self.writer.stats().crc32();
+                self.export
+                    .complete(self.writer.output_bytes(), Some(crc32));
                 return None;
             }
             let rows = self.export.next_fetch_rows();
@@ -294,6 +301,8 @@ impl Iterator for ChunkStream {
                 }
             } else if let Err(e) = self.writer.drain() {
                 io_error(e);
+            } else {
+                self.export.note_written(self.writer.output_bytes());
             }
         }
     }
@@ -703,3 +712,64 @@ mod version_0_1 {
         )
     }
 }
+
+/// Every running export the current role may see (the rows behind the
+/// `stream_export_activity` view).
+#[allow(clippy::type_complexity)]
+#[pg_extern(volatile, parallel_restricted)]
+fn stream_export_get_activity() -> TableIterator<
+    'static,
+    (
+        name!(pid, i32),
+        name!(leader_pid, Option<i32>),
+        name!(partition, Option<i32>),
+        name!(role, String),
+        name!(database, String),
+        name!(source, Option<String>),
+        name!(destination, Option<String>),
+        name!(format, String),
+        name!(started_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(rows, i64),
+        name!(bytes, i64),
+        name!(bytes_written, i64),
+        name!(estimated_rows, Option<i64>),
+    ),
+> {
+    TableIterator::new(crate::activity::activity().into_iter().map(|a| {
+        (
+            a.pid,
+            a.leader_pid,
+            a.partition,
+            a.role,
+            a.database,
+            a.source,
+            a.destination,
+            a.format,
+            pgrx::datum::TimestampWithTimeZone::try_from(a.started_at).ok(),
+            a.rows,
+            a.bytes,
+            a.written,
+            a.estimated_rows,
+        )
+    }))
+}
+
+pgrx::extension_sql!(
+    r#"
+CREATE VIEW stream_export_activity AS
+SELECT a.pid, a.leader_pid, a.partition, a.role, a.database, a.source, a.destination, a.format,
+       a.started_at, a.rows, a.bytes, a.bytes_written,
+       round((a.rows / greatest(extract(epoch FROM clock_timestamp() - a.started_at), 0.001))::numeric, 1)
+           AS rows_per_second,
+       a.estimated_rows,
+       CASE WHEN a.estimated_rows > 0 AND a.rows <= a.estimated_rows
+            THEN round(100.0 * a.rows / a.estimated_rows, 1) END AS percent_done,
+       CASE WHEN a.estimated_rows > 0 AND a.rows > 0 AND a.rows <= a.estimated_rows
+            THEN (clock_timestamp() - a.started_at) * ((a.estimated_rows - a.rows)::float8 / a.rows) END AS eta
+FROM stream_export_get_activity() a;
+COMMENT ON VIEW stream_export_activity IS 'Running pg_stream_export exports: one row per export, a directory export''s leader row summing its workers; estimated_rows, percent_done and eta are estimates.';
+GRANT SELECT ON stream_export_activity TO PUBLIC;
+"#,
+    name = "stream_export_activity_view",
+    requires = [stream_export_get_activity],
+);

@@ -474,12 +474,14 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
             options.force_array,
         );
         let mut export = Export::open(source, options, Destination::Pipe);
+        export.track("client (COPY TO STDOUT)");
         // CopyOutResponse: overall format (1 = binary for gzip bytes), one column.
         let format = u8::from(compression == Compression::Gzip);
         send_message(b'H', &[format, 0, 1, 0, format]);
         let mut writer = ExportWriter::new(CopyOut, compression, level).writing_array(array);
         let rows = write_whole_export(&mut export, &mut writer);
         send_message(b'c', &[]);
+        export.complete(writer.output_bytes(), Some(writer.stats().crc32()));
         rows
     } else {
         check_write_privilege();

@@ -7,6 +7,7 @@ use std::ffi::CStr;
 
 use pgrx::{pg_sys, PgSqlErrorCode};
 
+use crate::activity::{Description, Tracked};
 use crate::encode::RowEncoder;
 use crate::error::raise;
 use crate::file::raise_io;
@@ -58,6 +59,7 @@ pub fn write_whole_export<W: std::io::Write>(
         writer
             .drain()
             .unwrap_or_else(|e| raise_io(e, "export output"));
+        export.note_written(writer.output_bytes());
     }
     export
         .finish_writer(writer)
@@ -274,6 +276,9 @@ pub struct Export {
     rows_before: u64,
     encoded_bytes: u64,
     progress: Progress,
+    /// The view, progress NOTICEs and audit line; set by [`Export::track`]
+    /// on the paths that really export (not for plans and tokens).
+    tracked: Option<Tracked>,
 }
 
 fn invalid(message: impl Into<String>, hint: Option<&str>) -> ! {
@@ -358,6 +363,64 @@ impl Export {
             rows_before,
             encoded_bytes: 0,
             progress,
+            tracked: None,
+        }
+    }
+
+    /// Show this export in `stream_export_activity`, send progress NOTICEs
+    /// and write its audit line; `destination` says where it goes.
+    pub fn track(&mut self, destination: &str) {
+        let estimated_rows = match &self.walk {
+            Walk::Whole(cursor) => cursor.estimated_rows(),
+            Walk::Keyset(_) => None,
+        }
+        .or_else(|| relation_row_estimate(self.source.relation_oid()));
+        let o = &self.options;
+        let mut format = format!(
+            "format={} compression={}",
+            if o.force_array {
+                "json-array"
+            } else {
+                "ndjson"
+            },
+            o.compression
+        );
+        if o.compression != crate::options::Compression::None {
+            format.push_str(&format!(":{}", o.compression_level));
+        }
+        format.push_str(&format!(" footer={}", o.footer));
+        for (name, value) in [
+            ("key", &o.key),
+            ("key_from", &o.key_from),
+            ("key_to", &o.key_to),
+        ] {
+            if let Some(value) = value {
+                format.push_str(&format!(" {name}={value:?}"));
+            }
+        }
+        if o.after.is_some() {
+            format.push_str(" after=<token>");
+        }
+        self.tracked = Some(Tracked::start(Description {
+            source: self.source.description(),
+            destination: destination.to_string(),
+            format,
+            estimated_rows,
+        }));
+    }
+
+    /// Bytes written to the destination so far, for the view.
+    pub fn note_written(&mut self, bytes: u64) {
+        if let Some(tracked) = &mut self.tracked {
+            tracked.written(bytes);
+        }
+    }
+
+    /// The export reached its end and its output is in place.
+    pub fn complete(&mut self, written: u64, crc32: Option<u32>) {
+        if let Some(tracked) = &mut self.tracked {
+            tracked.written(written);
+            tracked.complete(crc32);
         }
     }
 
@@ -409,6 +472,9 @@ impl Export {
         };
         self.rows += rows;
         self.progress.update(self.rows, self.encoded_bytes);
+        if let Some(tracked) = &mut self.tracked {
+            tracked.update(self.rows, self.encoded_bytes);
+        }
         rows
     }
 
@@ -471,6 +537,19 @@ impl Export {
     pub fn footer(&self, stats: &RecordStats) -> Footer {
         stats.footer(self.resume_token())
     }
+}
+
+/// pg_class's row estimate of a relation, when it has one (never analysed
+/// or vacuumed: none).
+pub fn relation_row_estimate(relation: pg_sys::Oid) -> Option<i64> {
+    if relation == pg_sys::InvalidOid {
+        return None;
+    }
+    let estimate: Option<i64> = crate::scan::select_one(
+        "SELECT reltuples::int8 FROM pg_catalog.pg_class WHERE oid = $1",
+        &[relation.into()],
+    );
+    estimate.filter(|&rows| rows >= 0)
 }
 
 /// NDJSON is UTF-8, and text is copied out as stored: a database in another

@@ -839,6 +839,7 @@ pub fn export_to_file(
         options.force_array,
     );
     let mut export = Export::open(source, options, crate::progress::Destination::File);
+    export.track(&dir.display(name));
     let file = partial
         .take_file()
         .unwrap_or_else(|e| raise_io(e, "export output"));
@@ -854,6 +855,7 @@ pub fn export_to_file(
         .unwrap_or_else(|e| raise_io(e, "export output"));
     let resume_token = export.resume_token();
     let path = partial.commit(file, overwrite);
+    export.complete(file_bytes, Some(crc32));
     Written {
         path,
         rows,

@@ -4,6 +4,7 @@
 //! pure Rust (unit-tested without a server) or one of the few modules that
 //! talk to PostgreSQL through `pg_sys` ([`scan`], [`source`]).
 
+mod activity;
 mod api;
 mod compat;
 mod copy_hook;
@@ -26,10 +27,13 @@ mod verify;
 
 ::pgrx::pg_module_magic!(name, version);
 
-/// Called when the library is loaded: registers the GUCs and the COPY hook.
+/// Called when the library is loaded: registers the GUCs, the activity
+/// table (when preloaded) and the COPY hook.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::define();
+    activity::define_settings();
+    activity::install();
     copy_hook::install();
 }
 

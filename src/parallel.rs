@@ -29,6 +29,7 @@ use pgrx::bgworkers::BackgroundWorkerBuilder;
 use pgrx::{pg_guard, pg_sys, PgSqlErrorCode, PgTryBuilder};
 use serde_json::{json, Value};
 
+use crate::activity::{Description, Tracked};
 use crate::error::raise;
 use crate::file::{
     export_to_file, raise_io, remove_if_abandoned, Directory, Occupant, PartialFile, Written,
@@ -381,6 +382,9 @@ fn run_partition(config: &Value, index: usize, slot: *mut Slot) -> bool {
             pg_sys::ImportSnapshot(snapshot.as_ptr());
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         }
+        // SAFETY: this background worker's own registration entry.
+        let leader_pid = unsafe { (*pg_sys::MyBgworkerEntry).bgw_notify_pid };
+        crate::activity::set_worker_of(leader_pid, index as i32);
         let (source, options, directory, name) = partition_export(config, index);
         let written = export_to_file(source, options, &directory, OsStr::new(&name), false);
         // SAFETY: ends the transaction started above.
@@ -683,6 +687,20 @@ pub fn export_directory(
     refuse_in_writing_transaction();
     let partitions = bounds.len();
     let gzip = options.compression == Compression::Gzip;
+    let mut tracked = Tracked::start(Description {
+        source: source.description(),
+        destination: directory.path().display().to_string(),
+        format: format!(
+            "format=ndjson compression={}{} footer=true key={key:?} partitions={partitions}",
+            options.compression,
+            if gzip {
+                format!(":{}", options.compression_level)
+            } else {
+                String::new()
+            }
+        ),
+        estimated_rows: crate::export::relation_row_estimate(source.relation_oid()),
+    });
     // Held until the manifest is in place: one export per directory.
     let manifest_partial = PartialFile::create(directory, OsStr::new(MANIFEST), overwrite);
     remove_stale_parts(directory);
@@ -811,7 +829,7 @@ pub fn export_directory(
             Some("raise max_worker_processes, or wait for other background workers to finish"),
         );
     }
-    wait_for_partitions(&leader, partitions, started);
+    wait_for_partitions(&leader, partitions, started, &mut tracked);
     let totals = write_manifest(
         &mut leader,
         manifest_partial,
@@ -826,12 +844,15 @@ pub fn export_directory(
         overwrite,
     );
     drop(leader);
+    tracked.job_progress(totals.rows as u64, totals.bytes as u64);
+    tracked.written(totals.file_bytes as u64);
+    tracked.complete(None);
     totals
 }
 
 /// Wait for every partition, or raise the first failure: a partition's
 /// error, or the error of a worker that exited before finishing its part.
-fn wait_for_partitions(leader: &Leader, partitions: usize, started: usize) {
+fn wait_for_partitions(leader: &Leader, partitions: usize, started: usize, tracked: &mut Tracked) {
     let shared = &leader.shared;
     loop {
         let mut done = 0;
@@ -898,6 +919,23 @@ fn wait_for_partitions(leader: &Leader, partitions: usize, started: usize) {
                 None,
             );
         }
+        // Finished partitions count in the leader's own row of the view,
+        // running ones in their workers' rows; the NOTICE gives the sum.
+        let mut finished = (0u64, 0u64, 0u64);
+        for index in 0..partitions {
+            let slot = shared.slot(index);
+            // SAFETY: a DONE slot's counts are published with its state.
+            unsafe {
+                if (*slot).state.load(Ordering::Acquire) == DONE {
+                    finished.0 += (*slot).rows;
+                    finished.1 += (*slot).bytes;
+                    finished.2 += (*slot).file_bytes;
+                }
+            }
+        }
+        tracked.show_in_view(finished.0, finished.1, finished.2);
+        let running = crate::activity::job_totals().unwrap_or((0, 0));
+        tracked.job_progress(finished.0 + running.0, finished.1 + running.1);
         sleep_on_latch(20);
         // A cancel or statement_timeout is raised here, outside any cleanup.
         pgrx::check_for_interrupts!();

@@ -260,6 +260,26 @@ impl Cursor {
         unsafe { (*self.portal()).tupDesc }
     }
 
+    /// The planner's estimate of the rows the portal returns (its first
+    /// plan's top node), when it has one.
+    pub fn estimated_rows(&self) -> Option<i64> {
+        let portal = self.portal();
+        // SAFETY: a live portal's statement list holds PlannedStmt nodes
+        // (utility statements have no plan tree).
+        unsafe {
+            let stmts = (*portal).stmts;
+            if stmts.is_null() || (*stmts).length < 1 {
+                return None;
+            }
+            let first = (*(*stmts).elements).ptr_value.cast::<pg_sys::Node>();
+            if first.is_null() || !pgrx::is_a(first, pg_sys::NodeTag::T_PlannedStmt) {
+                return None;
+            }
+            let plan = (*first.cast::<pg_sys::PlannedStmt>()).planTree;
+            (!plan.is_null()).then(|| (*plan).plan_rows.round() as i64)
+        }
+    }
+
     fn portal(&self) -> pg_sys::Portal {
         // SAFETY: looks the portal up by name; NULL when the transaction
         // has dropped it.

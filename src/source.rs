@@ -74,6 +74,31 @@ impl Source {
         }
     }
 
+    /// What the source is, for people: the relation's name, the query, or
+    /// the COPY statement's text.
+    pub fn description(&self) -> String {
+        match self {
+            Source::Parsed(parsed) => {
+                if parsed.source_text.is_null() {
+                    return self.canonical().to_string();
+                }
+                // SAFETY: the statement text outlives the statement; the
+                // location and length (when set) lie within it.
+                let text = unsafe { std::ffi::CStr::from_ptr(parsed.source_text) }.to_bytes();
+                let start = (parsed.location.max(0) as usize).min(text.len());
+                let end = if parsed.len > 0 {
+                    (start + parsed.len as usize).min(text.len())
+                } else {
+                    text.len()
+                };
+                String::from_utf8_lossy(&text[start..end])
+                    .trim()
+                    .to_string()
+            }
+            _ => self.canonical().to_string(),
+        }
+    }
+
     /// A query given by the user, checked to be one read-only statement.
     pub fn checked_query(query: &str) -> Source {
         check_single_read_only_query(query);

@@ -97,7 +97,8 @@ CRASH_MARKS = ("terminated by signal 6", "terminated by signal 11", "terminated 
                "non-unwinding panic", "panic in a function that cannot unwind")
 
 
-def start_cluster(preload: str, *, environment: dict[str, str] | None = None) -> Server:
+def start_cluster(preload: str, *, environment: dict[str, str] | None = None,
+                  settings: dict[str, str] | None = None) -> Server:
     """initdb and start a throwaway cluster as postgres on a free port, with
     the test database and the extension created. Stop it with stop_cluster."""
     directory = Path(tempfile.mkdtemp(prefix="pg_stream_export-e2e.", dir="/tmp"))
@@ -111,7 +112,8 @@ def start_cluster(preload: str, *, environment: dict[str, str] | None = None) ->
         )
         srv.start_options = (f"-c port={srv.port} -c listen_addresses=127.0.0.1 "
                              f"-c unix_socket_directories={directory} -c fsync=off "
-                             f"-c shared_preload_libraries={preload}")
+                             f"-c shared_preload_libraries={preload}"
+                             + "".join(f" -c {k}={v}" for k, v in (settings or {}).items()))
         srv.start()
         with psycopg.connect(srv.dsn("postgres"), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {DATABASE}")
