@@ -250,7 +250,7 @@ fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
         if format == Some(JsonFormat::Json) {
             raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                "cannot use JSON mode in COPY FROM",
+                "COPY FORMAT JSON is not supported for COPY FROM",
                 Some("FORMAT json is an export format: use it with COPY ... TO"),
             );
         }

@@ -162,3 +162,9 @@ def test_errors(nasty, statement, error):
         copy_out(nasty, statement)
     assert nasty.execute("SELECT 1").fetchone() == (1,)
 
+
+
+def test_copy_from_json_has_postgresql_19s_error(nasty):
+    with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+        copy_out(nasty, "COPY nasty_json FROM STDIN (FORMAT 'json')")
+    assert err.value.diag.message_primary == "COPY FORMAT JSON is not supported for COPY FROM"
