@@ -77,7 +77,8 @@ def test_a_running_export_shows_with_rate_estimate_and_eta(watched, server_dir):
     conn, pid, thread, result = start(watched, SLOW, [str(target)])
     try:
         with watched.connect() as observer:
-            first = wait_until(lambda: (a := activity(observer, pid)) and a["rows"] > 0 and a)
+            # Past the first batches, so that the percentage is above 0.0.
+            first = wait_until(lambda: (a := activity(observer, pid)) and a["rows"] >= ROWS // 50 and a)
             assert first["source"] == '"public"."big"'
             assert first["destination"] == str(target)
             assert "compression=gzip:9" in first["format"] and "format=ndjson" in first["format"]
