@@ -175,14 +175,19 @@ def test_progress_notices_go_to_stderr_and_stdout_stays_the_same(watched, tmp_pa
     assert b"pg_stream_export" not in watched.psql("-c", statement).stderr
 
 
-def audit_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if "pg_stream_export: export " in line]
+def audit_lines(log: str, *pids: int) -> list[str]:
+    """The audit lines of these backends (the log line prefix has the pid:
+    a line of an earlier test's export may still be on its way)."""
+    marks = [f"[{pid}]" for pid in pids]
+    return [line for line in log.splitlines()
+            if "pg_stream_export: export " in line and any(mark in line for mark in marks)]
 
 
 def test_every_export_writes_one_audit_line(watched, server_dir):
     before = len(watched.log_text())
     target = server_dir / "audit.ndjson"
     with watched.connect() as c:
+        mine = c.info.backend_pid
         c.execute("SELECT * FROM stream_export_to_file('SELECT g AS id FROM generate_series(1, 10) g', %s, "
                   "footer => true)", [str(target)])
         crc = c.execute("SELECT crc32 FROM stream_export_verify(%s)", [str(target)]).fetchone()[0]
@@ -197,8 +202,8 @@ def test_every_export_writes_one_audit_line(watched, server_dir):
         wait_until(lambda: (a := activity(observer, pid)) and a["rows"] > 0)
     cancel(watched, conn, pid, thread)
     log = watched.log_text()[before:]
-    lines = wait_until(lambda: len(audit_lines(watched.log_text()[before:])) >= 5
-                       and audit_lines(watched.log_text()[before:]))
+    lines = wait_until(lambda: len(audit_lines(watched.log_text()[before:], mine, pid)) >= 5
+                       and audit_lines(watched.log_text()[before:], mine, pid))
     assert len(lines) == 5, lines
     completed, failed, stopped, bytes_line, cancelled = lines
     assert "export completed:" in completed and 'role="postgres"' in completed
@@ -218,6 +223,10 @@ def test_a_directory_export_writes_one_audit_line_for_the_job(watched, server_di
     with watched.connect() as c:
         c.execute("SELECT * FROM stream_export_to_directory('SELECT g AS id FROM generate_series(1, 1000) g', "
                   "%s, 'id', 3)", [str(server_dir)])
-    lines = audit_lines(watched.log_text()[before:])
+        leader = c.info.backend_pid
+    log = watched.log_text()[before:]
+    lines = audit_lines(log, leader)
+    # No worker writes one of its own.
+    assert not [line for line in log.splitlines() if "pg_stream_export: export " in line and line not in lines]
     assert len(lines) == 1, lines
     assert "export completed:" in lines[0] and " rows=1000 " in lines[0] and "partitions=3" in lines[0]
