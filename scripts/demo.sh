@@ -12,7 +12,7 @@ cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
 
 cluster_start
 trap 'cluster_stop; rm -rf "$CLUSTER_DIR"; echo "==> throwaway cluster stopped and removed"' EXIT
-echo "==> throwaway cluster running in $CLUSTER_DIR on port $PGPORT"
+echo "==> throwaway $("$PG_BIN/postgres" --version) cluster running in $CLUSTER_DIR on port $PGPORT"
 
 psql -q -X -v ON_ERROR_STOP=1 -c 'CREATE EXTENSION pg_stream_export'
 echo "==> loading $N rows into events (bench/make_events.sql)"
