@@ -593,20 +593,24 @@ unsafe extern "C-unwind" fn remove_partials_on_exit(_code: libc::c_int, _arg: pg
         return;
     };
     for partial in live.iter() {
-        // SAFETY: the descriptors of registered partial files stay open
-        // until they are unregistered; fstatat(2)/unlinkat(2) by name.
-        unsafe {
-            let mut st: libc::stat = std::mem::zeroed();
-            if libc::fstatat(
-                partial.dirfd,
-                partial.name.as_ptr(),
-                &mut st,
-                libc::AT_SYMLINK_NOFOLLOW,
-            ) == 0
-                && (st.st_dev, st.st_ino) == partial.identity
-            {
-                libc::unlinkat(partial.dirfd, partial.name.as_ptr(), 0);
-            }
+        // The descriptors of registered partial files stay open until they
+        // are unregistered.
+        unlink_if_identical(partial.dirfd, &partial.name, partial.identity);
+    }
+}
+
+/// Remove `name` in the directory `dirfd` if it still is the file with
+/// `identity` (device, inode); never follows a link. Only system calls:
+/// safe in exit callbacks and while an error unwinds.
+fn unlink_if_identical(dirfd: libc::c_int, name: &CStr, identity: (u64, u64)) {
+    // SAFETY: fstatat(2) into a zeroed struct and unlinkat(2), by name
+    // relative to the caller's open directory.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstatat(dirfd, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) == 0
+            && (st.st_dev, st.st_ino) == identity
+        {
+            libc::unlinkat(dirfd, name.as_ptr(), 0);
         }
     }
 }
@@ -796,13 +800,7 @@ impl Drop for PartialFile {
         // Never raises: this also runs while an error unwinds.
         self.file = None;
         if !self.partial.is_empty() {
-            let ours = self
-                .dir
-                .stat(&self.partial)
-                .is_ok_and(|st| (st.st_dev, st.st_ino) == self.identity);
-            if ours {
-                let _ = self.dir.unlink(&self.partial);
-            }
+            unlink_if_identical(self.dir.fd(), &c_name(&self.partial), self.identity);
         }
         unregister_live_partial(self.serial);
         // The lock goes last, once the name is gone.
