@@ -375,36 +375,10 @@ impl Export {
             Walk::Keyset(_) => None,
         }
         .or_else(|| relation_row_estimate(self.source.relation_oid()));
-        let o = &self.options;
-        let mut format = format!(
-            "format={} compression={}",
-            if o.force_array {
-                "json-array"
-            } else {
-                "ndjson"
-            },
-            o.compression
-        );
-        if o.compression != crate::options::Compression::None {
-            format.push_str(&format!(":{}", o.compression_level));
-        }
-        format.push_str(&format!(" footer={}", o.footer));
-        for (name, value) in [
-            ("key", &o.key),
-            ("key_from", &o.key_from),
-            ("key_to", &o.key_to),
-        ] {
-            if let Some(value) = value {
-                format.push_str(&format!(" {name}={value:?}"));
-            }
-        }
-        if o.after.is_some() {
-            format.push_str(" after=<token>");
-        }
         self.tracked = Some(Tracked::start(Description {
             source: self.source.description(),
             destination: destination.to_string(),
-            format,
+            format: self.options.describe(),
             estimated_rows,
         }));
     }

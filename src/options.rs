@@ -183,6 +183,39 @@ impl ExportOptions {
     }
 }
 
+impl ExportOptions {
+    /// The options that shape the output, as `name=value` words, for the
+    /// activity view and the audit line (a resume token is not shown).
+    pub fn describe(&self) -> String {
+        let mut words = format!(
+            "format={} compression={}",
+            if self.force_array {
+                "json-array"
+            } else {
+                "ndjson"
+            },
+            self.compression
+        );
+        if self.compression != Compression::None {
+            words.push_str(&format!(":{}", self.compression_level));
+        }
+        words.push_str(&format!(" footer={}", self.footer));
+        for (name, value) in [
+            ("key", &self.key),
+            ("key_from", &self.key_from),
+            ("key_to", &self.key_to),
+        ] {
+            if let Some(value) = value {
+                words.push_str(&format!(" {name}={value:?}"));
+            }
+        }
+        if self.after.is_some() {
+            words.push_str(" after=<token>");
+        }
+        words
+    }
+}
+
 /// Validate `chunk_size` for the byte-stream export.
 pub fn parse_chunk_size(value: Option<i32>) -> Result<usize, OptionError> {
     match value {
@@ -201,6 +234,30 @@ mod unit_tests {
 
     fn parse(raw: RawOptions<'_>) -> Result<ExportOptions, OptionError> {
         ExportOptions::parse(&raw)
+    }
+
+    #[test]
+    fn describe_names_what_shapes_the_output() {
+        let plain = parse(RawOptions::default()).unwrap();
+        assert_eq!(
+            plain.describe(),
+            "format=ndjson compression=none footer=false"
+        );
+        let keyed = parse(RawOptions {
+            compression: Some("gzip"),
+            compression_level: Some(9),
+            key: Some("id"),
+            after: Some("token"),
+            key_to: Some("100"),
+            footer: Some(true),
+            force_array: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            keyed.describe(),
+            r#"format=json-array compression=gzip:9 footer=true key="id" key_to="100" after=<token>"#
+        );
     }
 
     #[test]

@@ -690,15 +690,7 @@ pub fn export_directory(
     let mut tracked = Tracked::start(Description {
         source: source.description(),
         destination: directory.path().display().to_string(),
-        format: format!(
-            "format=ndjson compression={}{} footer=true key={key:?} partitions={partitions}",
-            options.compression,
-            if gzip {
-                format!(":{}", options.compression_level)
-            } else {
-                String::new()
-            }
-        ),
+        format: format!("{} partitions={partitions}", options.describe()),
         estimated_rows: crate::export::relation_row_estimate(source.relation_oid()),
     });
     // Held until the manifest is in place: one export per directory.
