@@ -242,12 +242,47 @@ struct Record {
     rows: u64,
     bytes: u64,
     written: u64,
-    estimated_rows: i64,
     last_notice: std::time::Instant,
-    description: *mut Description,
+    about: *mut About,
+}
+
+/// What the audit line names, kept by the record until its callback.
+struct About {
+    description: Description,
     /// Resolved at the start: no catalog lookups once the transaction may
     /// be aborting.
-    names: *mut (String, String),
+    role: String,
+    database: String,
+}
+
+impl Record {
+    /// The shared-memory slot, when the export has one.
+    fn slot(&self) -> Option<&Slot> {
+        // SAFETY: a claimed slot stays ours until released, when the
+        // pointer is cleared.
+        unsafe { self.slot.as_ref() }
+    }
+
+    fn about(&self) -> &About {
+        // SAFETY: set in start, cleared only by the callback at the end.
+        unsafe { &*self.about }
+    }
+
+    /// The export ended with `outcome`: leave the view, write the audit
+    /// line (`extra` after its fields). Only once.
+    fn end(&mut self, outcome: &str, extra: &str) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        release_slot(std::mem::replace(&mut self.slot, std::ptr::null()));
+        if self.audit {
+            log_server_only(format!(
+                "pg_stream_export: export {outcome}: {}{extra}",
+                audit_fields(self)
+            ));
+        }
+    }
 }
 
 /// A running export; see the module documentation.
@@ -357,13 +392,12 @@ impl Tracked {
                     rows: 0,
                     bytes: 0,
                     written: 0,
-                    estimated_rows: description.estimated_rows.unwrap_or(-1),
                     last_notice: now,
-                    description: Box::into_raw(Box::new(description)),
-                    names: Box::into_raw(Box::new((
-                        name_of_role(role),
-                        name_of_database(database),
-                    ))),
+                    about: Box::into_raw(Box::new(About {
+                        description,
+                        role: name_of_role(role),
+                        database: name_of_database(database),
+                    })),
                 },
             );
             (*record).callback.arg = record.cast::<c_void>();
@@ -378,27 +412,22 @@ impl Tracked {
     /// Rows and uncompressed bytes produced so far; sends a progress
     /// NOTICE when one is due.
     pub fn update(&mut self, rows: u64, bytes: u64) {
-        // SAFETY: the record lives as long as the export (see start).
-        let record = unsafe { &mut *self.record };
-        record.rows = rows;
-        record.bytes = bytes;
-        if !record.slot.is_null() {
-            // SAFETY: our claimed slot.
-            let slot = unsafe { &*record.slot };
+        if let Some(slot) = self.record().slot() {
             slot.rows.store(rows, Ordering::Relaxed);
             slot.bytes.store(bytes, Ordering::Relaxed);
         }
-        self.maybe_notice();
+        self.job_progress(rows, bytes);
+    }
+
+    fn record(&mut self) -> &mut Record {
+        // SAFETY: the record lives as long as the export (see start).
+        unsafe { &mut *self.record }
     }
 
     /// Set the counts the view shows for this export's own row, without
     /// touching what the audit line and NOTICEs report.
     pub fn show_in_view(&mut self, rows: u64, bytes: u64, written: u64) {
-        // SAFETY: as in update.
-        let record = unsafe { &*self.record };
-        if !record.slot.is_null() {
-            // SAFETY: our claimed slot.
-            let slot = unsafe { &*record.slot };
+        if let Some(slot) = self.record().slot() {
             slot.rows.store(rows, Ordering::Relaxed);
             slot.bytes.store(bytes, Ordering::Relaxed);
             slot.written.store(written, Ordering::Relaxed);
@@ -408,16 +437,14 @@ impl Tracked {
     /// A job's totals (a directory export's leader, from its workers):
     /// for the NOTICE and the audit line; the view sums the workers itself.
     pub fn job_progress(&mut self, rows: u64, bytes: u64) {
-        // SAFETY: as in update.
-        let record = unsafe { &mut *self.record };
+        let record = self.record();
         record.rows = rows;
         record.bytes = bytes;
         self.maybe_notice();
     }
 
     fn maybe_notice(&mut self) {
-        // SAFETY: as in update.
-        let record = unsafe { &mut *self.record };
+        let record = self.record();
         let interval = PROGRESS_INTERVAL_MS.get();
         if interval > 0 && !in_worker() {
             let now = std::time::Instant::now();
@@ -430,33 +457,17 @@ impl Tracked {
 
     /// Bytes written to the destination so far (compressed size for gzip).
     pub fn written(&mut self, bytes: u64) {
-        // SAFETY: as in update.
-        let record = unsafe { &mut *self.record };
+        let record = self.record();
         record.written = bytes;
-        if !record.slot.is_null() {
-            // SAFETY: our claimed slot.
-            unsafe { &*record.slot }
-                .written
-                .store(bytes, Ordering::Relaxed);
+        if let Some(slot) = record.slot() {
+            slot.written.store(bytes, Ordering::Relaxed);
         }
     }
 
     /// The export finished: write the audit line and leave the view.
     pub fn complete(&mut self, crc32: Option<u32>) {
-        // SAFETY: as in update.
-        let record = unsafe { &mut *self.record };
-        if record.done {
-            return;
-        }
-        record.done = true;
-        release_slot(std::mem::replace(&mut record.slot, std::ptr::null()));
-        if record.audit {
-            let crc = crc32.map(|c| format!(" crc32={c:08x}")).unwrap_or_default();
-            log_server_only(format!(
-                "pg_stream_export: export completed: {}{crc}",
-                audit_fields(record)
-            ));
-        }
+        let crc = crc32.map(|c| format!(" crc32={c:08x}")).unwrap_or_default();
+        self.record().end("completed", &crc);
     }
 }
 
@@ -479,40 +490,32 @@ unsafe extern "C-unwind" fn context_gone(arg: *mut c_void) {
     // memory is freed right after the callbacks run.
     let record = unsafe { &mut *arg.cast::<Record>() };
     if !record.done {
-        record.done = true;
-        release_slot(std::mem::replace(&mut record.slot, std::ptr::null()));
-        if record.audit {
-            // An error since the start (its SQLSTATE from the hook), or a
-            // transaction that is aborting (an error not logged on the
-            // server, below log_min_messages), is a failure.
-            let errored = ERRORS_SEEN.load(Ordering::Relaxed) != record.errors_at_start;
-            // SAFETY: reads the transaction state.
-            let aborting = !unsafe { pg_sys::IsTransactionState() };
-            let outcome = if errored {
-                let state = sqlstate(LAST_ERROR_CODE.load(Ordering::Relaxed));
-                if state == "57014" {
-                    format!("cancelled (SQLSTATE {state})")
-                } else {
-                    format!("failed (SQLSTATE {state})")
-                }
-            } else if aborting {
-                "failed".to_string()
-            } else {
-                "stopped by its caller before the end".to_string()
-            };
-            log_server_only(format!(
-                "pg_stream_export: export {outcome}: {}",
-                audit_fields(record)
-            ));
-        }
+        record.end(&outcome_of_unfinished(record), "");
     }
     // SAFETY: leaked in start, reclaimed once here.
-    unsafe {
-        drop(Box::from_raw(record.description));
-        drop(Box::from_raw(record.names));
+    drop(unsafe { Box::from_raw(std::mem::replace(&mut record.about, std::ptr::null_mut())) });
+}
+
+/// How an export that did not complete ended.
+fn outcome_of_unfinished(record: &Record) -> String {
+    // An error since the start (its SQLSTATE from the hook), or a
+    // transaction that is aborting (an error not logged on the server,
+    // below log_min_messages), is a failure.
+    let errored = ERRORS_SEEN.load(Ordering::Relaxed) != record.errors_at_start;
+    // SAFETY: reads the transaction state.
+    let aborting = !unsafe { pg_sys::IsTransactionState() };
+    if errored {
+        let state = sqlstate(LAST_ERROR_CODE.load(Ordering::Relaxed));
+        if state == "57014" {
+            format!("cancelled (SQLSTATE {state})")
+        } else {
+            format!("failed (SQLSTATE {state})")
+        }
+    } else if aborting {
+        "failed".to_string()
+    } else {
+        "stopped by its caller before the end".to_string()
     }
-    record.description = std::ptr::null_mut();
-    record.names = std::ptr::null_mut();
 }
 
 /// A packed SQLSTATE as its five characters.
@@ -546,8 +549,11 @@ fn name_of_database(database: pg_sys::Oid) -> String {
 }
 
 fn audit_fields(record: &Record) -> String {
-    // SAFETY: both live until the callback reclaims them.
-    let (description, (role, database)) = unsafe { (&*record.description, &*record.names) };
+    let About {
+        description,
+        role,
+        database,
+    } = record.about();
     let source: String = description.source.chars().take(200).collect();
     format!(
         "role={} database={} source={} destination={} {} rows={} bytes={} written={} duration={:.3}s",
@@ -606,10 +612,10 @@ fn progress_line(record: &Record) -> String {
         human_bytes(record.bytes),
         rate
     );
-    if let Some((percent, eta)) = estimate(record.rows, record.estimated_rows, rate) {
+    let estimated_rows = record.about().description.estimated_rows.unwrap_or(-1);
+    if let Some((percent, eta)) = estimate(record.rows, estimated_rows, rate) {
         line.push_str(&format!(
-            ", {percent:.1}% of about {} rows, ETA {eta:.0} s",
-            record.estimated_rows
+            ", {percent:.1}% of about {estimated_rows} rows, ETA {eta:.0} s"
         ));
     }
     line
