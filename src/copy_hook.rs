@@ -310,11 +310,13 @@ fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
                     );
                 }
             }
-            "header" | "delimiter" | "null" | "default" if format_name == "json" => raise(
-                PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
-                format!("cannot specify {} in JSON mode", name.to_ascii_uppercase()),
-                Some(hint),
-            ),
+            "header" | "delimiter" | "null" | "default" if format == Some(JsonFormat::Json) => {
+                raise(
+                    PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
+                    format!("cannot specify {} in JSON mode", name.to_ascii_uppercase()),
+                    Some(hint),
+                )
+            }
             "header" | "delimiter" | "null" | "quote" | "escape" | "force_quote"
             | "force_not_null" | "force_null" | "freeze" | "default" => raise(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
