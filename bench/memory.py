@@ -64,6 +64,10 @@ def main() -> int:
         ("stream_export_bytes, read by a client", "SELECT stream_export_bytes('events')", True),
         ("stream_export, read by a client", "SELECT stream_export('events')", True),
         ("stream_export with key => 'id'", "SELECT stream_export('events', key => 'id')", True),
+        # 10 and 100 chunks: what each chunk allocates must go with it.
+        ("CALL stream_export_chunked, 100,000-row chunks",
+         f"CALL stream_export_chunked('events', '{args.server_dir}/chunked', 'id', chunk_rows => 100000, "
+         "overwrite => true)", False),
     ]
     rows_list = [1_000_000, 10_000_000]
     results = {}

@@ -184,6 +184,8 @@ def methods(ctx: Context) -> list[Method]:
         Method("to_directory_gzip_2", "stream_export_to_directory, gzip -6, 2 partitions", "dir2", True, False,
                sql_method("SELECT * FROM stream_export_to_directory('events', '{out}', 'id', 2, "
                           "compression => 'gzip', overwrite => true)")),
+        Method("chunked", "CALL stream_export_chunked, plain, default chunk_rows", "chunked", False, False,
+               sql_method("CALL stream_export_chunked('events', '{out}', 'id', overwrite => true)")),
         Method("stream_export_psql", "stream_export read by psql into a file", "stream_export.ndjson", False, True,
                psql_method("SELECT stream_export('events')")),
         Method("stream_export_bytes", "stream_export_bytes read by a client", "bytes.ndjson", False, True,
@@ -328,6 +330,8 @@ def main() -> int:
         f"output {size['to_file_gzip'] / size['copy_row_to_json_gzip']:.3f}x the size of gzip -6 (target <= 1.05)",
         f"- psql row_to_json / stream_export via psql: {ratio('psql_row_to_json', 'stream_export_psql'):.2f}x faster",
     ]
+    targets.append(
+        f"- CALL stream_export_chunked / stream_export_to_file, plain: {ratio('chunked', 'to_file'):.2f} (target <= 1.15)")
     targets.append(
         f"- directory export gzip, 1 partition / 2 partitions: {ratio('to_directory_gzip_1', 'to_directory_gzip_2'):.2f}x faster "
         f"with 2 (target >= 1.7 on 2 cores)")

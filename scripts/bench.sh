@@ -24,7 +24,7 @@ cluster_start -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c 
     -c pg_stream_export.progress=5s -c TimeZone=UTC -c shared_buffers=${buffers_mb}MB -c max_wal_size=8GB -c checkpoint_timeout=1h \
     -c shared_preload_libraries=pg_stream_export
 out=$(mktemp -d /tmp/pg_stream_export-bench.XXXXXX)
-mkdir -p "$out/dir1" "$out/dir2"
+mkdir -p "$out/dir1" "$out/dir2" "$out/chunked"
 chown -R postgres: "$out"
 trap 'cluster_stop; rm -rf "$CLUSTER_DIR" "$out"' EXIT
 echo "==> cluster in $CLUSTER_DIR on port $PGPORT, shared_buffers ${buffers_mb}MB; outputs in $out"

@@ -102,3 +102,16 @@ SELECT a.pid, a.leader_pid, a.partition, a.role, a.database, a.source, a.destina
 FROM stream_export_get_activity() a;
 COMMENT ON VIEW stream_export_activity IS 'Running pg_stream_export exports: one row per export, a directory export''s leader row summing its workers; estimated_rows, percent_done and eta are estimates.';
 GRANT SELECT ON stream_export_activity TO PUBLIC;
+
+-- New in 0.2.0: the chunked export, a procedure that commits between chunks.
+CREATE PROCEDURE stream_export_chunked(
+    source text,
+    directory text,
+    key text,
+    chunk_rows bigint DEFAULT 1000000,
+    compression text DEFAULT 'none',
+    compression_level integer DEFAULT 6,
+    batch_size integer DEFAULT 0,
+    overwrite boolean DEFAULT false)
+LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_chunked_wrapper';
+COMMENT ON PROCEDURE stream_export_chunked IS 'Export a source in key order, one committed transaction per chunk, into part files and a manifest in a directory; CALL again to resume.';

@@ -583,6 +583,80 @@ fn stream_export_to_directory(
     ))
 }
 
+/// `CALL stream_export_chunked(...)`: the source in key order, one
+/// transaction per chunk (see [`crate::chunked`]). A procedure, so its SQL
+/// definition is written by hand below. It returns nothing (OUT or INOUT
+/// parameters would have to be passed in every CALL from PL/pgSQL): a
+/// NOTICE and the manifest say what it did.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(sql = false)]
+fn stream_export_chunked(
+    source: Option<&str>,
+    directory: Option<&str>,
+    key: Option<&str>,
+    chunk_rows: Option<i64>,
+    compression: Option<&str>,
+    compression_level: Option<i32>,
+    batch_size: Option<i32>,
+    overwrite: Option<bool>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) {
+    crate::chunked::refuse_atomic_call(fcinfo);
+    let (source, directory) = (required(source, "source"), required(directory, "directory"));
+    let key = required(key, "key");
+    let chunk_rows = chunk_rows.unwrap_or(crate::chunked::DEFAULT_CHUNK_ROWS);
+    if chunk_rows < 1 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid value for chunk_rows: {chunk_rows}"),
+            Some("chunk_rows must be at least 1"),
+        );
+    }
+    let options = export_options(RawOptions {
+        compression,
+        compression_level,
+        key: Some(key),
+        batch_size,
+        footer: Some(true),
+        ..Default::default()
+    });
+    check_write_privilege();
+    let dir = resolve_directory(directory);
+    let totals = crate::chunked::export_chunked(
+        Source::resolve(source),
+        &dir,
+        options,
+        chunk_rows as u64,
+        overwrite.unwrap_or(false),
+    );
+    pgrx::notice!(
+        "stream_export_chunked: {} rows ({} bytes, {} written) in {} chunk(s), {} of them from an earlier call, in \"{}\"",
+        totals.rows,
+        totals.bytes,
+        totals.file_bytes,
+        totals.chunks,
+        totals.resumed_chunks,
+        dir.path().display()
+    );
+}
+
+pgrx::extension_sql!(
+    r#"
+CREATE PROCEDURE stream_export_chunked(
+    source text,
+    directory text,
+    key text,
+    chunk_rows bigint DEFAULT 1000000,
+    compression text DEFAULT 'none',
+    compression_level integer DEFAULT 6,
+    batch_size integer DEFAULT 0,
+    overwrite boolean DEFAULT false)
+LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_chunked_wrapper';
+COMMENT ON PROCEDURE stream_export_chunked IS 'Export a source in key order, one committed transaction per chunk, into part files and a manifest in a directory; CALL again to resume.';
+"#,
+    name = "stream_export_chunked_procedure",
+);
+
 /// Check a directory export: every part against its footer and the
 /// manifest, and the manifest's totals.
 #[pg_extern(volatile, strict, parallel_safe)]
@@ -599,7 +673,7 @@ fn stream_export_verify_manifest(
 > {
     check_read_privilege();
     let directory = open_directory_for_reading(directory);
-    TableIterator::once(crate::parallel::verify_directory(
+    TableIterator::once(crate::layout::verify_directory(
         &directory,
         &mut check_interrupts,
     ))

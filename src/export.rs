@@ -51,11 +51,24 @@ pub fn write_whole_export<W: std::io::Write>(
     export: &mut Export,
     writer: &mut ExportWriter<W>,
 ) -> u64 {
-    loop {
-        let rows = export.next_fetch_rows();
-        if export.fetch(rows, &mut WriterSink(writer)) == 0 {
+    write_export(export, writer, u64::MAX)
+}
+
+/// As [`write_whole_export`], but stop after `limit` rows (the footer's
+/// resume token then continues after the last of them).
+pub fn write_export<W: std::io::Write>(
+    export: &mut Export,
+    writer: &mut ExportWriter<W>,
+    limit: u64,
+) -> u64 {
+    let mut written = 0;
+    while written < limit {
+        let rows = export.next_fetch_rows().min(limit - written);
+        let fetched = export.fetch(rows, &mut WriterSink(writer));
+        if fetched == 0 {
             break;
         }
+        written += fetched;
         writer
             .drain()
             .unwrap_or_else(|e| raise_io(e, "export output"));
@@ -279,6 +292,9 @@ pub struct Export {
     /// The view, progress NOTICEs and audit line; set by [`Export::track`]
     /// on the paths that really export (not for plans and tokens).
     tracked: Option<Tracked>,
+    /// Rows and bytes the tracked job had counted before this export (one
+    /// chunk of a chunked export).
+    tracked_before: (u64, u64),
 }
 
 fn invalid(message: impl Into<String>, hint: Option<&str>) -> ! {
@@ -364,7 +380,19 @@ impl Export {
             encoded_bytes: 0,
             progress,
             tracked: None,
+            tracked_before: (0, 0),
         }
+    }
+
+    /// Count this export's rows and bytes in `tracked`, a job that had
+    /// counted `before` already; [`Export::release_tracked`] hands it back.
+    pub fn count_in(&mut self, tracked: Tracked, before: (u64, u64)) {
+        self.tracked = Some(tracked);
+        self.tracked_before = before;
+    }
+
+    pub fn release_tracked(&mut self) -> Option<Tracked> {
+        self.tracked.take()
     }
 
     /// Show this export in `stream_export_activity`, send progress NOTICEs
@@ -447,9 +475,19 @@ impl Export {
         self.rows += rows;
         self.progress.update(self.rows, self.encoded_bytes);
         if let Some(tracked) = &mut self.tracked {
-            tracked.update(self.rows, self.encoded_bytes);
+            let (rows_before, bytes_before) = self.tracked_before;
+            tracked.update(rows_before + self.rows, bytes_before + self.encoded_bytes);
         }
         rows
+    }
+
+    /// The key of the last row exported, in the form resume tokens hold
+    /// (independent of session settings); `None` without a key or rows.
+    pub fn last_key_text(&self) -> Option<String> {
+        let Walk::Keyset(keyset) = &self.walk else {
+            return None;
+        };
+        keyset.last.as_ref().map(|v| keyset.key.token_text(v))
     }
 
     /// The token to resume after the last row, with a key; `None` without.

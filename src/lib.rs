@@ -6,6 +6,7 @@
 
 mod activity;
 mod api;
+mod chunked;
 mod compat;
 mod copy_hook;
 mod encode;
@@ -15,6 +16,7 @@ mod file;
 mod footer;
 mod gucs;
 mod ident;
+mod layout;
 mod options;
 mod parallel;
 mod plan;

@@ -20,7 +20,7 @@
 //! - when the leader exits for any reason (ERROR, FATAL, terminate), a
 //!   detach callback on the shared segment stops the workers.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
@@ -31,8 +31,9 @@ use serde_json::{json, Value};
 
 use crate::activity::{Description, Tracked};
 use crate::error::raise;
-use crate::file::{
-    export_to_file, raise_io, remove_if_abandoned, Directory, Occupant, PartialFile, Written,
+use crate::file::{export_to_file, remove_if_abandoned, Directory, PartialFile, Written};
+use crate::layout::{
+    commit_listing, export_id_of_part, new_export_id, part_name, remove_stale_parts, MANIFEST,
 };
 use crate::options::{BatchSize, Compression, ExportOptions, RawOptions};
 use crate::source::Source;
@@ -42,7 +43,6 @@ const RUNNING: u32 = 1;
 const DONE: u32 = 2;
 const FAILED: u32 = 3;
 const MESSAGE_BYTES: usize = 480;
-const MANIFEST: &str = "manifest.json";
 
 /// The fixed start of the shared segment.
 #[repr(C)]
@@ -173,44 +173,6 @@ impl Shared {
         serde_json::from_slice(bytes).unwrap_or(Value::Null)
     }
 }
-
-/// `part-<id>-NNNNN.ndjson[.gz]`.
-fn part_name(export_id: &str, index: usize, gzip: bool) -> String {
-    format!(
-        "part-{export_id}-{index:05}.ndjson{}",
-        if gzip { ".gz" } else { "" }
-    )
-}
-
-/// The export id in a part file name of this layout (with `.partial` or
-/// not), or `None` for any other name.
-fn export_id_of_part(name: &[u8]) -> Option<&[u8]> {
-    let name = name.strip_suffix(b".partial").unwrap_or(name);
-    let name = name
-        .strip_suffix(b".ndjson.gz")
-        .or_else(|| name.strip_suffix(b".ndjson"))?;
-    let rest = name.strip_prefix(b"part-")?;
-    let (id, number) = (rest.get(..12)?, rest.get(12..)?);
-    let number = number.strip_prefix(b"-")?;
-    (id.iter().all(|b| b.is_ascii_hexdigit())
-        && number.len() == 5
-        && number.iter().all(u8::is_ascii_digit))
-    .then_some(id)
-}
-
-/// A part file name that a manifest may list and an overwrite may remove:
-/// this layout's, or the earlier `part-NNNNN.ndjson[.gz]`.
-fn is_part_file_name(name: &str) -> bool {
-    if export_id_of_part(name.as_bytes()).is_some() {
-        return true;
-    }
-    let stem = name
-        .strip_suffix(".ndjson.gz")
-        .or_else(|| name.strip_suffix(".ndjson"));
-    stem.and_then(|s| s.strip_prefix("part-"))
-        .is_some_and(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
-}
-
 /// This worker's slot, for the log hook (set once the segment is attached).
 static mut WORKER_SLOT: *mut WorkerSlot = std::ptr::null_mut();
 static mut PREVIOUS_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
@@ -594,70 +556,6 @@ impl Drop for Leader {
     }
 }
 
-/// A random id for this export's file names: 12 hex digits.
-fn new_export_id() -> String {
-    let mut bytes = [0u8; 6];
-    // SAFETY: fills the buffer from PostgreSQL's strong random source.
-    if !unsafe { pg_sys::pg_strong_random(bytes.as_mut_ptr().cast(), bytes.len()) } {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        bytes.copy_from_slice(&(now as u64 ^ std::process::id() as u64).to_be_bytes()[2..]);
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The part file names a manifest lists (only valid part names).
-fn manifest_parts(manifest: &Value) -> Vec<String> {
-    manifest["parts"]
-        .as_array()
-        .map(|parts| {
-            parts
-                .iter()
-                .filter_map(|p| p["file"].as_str())
-                .filter(|name| is_part_file_name(name))
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn read_manifest(file: std::fs::File) -> Option<Value> {
-    use std::io::Read;
-    let mut text = Vec::new();
-    file.take(64 << 20).read_to_end(&mut text).ok()?;
-    serde_json::from_slice(&text).ok()
-}
-
-/// With the directory's manifest lock held, no other export is running
-/// here: part files of other exports that no manifest lists, and partial
-/// parts without a lock, were left by exports that died. Remove them.
-fn remove_stale_parts(directory: &Directory) {
-    let current: Vec<String> = directory
-        .open_regular(OsStr::new(MANIFEST))
-        .ok()
-        .and_then(read_manifest)
-        .map(|m| manifest_parts(&m))
-        .unwrap_or_default();
-    let Ok(names) = directory.names() else {
-        return;
-    };
-    for name in names {
-        if export_id_of_part(name.as_bytes()).is_none()
-            || current.iter().any(|c| c.as_bytes() == name.as_bytes())
-        {
-            continue;
-        }
-        if let Ok(Occupant::Removed(size)) = remove_if_abandoned(directory, &name) {
-            pgrx::log!(
-                "pg_stream_export: removed \"{}\" ({size} bytes) left by a directory export that did not finish",
-                directory.display(&name)
-            );
-        }
-    }
-}
-
 /// Refuse to run in a transaction that has written: the workers read a
 /// snapshot exported from it, which cannot show its own uncommitted rows.
 fn refuse_in_writing_transaction() {
@@ -939,7 +837,7 @@ fn wait_for_partitions(leader: &Leader, partitions: usize, started: usize, track
 #[allow(clippy::too_many_arguments)]
 fn write_manifest(
     leader: &mut Leader,
-    mut manifest_partial: PartialFile,
+    manifest_partial: PartialFile,
     source: &Source,
     key: &str,
     options: &ExportOptions,
@@ -980,6 +878,7 @@ fn write_manifest(
     }
     let manifest = json!({
         "pg_stream_export_manifest": 1,
+        "consistency": "snapshot",
         "export_id": leader.export_id,
         "source": source.canonical(),
         "key": key,
@@ -989,129 +888,14 @@ fn write_manifest(
         "parts": parts,
         "totals": {"partitions": bounds.len(), "rows": totals.rows, "bytes": totals.bytes, "file_bytes": totals.file_bytes},
     });
-    let text = serde_json::to_string_pretty(&manifest).unwrap_or_default() + "\n";
-    let mut file = manifest_partial
-        .take_file()
-        .unwrap_or_else(|e| raise_io(e, MANIFEST));
-    std::io::Write::write_all(&mut file, text.as_bytes()).unwrap_or_else(|e| raise_io(e, MANIFEST));
-    let replaced = manifest_partial.commit_returning_replaced(file, overwrite);
+    commit_listing(
+        &leader.directory,
+        manifest_partial,
+        MANIFEST,
+        &manifest,
+        overwrite,
+    );
     // The new export is in place: from here on nothing may undo it.
     leader.armed = false;
-    if let Some(old) = replaced.and_then(read_manifest) {
-        let new_parts = manifest_parts(&manifest);
-        for name in manifest_parts(&old) {
-            if !new_parts.contains(&name) {
-                let _ = leader.directory.unlink(OsStr::new(&name));
-            }
-        }
-    }
     totals
-}
-
-/// Check every part of a directory export against the manifest and its own
-/// footer. Returns (ok, parts, rows, detail); never raises for bad contents.
-pub fn verify_directory(
-    directory: &Directory,
-    interrupt: &mut dyn FnMut(),
-) -> (bool, i32, i64, String) {
-    let manifest = match directory.open_regular(OsStr::new(MANIFEST)) {
-        Ok(file) => match read_manifest(file) {
-            Some(value) => value,
-            None => return (false, 0, 0, "manifest.json is not valid JSON".into()),
-        },
-        Err(e) => return (false, 0, 0, format!("cannot read manifest.json: {e}")),
-    };
-    let Some(parts) = manifest["parts"].as_array() else {
-        return (false, 0, 0, "manifest.json has no parts".into());
-    };
-    let count = parts.len() as i32;
-    let mut rows = 0i64;
-    for part in parts {
-        let name = part["file"].as_str().unwrap_or("");
-        if !is_part_file_name(name) {
-            return (
-                false,
-                count,
-                rows,
-                format!("\"{name}\" is not a part file name"),
-            );
-        }
-        let verdict = match directory
-            .open_regular(&OsString::from(name))
-            .and_then(|file| crate::verify::verify(file, interrupt))
-        {
-            Ok(verdict) => verdict,
-            Err(e) => return (false, count, rows, format!("{name}: cannot be read: {e}")),
-        };
-        if !verdict.ok {
-            return (false, count, rows, format!("{name}: {}", verdict.detail));
-        }
-        let expected = (part["rows"].as_u64(), part["crc32"].as_str());
-        if expected
-            != (
-                Some(verdict.rows),
-                Some(format!("{:08x}", verdict.crc32).as_str()),
-            )
-        {
-            return (
-                false,
-                count,
-                rows,
-                format!("{name}: does not match the manifest"),
-            );
-        }
-        rows += verdict.rows as i64;
-    }
-    if manifest["totals"]["rows"].as_i64() != Some(rows) {
-        return (
-            false,
-            count,
-            rows,
-            "the parts' rows do not add up to the manifest's total".into(),
-        );
-    }
-    (
-        true,
-        count,
-        rows,
-        format!("{count} parts, {rows} rows: all match the manifest"),
-    )
-}
-
-#[cfg(test)]
-mod unit_tests {
-    use super::*;
-
-    #[test]
-    fn part_names_carry_the_export_id() {
-        let name = part_name("0123456789ab", 7, true);
-        assert_eq!(name, "part-0123456789ab-00007.ndjson.gz");
-        assert_eq!(
-            export_id_of_part(name.as_bytes()),
-            Some(&b"0123456789ab"[..])
-        );
-        assert_eq!(
-            export_id_of_part(b"part-0123456789ab-00007.ndjson.partial"),
-            Some(&b"0123456789ab"[..])
-        );
-        for other in [
-            &b"part-00007.ndjson"[..],
-            b"manifest.json",
-            b"part-0123456789ab-0007.ndjson",
-            b"part-0123456789zz-00007.ndjson",
-            b"notes.txt",
-        ] {
-            assert_eq!(export_id_of_part(other), None);
-        }
-        assert!(is_part_file_name("part-00007.ndjson.gz"));
-        assert!(is_part_file_name(&name));
-        for bad in [
-            "../part-00001.ndjson",
-            "/etc/passwd",
-            "part-1.ndjson",
-            "manifest.json",
-        ] {
-            assert!(!is_part_file_name(bad), "{bad}");
-        }
-    }
 }

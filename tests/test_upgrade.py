@@ -42,13 +42,14 @@ def old_install_script():
 
 def extension_objects(conn) -> dict[str, str]:
     """Every member of the extension, with its full definition for functions
-    (arguments, defaults, strictness, volatility, symbol) and views (query,
-    comment), and its ACL."""
+    and procedures (arguments, defaults, strictness, volatility, symbol,
+    comment) and views (query, comment), and its ACL."""
     rows = conn.execute("""
         SELECT pg_describe_object(d.classid, d.objid, 0),
                CASE WHEN d.classid = 'pg_proc'::regclass
                     THEN pg_get_functiondef(d.objid) || coalesce((SELECT proacl::text FROM pg_proc
                                                                  WHERE oid = d.objid), '')
+                         || coalesce(obj_description(d.objid, 'pg_proc'), '')
                     WHEN d.classid = 'pg_class'::regclass
                     THEN coalesce(pg_get_viewdef(d.objid), '') || coalesce((SELECT relacl::text FROM pg_class
                                                                  WHERE oid = d.objid), '')

@@ -1,0 +1,413 @@
+//! The chunked export behind `CALL stream_export_chunked(...)`: the source
+//! in key order, one chunk of at most `chunk_rows` rows per transaction,
+//! committed before the next one starts, so that no snapshot lives longer
+//! than one chunk and VACUUM is never held back by the export as a whole.
+//!
+//! Each chunk is a part file of the directory layout ([`crate::layout`]),
+//! read under one REPEATABLE READ snapshot and written atomically with a
+//! footer. After each chunk, `progress.json` (replaced atomically) lists
+//! the chunks finished so far with the snapshot each one read; a later
+//! call on the same directory continues after the last chunk it lists.
+//! When the source is exhausted, `manifest.json` is written (marked
+//! `"consistency": "per_chunk"`) and `progress.json` removed.
+
+use std::ffi::OsStr;
+
+use pgrx::{pg_sys, PgMemoryContexts, PgSqlErrorCode};
+use serde_json::{json, Value};
+
+use crate::activity::{Description, Tracked};
+use crate::error::raise;
+use crate::export::{relation_row_estimate, write_export, Export};
+use crate::file::{raise_io, Directory, PartialFile};
+use crate::layout::{
+    commit_listing, manifest_parts, new_export_id, part_name, read_listing, remove_stale_parts,
+    MANIFEST, PROGRESS,
+};
+use crate::options::{Compression, ExportOptions};
+use crate::progress::Destination;
+use crate::sink::{background::BackgroundWriter, ExportWriter};
+use crate::source::Source;
+
+/// Rows per chunk unless asked otherwise: about a second of export on
+/// ordinary rows, so a snapshot lives for seconds, not hours.
+pub const DEFAULT_CHUNK_ROWS: i64 = 1_000_000;
+
+/// What the call did.
+pub struct ChunkedTotals {
+    pub chunks: i32,
+    pub resumed_chunks: i32,
+    pub rows: i64,
+    pub bytes: i64,
+    pub file_bytes: i64,
+}
+
+/// Refuse a call that cannot commit: one inside a transaction block or
+/// from a function (an atomic CALL).
+pub fn refuse_atomic_call(fcinfo: pg_sys::FunctionCallInfo) {
+    // SAFETY: `fcinfo` is this call's; its context node, when it is a
+    // CallContext, says whether the CALL may commit.
+    let may_commit = unsafe {
+        let context = (*fcinfo).context;
+        !context.is_null()
+            && (*context).type_ == pg_sys::NodeTag::T_CallContext
+            && !(*context.cast::<pg_sys::CallContext>()).atomic
+    };
+    if !may_commit {
+        raise(
+            PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+            "stream_export_chunked cannot run inside a transaction block",
+            Some("it commits after every chunk, so it must be CALLed on its own: not inside BEGIN ... COMMIT, and not from a function"),
+        );
+    }
+}
+
+/// An SPI connection that may commit (a CALL's non-atomic one).
+struct CommittingSpi;
+
+impl CommittingSpi {
+    fn connect() -> CommittingSpi {
+        // SAFETY: the caller checked that this CALL is non-atomic; an
+        // ERROR later aborts the transaction, whose cleanup closes the
+        // connection.
+        let rc = unsafe { pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32) };
+        if rc != pg_sys::SPI_OK_CONNECT as i32 {
+            raise(
+                PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+                format!("SPI_connect_ext failed: {rc}"),
+                None,
+            );
+        }
+        CommittingSpi
+    }
+
+    /// Commit what came before and start the chunk's transaction: one
+    /// REPEATABLE READ snapshot for every query of the chunk, pushed as the
+    /// active snapshot that the export's cursors read.
+    fn begin_chunk(&mut self) {
+        // SAFETY: no cursor or snapshot of ours is open here (the last
+        // chunk's are closed and popped); SPI_commit starts the next
+        // transaction at once, before any snapshot is taken, which is when
+        // the isolation level may still be set.
+        unsafe {
+            pg_sys::SPI_commit();
+            pg_sys::SetConfigOption(
+                c"transaction_isolation".as_ptr(),
+                c"repeatable read".as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+            );
+            pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        }
+    }
+
+    fn end_chunk(&mut self) {
+        // SAFETY: pops the snapshot begin_chunk pushed.
+        unsafe { pg_sys::PopActiveSnapshot() };
+    }
+
+    fn finish(self) {
+        // SAFETY: closes the connection made in connect.
+        unsafe { pg_sys::SPI_finish() };
+    }
+}
+
+/// The fixed parts of one chunked export.
+struct Job<'a> {
+    source: Source,
+    options: ExportOptions,
+    directory: &'a Directory,
+    export_id: String,
+    chunk_rows: u64,
+}
+
+/// One chunk written and in place.
+struct Chunk {
+    entry: Value,
+    rows: u64,
+    bytes: u64,
+    file_bytes: u64,
+    resume_token: Option<String>,
+}
+
+/// The snapshot a chunk reads, named as PostgreSQL names it.
+fn chunk_snapshot() -> (String, String) {
+    let snapshot: String =
+        crate::scan::select_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])
+            .unwrap_or_default();
+    let started: String = crate::scan::select_one(
+        r#"SELECT pg_catalog.to_char(pg_catalog.now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#,
+        &[],
+    )
+    .unwrap_or_default();
+    (snapshot, started)
+}
+
+/// Write chunk `index`: up to `chunk_rows` rows after `after`. `None` when
+/// there was no row left (nothing is written then).
+fn write_chunk(
+    job: &Job<'_>,
+    index: usize,
+    after: Option<&str>,
+    tracked: &mut Option<Tracked>,
+    counted: (u64, u64),
+) -> Option<Chunk> {
+    let (snapshot, started) = chunk_snapshot();
+    let mut options = job.options.clone();
+    options.after = after.map(str::to_owned);
+    let (compression, level) = (options.compression, options.compression_level);
+    let mut export = Export::open(job.source.clone(), options, Destination::File);
+    if let Some(tracked) = tracked.take() {
+        export.count_in(tracked, counted);
+    }
+    let name = part_name(&job.export_id, index, compression == Compression::Gzip);
+    let mut partial = PartialFile::create(job.directory, OsStr::new(&name), false);
+    let file = partial
+        .take_file()
+        .unwrap_or_else(|e| raise_io(e, "export output"));
+    let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
+    let rows = write_export(&mut export, &mut writer, job.chunk_rows);
+    *tracked = export.release_tracked();
+    if rows == 0 {
+        // The partial file is removed when dropped.
+        return None;
+    }
+    let stats = writer.stats();
+    let (bytes, crc32) = (stats.bytes, stats.crc32());
+    let file_bytes = writer.output_bytes();
+    let file = writer
+        .into_output()
+        .finish()
+        .unwrap_or_else(|e| raise_io(e, "export output"));
+    let resume_token = export.resume_token();
+    let last_key = export.last_key_text();
+    partial.commit(file, false);
+    let xmin = snapshot.split(':').next().unwrap_or("").to_string();
+    Some(Chunk {
+        entry: json!({
+            "chunk": index,
+            "file": name,
+            "after_key": Value::Null, // filled in by the caller
+            "last_key": last_key,
+            "rows": rows,
+            "bytes": bytes,
+            "file_bytes": file_bytes,
+            "crc32": format!("{crc32:08x}"),
+            "snapshot": snapshot,
+            "snapshot_xmin": xmin,
+            "transaction_started_at": started,
+            "resume_token": resume_token,
+        }),
+        rows,
+        bytes,
+        file_bytes,
+        resume_token,
+    })
+}
+
+fn now_utc() -> String {
+    crate::scan::select_one(
+        r#"SELECT pg_catalog.to_char(pg_catalog.clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#,
+        &[],
+    )
+    .unwrap_or_default()
+}
+
+/// The listing written as `progress.json` and, at the end, `manifest.json`.
+fn listing(job: &Job<'_>, key: &str, chunks: &[Value], started_at: &str, complete: bool) -> Value {
+    let sum = |field: &str| chunks.iter().filter_map(|c| c[field].as_u64()).sum::<u64>();
+    json!({
+        "pg_stream_export_manifest": 1,
+        "consistency": "per_chunk",
+        "complete": complete,
+        "export_id": job.export_id,
+        "source": job.source.canonical(),
+        "key": key,
+        "compression": job.options.compression.to_string(),
+        "chunk_rows": job.chunk_rows,
+        "started_at": started_at,
+        "finished_at": if complete { Value::from(now_utc()) } else { Value::Null },
+        "parts": chunks,
+        "totals": {
+            "chunks": chunks.len(),
+            "rows": sum("rows"),
+            "bytes": sum("bytes"),
+            "file_bytes": sum("file_bytes"),
+        },
+    })
+}
+
+fn unfinished_mismatch(directory: &Directory, progress: &Value) -> ! {
+    let text = |field: &str| progress[field].as_str().unwrap_or("?").to_string();
+    raise(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!(
+            "directory \"{}\" holds an unfinished chunked export of a different source, key or compression",
+            directory.path().display()
+        ),
+        Some(&format!(
+            "it exports {} by {} with compression {}: CALL again with those to finish it, or use another directory",
+            text("source"),
+            text("key"),
+            text("compression")
+        )),
+    )
+}
+
+/// Run (or resume) a chunked export of `source` into `directory`; the
+/// caller has checked that the CALL may commit ([`refuse_atomic_call`]),
+/// the privilege, and `options` (which carry the key and `footer`).
+pub fn export_chunked(
+    source: Source,
+    directory: &Directory,
+    options: ExportOptions,
+    chunk_rows: u64,
+    overwrite: bool,
+) -> ChunkedTotals {
+    let key = options.key.clone().unwrap_or_default();
+    let manifest = OsStr::new(MANIFEST);
+    if !overwrite && directory.contains(manifest) {
+        // A crash between writing the manifest and removing the progress
+        // record leaves both: the export was finished.
+        if let (Some(done), Some(progress)) = (
+            read_listing(directory, MANIFEST),
+            read_listing(directory, PROGRESS),
+        ) {
+            if done["export_id"] == progress["export_id"] {
+                let _ = directory.unlink(OsStr::new(PROGRESS));
+            }
+        }
+        raise(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+            format!(
+                "directory \"{}\" already holds a finished export",
+                directory.path().display()
+            ),
+            Some("use another directory, or pass overwrite => true to export again"),
+        );
+    }
+    // Held until the manifest is in place: one export per directory.
+    let manifest_partial = PartialFile::create(directory, manifest, overwrite);
+    let progress = read_listing(directory, PROGRESS);
+    let (export_id, mut chunks, started_at) = match &progress {
+        Some(progress) => {
+            let same = progress["consistency"] == "per_chunk"
+                && progress["source"] == source.canonical()
+                && progress["key"] == key.as_str()
+                && progress["compression"] == options.compression.to_string().as_str()
+                && progress["export_id"].is_string();
+            if !same {
+                unfinished_mismatch(directory, progress);
+            }
+            for name in manifest_parts(progress) {
+                if !directory.contains(OsStr::new(&name)) {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+                        format!(
+                            "chunk file \"{}\" of the unfinished export is missing",
+                            directory.display(OsStr::new(&name))
+                        ),
+                        Some("remove progress.json and the part files to export from the start"),
+                    );
+                }
+            }
+            (
+                progress["export_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                progress["parts"].as_array().cloned().unwrap_or_default(),
+                progress["started_at"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        }
+        None => (new_export_id(), Vec::new(), now_utc()),
+    };
+    remove_stale_parts(directory);
+    let job = Job {
+        source,
+        options,
+        directory,
+        export_id,
+        chunk_rows,
+    };
+    let resumed_chunks = chunks.len();
+    let mut tracked = Some(Tracked::start(Description {
+        source: job.source.description(),
+        destination: directory.path().display().to_string(),
+        format: format!("{} chunk_rows={chunk_rows}", job.options.describe()),
+        estimated_rows: relation_row_estimate(job.source.relation_oid()),
+    }));
+    let sum = |chunks: &[Value], field: &str| {
+        chunks.iter().filter_map(|c| c[field].as_u64()).sum::<u64>()
+    };
+    let mut counted = (sum(&chunks, "rows"), sum(&chunks, "bytes"));
+    let mut file_bytes = sum(&chunks, "file_bytes");
+    let mut after: Option<String> = chunks
+        .last()
+        .and_then(|c| c["resume_token"].as_str().map(str::to_owned));
+    let mut last_key: Value = chunks
+        .last()
+        .map(|c| c["last_key"].clone())
+        .unwrap_or(Value::Null);
+    let mut reached_end = chunks.last().is_some_and(|c| c["to_end"] == true);
+    let mut spi = CommittingSpi::connect();
+    while !reached_end {
+        spi.begin_chunk();
+        let index = chunks.len();
+        // Each chunk's plans, caches and row memory go with its context.
+        // SAFETY: the context is a fresh child of the current one, freed
+        // when dropped after the chunk; nothing allocated in it is used
+        // after that (the chunk's results are Rust values).
+        let chunk = unsafe {
+            PgMemoryContexts::new("pg_stream_export chunk")
+                .switch_to(|_| write_chunk(&job, index, after.as_deref(), &mut tracked, counted))
+        };
+        spi.end_chunk();
+        let Some(mut chunk) = chunk else {
+            break;
+        };
+        reached_end = chunk.rows < job.chunk_rows;
+        chunk.entry["after_key"] = last_key;
+        chunk.entry["to_end"] = Value::from(reached_end);
+        last_key = chunk.entry["last_key"].clone();
+        counted = (counted.0 + chunk.rows, counted.1 + chunk.bytes);
+        file_bytes += chunk.file_bytes;
+        after = chunk.resume_token;
+        chunks.push(chunk.entry);
+        if let Some(tracked) = &mut tracked {
+            tracked.written(file_bytes);
+        }
+        let progress_partial = PartialFile::create(directory, OsStr::new(PROGRESS), true);
+        commit_listing(
+            directory,
+            progress_partial,
+            PROGRESS,
+            &listing(&job, &key, &chunks, &started_at, false),
+            true,
+        );
+    }
+    commit_listing(
+        directory,
+        manifest_partial,
+        MANIFEST,
+        &listing(&job, &key, &chunks, &started_at, true),
+        overwrite,
+    );
+    let _ = directory.unlink(OsStr::new(PROGRESS));
+    spi.finish();
+    if let Some(tracked) = &mut tracked {
+        tracked.job_progress(counted.0, counted.1);
+        tracked.written(file_bytes);
+        tracked.complete(None);
+    }
+    ChunkedTotals {
+        chunks: chunks.len() as i32,
+        resumed_chunks: resumed_chunks as i32,
+        rows: counted.0 as i64,
+        bytes: counted.1 as i64,
+        file_bytes: file_bytes as i64,
+    }
+}
