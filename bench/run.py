@@ -175,6 +175,10 @@ def methods(ctx: Context) -> list[Method]:
                sql_method(f"COPY ({rtj}) TO PROGRAM 'gzip -6 > {{out}}' {csv_trick}")),
         Method("to_file", "stream_export_to_file, plain", "to_file.ndjson", False, True,
                sql_method("SELECT * FROM stream_export_to_file('events', '{out}', overwrite => true)")),
+        Method("to_file_javascript", "stream_export_to_file, plain, profile javascript", "to_file_js.ndjson",
+               False, False,
+               sql_method("SELECT * FROM stream_export_to_file('events', '{out}', profile => 'javascript', "
+                          "overwrite => true)")),
         Method("to_file_gzip", "stream_export_to_file, gzip -6", "to_file.ndjson.gz", True, True,
                sql_method("SELECT * FROM stream_export_to_file('events', '{out}', compression => 'gzip', "
                           "compression_level => 6, overwrite => true)")),
@@ -330,6 +334,8 @@ def main() -> int:
         f"output {size['to_file_gzip'] / size['copy_row_to_json_gzip']:.3f}x the size of gzip -6 (target <= 1.05)",
         f"- psql row_to_json / stream_export via psql: {ratio('psql_row_to_json', 'stream_export_psql'):.2f}x faster",
     ]
+    targets.append(
+        f"- stream_export_to_file plain, profile javascript / default: {ratio('to_file_javascript', 'to_file'):.2f} (target <= 1.10)")
     targets.append(
         f"- CALL stream_export_chunked / stream_export_to_file, plain: {ratio('chunked', 'to_file'):.2f} (target <= 1.15)")
     targets.append(

@@ -3,7 +3,7 @@
 //! session settings.
 
 #[pgrx::pg_schema]
-mod tests {
+pub mod tests {
     use pgrx::prelude::*;
 
     /// Compare `stream_export(query)` with the oracle over the same query,
@@ -64,7 +64,8 @@ mod tests {
             c_float8_arr float8[], c_numeric_arr numeric[], c_date_arr date[],
             c_tstz_arr timestamptz[], c_uuid_arr uuid[], c_bool_arr bool[], c_jsonb_arr jsonb[],
             c_json_arr json[], c_mood_arr mood[], c_bounds int[], c_int2_arr int2[], c_oid_arr oid[],
-            "Weird ""Col"" Näme\t" text, "select" int
+            "Weird ""Col"" Näme\t" text, "select" int,
+            c_int8_arr int8[], c_bytea_arr bytea[]
         );
         INSERT INTO torture VALUES (
             1, 12, 123456, 1234567890123, 4242, true,
@@ -89,7 +90,8 @@ mod tests {
             '{"2024-01-01 00:00:00+00",-infinity}', '{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11,NULL}', '{t,f,NULL}',
             ARRAY['{"k": [1, 2]}'::jsonb, 'null'::jsonb, '"s"'::jsonb, '3.0'::jsonb, NULL],
             ARRAY['{"k" : 1}'::json, NULL], '{ok,sad}', '[0:2]={7,8,9}', '{1,-32768,32767}', '{0,4294967295}',
-            'weird', 1
+            'weird', 1,
+            '{{9007199254740993,NULL},{-9223372036854775808,0}}', ARRAY['\x00ff10'::bytea, NULL, '', '\x61626364']
         );
         INSERT INTO torture (id) VALUES (2);
         INSERT INTO torture (id, c_int2, c_int4, c_int8, c_oid, c_bool, c_float4, c_float8, c_numeric,
@@ -149,6 +151,11 @@ mod tests {
     "#;
 
     const TORTURE: &str = "SELECT * FROM torture ORDER BY id";
+
+    /// The torture table, for the suites of other features.
+    pub fn create_torture_table() {
+        setup();
+    }
 
     /// Create the torture table. An xml value needs a server built with
     /// libxml (the PostgreSQL 18 build the tests use has none): without it

@@ -4,6 +4,7 @@
 
 mod encoding;
 mod file_export;
+mod json_options;
 mod plan;
 mod stream_export;
 mod streaming;

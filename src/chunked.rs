@@ -24,7 +24,7 @@ use crate::layout::{
     commit_listing, manifest_parts, new_export_id, part_name, read_listing, remove_stale_parts,
     MANIFEST, PROGRESS,
 };
-use crate::options::{Compression, ExportOptions};
+use crate::options::{BatchSize, Compression, ExportOptions};
 use crate::progress::Destination;
 use crate::sink::{background::BackgroundWriter, ExportWriter};
 use crate::source::Source;
@@ -32,6 +32,9 @@ use crate::source::Source;
 /// Rows per chunk unless asked otherwise: about a second of export on
 /// ordinary rows, so a snapshot lives for seconds, not hours.
 pub const DEFAULT_CHUNK_ROWS: i64 = 1_000_000;
+
+/// Rows per keyset query inside a chunk when `batch_size` is automatic.
+const CHUNK_QUERY_ROWS: u64 = 100_000;
 
 /// What the call did.
 pub struct ChunkedTotals {
@@ -326,6 +329,13 @@ pub fn export_chunked(
         None => (new_export_id(), Vec::new(), now_utc()),
     };
     remove_stale_parts(directory);
+    let mut options = options;
+    if options.batch_size == BatchSize::Auto {
+        // Every query of a chunk reads the chunk's one snapshot, so fewer,
+        // larger keyset queries cost nothing in consistency; rows are
+        // still fetched about 1 MiB at a time.
+        options.batch_size = BatchSize::Fixed(chunk_rows.min(CHUNK_QUERY_ROWS) as u32);
+    }
     let job = Job {
         source,
         options,

@@ -163,7 +163,21 @@ enum JsonFormat {
 }
 
 /// The extension's own COPY options, beyond PostgreSQL 19's `FORMAT json`.
-const EXTENSION_OPTIONS: [&str; 3] = ["compression", "compression_level", "footer"];
+const EXTENSION_OPTIONS: [&str; 13] = [
+    "compression",
+    "compression_level",
+    "footer",
+    "key",
+    "after",
+    "key_from",
+    "key_to",
+    "profile",
+    "bigint_as_string",
+    "numeric_as_string",
+    "timestamptz_utc",
+    "bytea_base64",
+    "omit_nulls",
+];
 
 /// Whether this statement is a COPY for this extension: FORMAT ndjson;
 /// FORMAT json unless the server has it natively and no option of ours is
@@ -207,11 +221,22 @@ fn copy_format(options: &[*mut pg_sys::DefElem]) -> Option<JsonFormat> {
 }
 
 /// COPY options of an ndjson COPY, validated.
+#[derive(Default)]
 struct CopyOptions {
     compression: Compression,
     compression_level: Option<i32>,
     footer: bool,
     force_array: bool,
+    key: Option<String>,
+    after: Option<String>,
+    key_from: Option<String>,
+    key_to: Option<String>,
+    profile: Option<String>,
+    bigint_as_string: Option<bool>,
+    numeric_as_string: Option<bool>,
+    timestamptz_utc: Option<bool>,
+    bytea_base64: Option<bool>,
+    omit_nulls: Option<bool>,
 }
 
 fn option_string(def: *mut pg_sys::DefElem) -> String {
@@ -224,9 +249,9 @@ fn option_string(def: *mut pg_sys::DefElem) -> String {
 }
 
 const NDJSON_OPTIONS_HINT: &str =
-    "FORMAT ndjson takes COMPRESSION, COMPRESSION_LEVEL, FOOTER and ENCODING 'UTF8'";
+    "FORMAT ndjson takes COMPRESSION, COMPRESSION_LEVEL, FOOTER, KEY, AFTER, KEY_FROM, KEY_TO, PROFILE, BIGINT_AS_STRING, NUMERIC_AS_STRING, TIMESTAMPTZ_UTC, BYTEA_BASE64, OMIT_NULLS and ENCODING 'UTF8'";
 const JSON_OPTIONS_HINT: &str =
-    "FORMAT json takes FORCE_ARRAY, COMPRESSION, COMPRESSION_LEVEL, FOOTER and ENCODING 'UTF8'";
+    "FORMAT json takes FORCE_ARRAY and the options of FORMAT ndjson: COMPRESSION, COMPRESSION_LEVEL, FOOTER, KEY, AFTER, KEY_FROM, KEY_TO, PROFILE, BIGINT_AS_STRING, NUMERIC_AS_STRING, TIMESTAMPTZ_UTC, BYTEA_BASE64, OMIT_NULLS and ENCODING 'UTF8'";
 
 /// The options of an ndjson or json COPY, or an error for one that does
 /// not fit. With json, the errors PostgreSQL 19 defines come first.
@@ -267,12 +292,7 @@ fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
             Some("use COPY ... TO STDOUT and a pipe, or COMPRESSION gzip"),
         );
     }
-    let mut options = CopyOptions {
-        compression: Compression::None,
-        compression_level: None,
-        footer: false,
-        force_array: false,
-    };
+    let mut options = CopyOptions::default();
     for def in defs {
         let name = option_name(def);
         match name.as_str() {
@@ -294,6 +314,22 @@ fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
                 options.compression_level = Some(unsafe { pg_sys::defGetInt32(def) })
             }
             "footer" => options.footer = unsafe { pg_sys::defGetBoolean(def) },
+            "key" => options.key = Some(option_string(def)),
+            "after" => options.after = Some(option_string(def)),
+            "key_from" => options.key_from = Some(option_string(def)),
+            "key_to" => options.key_to = Some(option_string(def)),
+            "profile" => options.profile = Some(option_string(def)),
+            "bigint_as_string" => {
+                options.bigint_as_string = Some(unsafe { pg_sys::defGetBoolean(def) })
+            }
+            "numeric_as_string" => {
+                options.numeric_as_string = Some(unsafe { pg_sys::defGetBoolean(def) })
+            }
+            "timestamptz_utc" => {
+                options.timestamptz_utc = Some(unsafe { pg_sys::defGetBoolean(def) })
+            }
+            "bytea_base64" => options.bytea_base64 = Some(unsafe { pg_sys::defGetBoolean(def) }),
+            "omit_nulls" => options.omit_nulls = Some(unsafe { pg_sys::defGetBoolean(def) }),
             "force_array" => options.force_array = unsafe { pg_sys::defGetBoolean(def) },
             "encoding" => {
                 let encoding = option_string(def)
@@ -448,6 +484,16 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
         compression_level: copy_options.compression_level,
         footer: Some(copy_options.footer),
         force_array: Some(copy_options.force_array),
+        key: copy_options.key.as_deref(),
+        after: copy_options.after.as_deref(),
+        key_from: copy_options.key_from.as_deref(),
+        key_to: copy_options.key_to.as_deref(),
+        profile: copy_options.profile.as_deref(),
+        bigint_as_string: copy_options.bigint_as_string,
+        numeric_as_string: copy_options.numeric_as_string,
+        timestamptz_utc: copy_options.timestamptz_utc,
+        bytea_base64: copy_options.bytea_base64,
+        omit_nulls: copy_options.omit_nulls,
         ..Default::default()
     })
     .unwrap_or_else(|e| {

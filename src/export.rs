@@ -327,7 +327,9 @@ impl Export {
         // SAFETY: the descriptor is valid while the probe is open; the plan
         // copies what it needs and its caches live in the current (per-call
         // or per-function) memory context, which outlives the export.
-        let encoder = unsafe { RowEncoder::new(probe.tupdesc(), pg_sys::CurrentMemoryContext) };
+        let encoder = unsafe {
+            RowEncoder::new(probe.tupdesc(), pg_sys::CurrentMemoryContext, options.style)
+        };
         let mut rows_before = 0;
         let walk = match &options.key {
             None => Walk::Whole(probe),

@@ -5,8 +5,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Output compression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compression {
+    #[default]
     None,
     Gzip,
 }
@@ -96,6 +97,80 @@ pub struct ExportOptions {
     pub key_to: Option<String>,
     /// One JSON array instead of NDJSON lines (see `sink::array`).
     pub force_array: bool,
+    /// How values of a few types are written.
+    pub style: JsonStyle,
+}
+
+/// How values of a few types are written; all off (the default) is
+/// `row_to_json`'s output. They apply inside arrays and composites too;
+/// json and jsonb values are never touched.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JsonStyle {
+    /// int8 as a JSON string: `"9007199254740993"`.
+    pub bigint_as_string: bool,
+    /// numeric as a JSON string of its text form: `"12.50"`, `"NaN"`.
+    pub numeric_as_string: bool,
+    /// timestamptz in UTC with `Z`, whatever the session's TimeZone.
+    pub timestamptz_utc: bool,
+    /// bytea as standard base64 (with padding) instead of `\x` hex.
+    pub bytea_base64: bool,
+    /// Leave out the row's top-level keys whose value is NULL.
+    pub omit_nulls: bool,
+}
+
+impl JsonStyle {
+    /// The `javascript` profile: values `JSON.parse` reads without loss.
+    pub const JAVASCRIPT: JsonStyle = JsonStyle {
+        bigint_as_string: true,
+        numeric_as_string: true,
+        timestamptz_utc: true,
+        bytea_base64: true,
+        omit_nulls: false,
+    };
+
+    /// The profile named `profile`, then each option given on top of it.
+    pub fn from_raw(raw: &RawOptions<'_>) -> Result<JsonStyle, OptionError> {
+        let mut style = match raw.profile.map(str::to_ascii_lowercase).as_deref() {
+            None | Some("default") => JsonStyle::default(),
+            Some("javascript") => JsonStyle::JAVASCRIPT,
+            Some(_) => {
+                return Err(OptionError::new(
+                    format!(
+                        "invalid value for profile: \"{}\"",
+                        raw.profile.unwrap_or("")
+                    ),
+                    "profile must be 'default' (row_to_json's output) or 'javascript'",
+                ))
+            }
+        };
+        for (field, value) in [
+            (&mut style.bigint_as_string, raw.bigint_as_string),
+            (&mut style.numeric_as_string, raw.numeric_as_string),
+            (&mut style.timestamptz_utc, raw.timestamptz_utc),
+            (&mut style.bytea_base64, raw.bytea_base64),
+            (&mut style.omit_nulls, raw.omit_nulls),
+        ] {
+            if let Some(value) = value {
+                *field = value;
+            }
+        }
+        Ok(style)
+    }
+
+    /// The options that are on, by name.
+    pub fn names(&self) -> Vec<&'static str> {
+        [
+            ("bigint_as_string", self.bigint_as_string),
+            ("numeric_as_string", self.numeric_as_string),
+            ("timestamptz_utc", self.timestamptz_utc),
+            ("bytea_base64", self.bytea_base64),
+            ("omit_nulls", self.omit_nulls),
+        ]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect()
+    }
 }
 
 /// Options as they come from SQL, before validation.
@@ -110,6 +185,12 @@ pub struct RawOptions<'a> {
     pub key_from: Option<&'a str>,
     pub key_to: Option<&'a str>,
     pub force_array: Option<bool>,
+    pub profile: Option<&'a str>,
+    pub bigint_as_string: Option<bool>,
+    pub numeric_as_string: Option<bool>,
+    pub timestamptz_utc: Option<bool>,
+    pub bytea_base64: Option<bool>,
+    pub omit_nulls: Option<bool>,
 }
 
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 6;
@@ -179,6 +260,7 @@ impl ExportOptions {
             key_from: raw.key_from.map(str::to_owned),
             key_to: raw.key_to.map(str::to_owned),
             force_array: raw.force_array.unwrap_or(false),
+            style: JsonStyle::from_raw(raw)?,
         })
     }
 }
@@ -211,6 +293,9 @@ impl ExportOptions {
         }
         if self.after.is_some() {
             words.push_str(" after=<token>");
+        }
+        for name in self.style.names() {
+            words.push_str(&format!(" {name}=true"));
         }
         words
     }

@@ -299,6 +299,11 @@ fn partition_export(config: &Value, index: usize) -> (Source, ExportOptions, Dir
         compression_level: config["level"].as_i64().map(|l| l as i32),
         key: config["key"].as_str(),
         batch_size: config["batch_size"].as_i64().map(|b| b as i32),
+        bigint_as_string: config["style"]["bigint_as_string"].as_bool(),
+        numeric_as_string: config["style"]["numeric_as_string"].as_bool(),
+        timestamptz_utc: config["style"]["timestamptz_utc"].as_bool(),
+        bytea_base64: config["style"]["bytea_base64"].as_bool(),
+        omit_nulls: config["style"]["omit_nulls"].as_bool(),
         footer: Some(true),
         key_from: bounds[0].as_str(),
         key_to: bounds[1].as_str(),
@@ -624,6 +629,13 @@ pub fn export_directory(
         "level": options.compression_level,
         "batch_size": match options.batch_size { BatchSize::Auto => 0, BatchSize::Fixed(n) => n },
         "bounds": bounds.iter().map(|(l, u)| json!([l, u])).collect::<Vec<_>>(),
+        "style": {
+            "bigint_as_string": options.style.bigint_as_string,
+            "numeric_as_string": options.style.numeric_as_string,
+            "timestamptz_utc": options.style.timestamptz_utc,
+            "bytea_base64": options.style.bytea_base64,
+            "omit_nulls": options.style.omit_nulls,
+        },
     });
     let config_bytes = serde_json::to_vec(&config).unwrap_or_default();
     let workers = workers_wanted.min(partitions);

@@ -123,7 +123,7 @@ impl Source {
             Source::Parsed(_) => raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 "the query of a COPY statement can only be exported whole",
-                None,
+                Some("KEY works with COPY table TO ...; for a query, use stream_export(query, key => ...)"),
             ),
         }
     }

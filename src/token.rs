@@ -82,9 +82,9 @@ pub fn fingerprint(source: &str, key: &str) -> u64 {
 }
 
 fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = libdeflater::Crc::new();
+    let mut crc = crc32fast::Hasher::new();
     crc.update(bytes);
-    crc.sum()
+    crc.finalize()
 }
 
 impl ResumeToken {

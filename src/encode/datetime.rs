@@ -212,9 +212,42 @@ pub fn push_timestamptz_fixed(out: &mut Vec<u8>, timestamp: i64, gmtoff: i32) ->
     }
 }
 
+/// timestamptz in UTC, as `row_to_json` writes it under `TimeZone = UTC`
+/// but with `Z` for the `+00:00` offset (before a ` BC` suffix);
+/// infinities as they are. False when out of range.
+pub fn push_timestamptz_utc(out: &mut Vec<u8>, timestamp: i64) -> bool {
+    let start = out.len();
+    if !push_timestamptz_fixed(out, timestamp, 0) {
+        return false;
+    }
+    if let Some(at) = memchr::memmem::find(&out[start..], b"+00:00") {
+        let at = start + at;
+        out.splice(at..at + 6, [b'Z']);
+    }
+    true
+}
+
 #[cfg(test)]
 mod unit_tests {
     use super::*;
+
+    fn utc(timestamp: i64) -> String {
+        let mut out = Vec::new();
+        assert!(push_timestamptz_utc(&mut out, timestamp));
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn timestamptz_utc_ends_in_z() {
+        // Microseconds since 2000-01-01 00:00:00 UTC.
+        assert_eq!(utc(0), "2000-01-01T00:00:00Z");
+        assert_eq!(utc(757_382_415_489_000), "2024-01-01T00:00:15.489Z");
+        assert_eq!(utc(-1), "1999-12-31T23:59:59.999999Z");
+        assert_eq!(utc(i64::MAX), "infinity");
+        assert_eq!(utc(i64::MIN), "-infinity");
+        // 0001-01-01 00:00:00 BC: the offset comes before the era.
+        assert_eq!(utc(-63_113_904_000_000_000), "0001-01-01T00:00:00Z BC");
+    }
 
     fn ts(v: i64) -> String {
         let mut out = Vec::new();

@@ -81,9 +81,40 @@ pub fn escape_json_body(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&bytes[start..]);
 }
 
+/// Standard base64 with padding and no line breaks (bytea_base64).
+pub fn push_base64(out: &mut Vec<u8>, bytes: &[u8]) {
+    use base64::Engine;
+    let start = out.len();
+    out.resize(start + bytes.len().div_ceil(3) * 4, 0);
+    let written = base64::engine::general_purpose::STANDARD
+        .encode_slice(bytes, &mut out[start..])
+        .unwrap_or(0);
+    out.truncate(start + written);
+}
+
 #[cfg(test)]
 mod unit_tests {
     use super::*;
+
+    #[test]
+    fn base64_is_standard_with_padding() {
+        use base64::Engine;
+        for input in [
+            &b""[..],
+            b"\x00",
+            b"\x00\xff",
+            b"\x00\xff\x10",
+            &[7u8; 1000][..],
+        ] {
+            let mut out = b"x".to_vec();
+            push_base64(&mut out, input);
+            let want = base64::engine::general_purpose::STANDARD.encode(input);
+            assert_eq!(&out[1..], want.as_bytes());
+        }
+        let mut out = Vec::new();
+        push_base64(&mut out, &[0x00, 0xff, 0x10]);
+        assert_eq!(out, b"AP8Q");
+    }
 
     fn escaped(bytes: &[u8]) -> String {
         let mut out = Vec::new();

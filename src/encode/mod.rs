@@ -22,19 +22,22 @@ use std::ffi::CStr;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::error::raise;
+use crate::options::JsonStyle;
 use escape::escape_json_into;
 
-/// Settings of the session that change how values render.
+/// Settings of the session and options of the export that change how
+/// values render.
 #[derive(Clone, Copy)]
 struct Settings {
     extra_float_digits: i32,
     /// The session time zone's offset east of UTC when it never changes
     /// (UTC, fixed offsets); `None` means ask PostgreSQL per value.
     fixed_gmtoff: Option<i32>,
+    style: JsonStyle,
 }
 
 impl Settings {
-    fn current() -> Settings {
+    fn current(style: JsonStyle) -> Settings {
         // SAFETY: reading two GUC-backed globals of the backend; the time
         // zone pointer is always valid once the session has started.
         unsafe {
@@ -43,6 +46,7 @@ impl Settings {
             Settings {
                 extra_float_digits: pg_sys::extra_float_digits,
                 fixed_gmtoff: fixed.then_some(gmtoff as i32),
+                style,
             }
         }
     }
@@ -54,11 +58,15 @@ enum ValueEncoder {
     Int2,
     Int4,
     Int8,
+    /// int8 as a JSON string (`bigint_as_string`).
+    Int8String,
     /// `oid` is not a JSON number for `row_to_json`: it renders quoted.
     Oid,
     Float4,
     Float8,
     Numeric,
+    /// numeric as a JSON string of its text form (`numeric_as_string`).
+    NumericString,
     /// text, varchar, bpchar: the stored bytes, escaped.
     Text,
     /// name: the bytes up to the first NUL, escaped.
@@ -70,6 +78,10 @@ enum ValueEncoder {
     Date,
     Timestamp,
     Timestamptz,
+    /// timestamptz in UTC with `Z` (`timestamptz_utc`).
+    TimestamptzUtc,
+    /// bytea as base64 (`bytea_base64`).
+    ByteaBase64,
     Array(Box<ArrayEncoder>),
     Composite(Box<CompositeEncoder>),
     /// PostgreSQL's output function, then escaped as a JSON string.
@@ -111,13 +123,18 @@ struct Column {
 }
 
 impl RowEncoder {
-    /// Plan the encoding of rows described by `tupdesc`. Function-call
-    /// info is allocated in `cxt`, which must outlive the encoder.
+    /// Plan the encoding of rows described by `tupdesc`, in `style`.
+    /// Function-call info is allocated in `cxt`, which must outlive the
+    /// encoder.
     ///
     /// # Safety
     /// `tupdesc` must be a valid tuple descriptor.
-    pub unsafe fn new(tupdesc: pg_sys::TupleDesc, cxt: pg_sys::MemoryContext) -> RowEncoder {
-        let settings = Settings::current();
+    pub unsafe fn new(
+        tupdesc: pg_sys::TupleDesc,
+        cxt: pg_sys::MemoryContext,
+        style: JsonStyle,
+    ) -> RowEncoder {
+        let settings = Settings::current(style);
         // SAFETY: the caller guarantees `tupdesc` is valid.
         unsafe { Self::with_settings(tupdesc, cxt, settings) }
     }
@@ -145,7 +162,7 @@ impl RowEncoder {
                 columns.push(Column {
                     index,
                     key,
-                    encoder: ValueEncoder::plan(attr.atttypid, cxt),
+                    encoder: ValueEncoder::plan(attr.atttypid, cxt, settings.style),
                 });
             }
             RowEncoder {
@@ -175,6 +192,11 @@ impl RowEncoder {
         }
         let settings = self.settings;
         let cxt = self.cxt;
+        if settings.style.omit_nulls {
+            // SAFETY: as below.
+            unsafe { self.encode_values_omitting_nulls(out, values, nulls) };
+            return;
+        }
         for column in &mut self.columns {
             out.extend_from_slice(&column.key);
             // SAFETY: index < natts by construction; the caller vouches for
@@ -188,6 +210,41 @@ impl RowEncoder {
                         .encode(out, *values.add(column.index), &settings, cxt);
                 }
             }
+        }
+        out.push(b'}');
+    }
+
+    /// As [`RowEncoder::encode_values`], leaving out the keys whose value
+    /// is NULL (`omit_nulls`; the row's own keys only).
+    ///
+    /// # Safety
+    /// As for [`RowEncoder::encode_values`].
+    unsafe fn encode_values_omitting_nulls(
+        &mut self,
+        out: &mut Vec<u8>,
+        values: *const pg_sys::Datum,
+        nulls: *const bool,
+    ) {
+        let settings = self.settings;
+        let cxt = self.cxt;
+        let mut first = true;
+        for column in &mut self.columns {
+            // SAFETY: index < natts by construction; the caller vouches for
+            // the datums.
+            unsafe {
+                if *nulls.add(column.index) {
+                    continue;
+                }
+                out.push(if first { b'{' } else { b',' });
+                first = false;
+                out.extend_from_slice(&column.key[1..]);
+                column
+                    .encoder
+                    .encode(out, *values.add(column.index), &settings, cxt);
+            }
+        }
+        if first {
+            out.push(b'{');
         }
         out.push(b'}');
     }
@@ -232,17 +289,30 @@ mod oids {
 }
 
 impl ValueEncoder {
-    /// Choose the encoder for values of type `typid` (json_categorize_type).
+    /// Choose the encoder for values of type `typid` (json_categorize_type),
+    /// with the type options of `style`.
     ///
     /// # Safety
     /// Catalog lookups; must run in a transaction.
-    unsafe fn plan(typid: pg_sys::Oid, cxt: pg_sys::MemoryContext) -> ValueEncoder {
+    unsafe fn plan(
+        typid: pg_sys::Oid,
+        cxt: pg_sys::MemoryContext,
+        style: JsonStyle,
+    ) -> ValueEncoder {
         use pg_sys::BuiltinOid as B;
         // SAFETY: plain catalog lookups in a live transaction.
         unsafe {
             let base = pg_sys::getBaseType(typid);
             let builtin = B::from_u32(base.to_u32()).ok();
             match builtin {
+                Some(B::INT8OID) if style.bigint_as_string => return ValueEncoder::Int8String,
+                Some(B::NUMERICOID) if style.numeric_as_string => {
+                    return ValueEncoder::NumericString
+                }
+                Some(B::TIMESTAMPTZOID) if style.timestamptz_utc => {
+                    return ValueEncoder::TimestamptzUtc
+                }
+                Some(B::BYTEAOID) if style.bytea_base64 => return ValueEncoder::ByteaBase64,
                 Some(B::BOOLOID) => return ValueEncoder::Bool,
                 Some(B::INT2OID) => return ValueEncoder::Int2,
                 Some(B::INT4OID) => return ValueEncoder::Int4,
@@ -265,11 +335,15 @@ impl ValueEncoder {
             }
             let element_type = pg_sys::get_element_type(base);
             if element_type != pg_sys::InvalidOid {
-                return ValueEncoder::Array(Box::new(ArrayEncoder::plan(element_type, cxt)));
+                return ValueEncoder::Array(Box::new(ArrayEncoder::plan(element_type, cxt, style)));
             }
             if base == oids::of(B::ANYARRAYOID) {
                 // The element type is only known per value.
-                return ValueEncoder::Array(Box::new(ArrayEncoder::plan(pg_sys::InvalidOid, cxt)));
+                return ValueEncoder::Array(Box::new(ArrayEncoder::plan(
+                    pg_sys::InvalidOid,
+                    cxt,
+                    style,
+                )));
             }
             if pg_sys::type_is_rowtype(base) {
                 return ValueEncoder::Composite(Box::new(CompositeEncoder { plans: Vec::new() }));
@@ -317,6 +391,11 @@ impl ValueEncoder {
                 ValueEncoder::Int2 => number::push_int(out, datum.value() as i16 as i64),
                 ValueEncoder::Int4 => number::push_int(out, datum.value() as i32 as i64),
                 ValueEncoder::Int8 => number::push_int(out, datum.value() as i64),
+                ValueEncoder::Int8String => {
+                    out.push(b'"');
+                    number::push_int(out, datum.value() as i64);
+                    out.push(b'"');
+                }
                 ValueEncoder::Oid => {
                     out.push(b'"');
                     number::push_int(out, datum.value() as u32 as i64);
@@ -341,6 +420,11 @@ impl ValueEncoder {
                         out.insert(start, b'"');
                         out.push(b'"');
                     }
+                }
+                ValueEncoder::NumericString => {
+                    out.push(b'"');
+                    number::push_numeric(out, varlena_payload(datum));
+                    out.push(b'"');
                 }
                 ValueEncoder::Text => escape_json_into(out, varlena_payload(datum)),
                 ValueEncoder::Name => {
@@ -376,6 +460,16 @@ impl ValueEncoder {
                 ValueEncoder::Timestamptz => {
                     out.push(b'"');
                     push_timestamptz(out, datum.value() as i64, settings);
+                    out.push(b'"');
+                }
+                ValueEncoder::TimestamptzUtc => {
+                    out.push(b'"');
+                    push_timestamptz_utc(out, datum.value() as i64);
+                    out.push(b'"');
+                }
+                ValueEncoder::ByteaBase64 => {
+                    out.push(b'"');
+                    escape::push_base64(out, varlena_payload(datum));
                     out.push(b'"');
                 }
                 ValueEncoder::Array(array) => array.encode(out, datum, settings, cxt),
@@ -452,6 +546,12 @@ fn push_timestamptz(out: &mut Vec<u8>, timestamp: i64, settings: &Settings) {
     datetime::push_timestamp_tm(out, &fields, Some(tz));
 }
 
+fn push_timestamptz_utc(out: &mut Vec<u8>, timestamp: i64) {
+    if !datetime::push_timestamptz_utc(out, timestamp) {
+        timestamp_out_of_range();
+    }
+}
+
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 fn push_uuid(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -502,7 +602,11 @@ unsafe fn fmgr_info(func: pg_sys::Oid, cxt: pg_sys::MemoryContext) -> Box<pg_sys
 }
 
 impl ArrayEncoder {
-    unsafe fn plan(element_type: pg_sys::Oid, cxt: pg_sys::MemoryContext) -> ArrayEncoder {
+    unsafe fn plan(
+        element_type: pg_sys::Oid,
+        cxt: pg_sys::MemoryContext,
+        style: JsonStyle,
+    ) -> ArrayEncoder {
         let mut typlen = 0i16;
         let mut byval = false;
         let mut align = 0 as std::ffi::c_char;
@@ -512,7 +616,7 @@ impl ArrayEncoder {
             // SAFETY: catalog lookups in a live transaction.
             unsafe {
                 pg_sys::get_typlenbyvalalign(element_type, &mut typlen, &mut byval, &mut align);
-                ValueEncoder::plan(element_type, cxt)
+                ValueEncoder::plan(element_type, cxt, style)
             }
         };
         ArrayEncoder {
@@ -536,7 +640,7 @@ impl ArrayEncoder {
             let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
             let parsed = array::ArrayRef::new(array);
             if parsed.element_type() != self.element_type {
-                *self = ArrayEncoder::plan(parsed.element_type(), cxt);
+                *self = ArrayEncoder::plan(parsed.element_type(), cxt, settings.style);
             }
             if parsed.item_count() == 0 {
                 out.extend_from_slice(b"[]");
@@ -603,7 +707,15 @@ impl CompositeEncoder {
             let index = match position {
                 Some(index) => index,
                 None => {
-                    let plan = RowEncoder::with_settings(tupdesc, cxt, *settings);
+                    // Keys are left out of the row itself only.
+                    let nested = Settings {
+                        style: JsonStyle {
+                            omit_nulls: false,
+                            ..settings.style
+                        },
+                        ..*settings
+                    };
+                    let plan = RowEncoder::with_settings(tupdesc, cxt, nested);
                     self.plans.push((typid, typmod, plan));
                     self.plans.len() - 1
                 }

@@ -1,9 +1,12 @@
-//! Fast gzip: the input is cut into independent blocks, each compressed by
-//! libdeflate into a gzip member on helper threads, and the members are
-//! written in order. Several gzip members one after another are a valid
-//! gzip file (RFC 1952), read as one stream by gzip, zcat, Python, ...
+//! Fast gzip: the input is cut into blocks that helper threads compress
+//! independently (each block's deflate output ends with a full flush, so it
+//! depends on no other block), and the pieces are written in order inside
+//! ONE gzip member: a header, the pieces, an empty final block, and the
+//! CRC-32 and length of the whole. Any gzip reader takes it, also those
+//! that stop after the first member (HTTP clients such as curl with
+//! `Content-Encoding: gzip`). This is how pigz works.
 //!
-//! Helper threads only run libdeflate on Rust-owned buffers; they never
+//! Helper threads only run the compressor on Rust-owned buffers; they never
 //! call into PostgreSQL. Every helper is joined before the writer is gone,
 //! and a helper's failure comes back as an `io::Error` on the caller's
 //! thread.
@@ -13,10 +16,24 @@ use std::io::{self, Write};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 
+use flate2::{Compress, Compression, FlushCompress, Status};
+
 /// (sequence number, input block, a spare buffer for the output)
 type Job = (u64, Vec<u8>, Vec<u8>);
-/// (sequence number, the member or an error, the emptied input block)
-type Done = (u64, Result<Vec<u8>, String>, Vec<u8>);
+/// A finished piece: its deflate bytes, the CRC-32 and length of its input.
+struct Piece {
+    deflate: Vec<u8>,
+    crc: crc32fast::Hasher,
+    input_len: u64,
+}
+/// (sequence number, the piece or an error, the emptied input block)
+type Done = (u64, Result<Piece, String>, Vec<u8>);
+
+/// The gzip header: deflate, no name or time, Unix.
+const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3];
+/// A final, empty deflate block with fixed codes: ends the stream after
+/// the last flushed piece (which ends on a byte boundary).
+const FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
 
 /// Helper threads for compression: one per core, at most four.
 pub fn default_workers() -> usize {
@@ -27,34 +44,54 @@ pub fn default_workers() -> usize {
 }
 
 pub struct ParallelGzip {
-    level: u32,
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
     workers: Vec<JoinHandle<()>>,
     next_submit: u64,
     next_write: u64,
-    finished: BTreeMap<u64, Vec<u8>>,
+    finished: BTreeMap<u64, Piece>,
     max_in_flight: u64,
+    header_written: bool,
+    crc: crc32fast::Hasher,
+    input_len: u64,
     /// Buffers that went round once, reused so that memory stays a fixed
     /// pool instead of a churn of 1 MiB allocations across threads.
     spare_inputs: Vec<Vec<u8>>,
     spare_outputs: Vec<Vec<u8>>,
 }
 
-/// Compress `input` into `out`, a reused buffer (resized to the bound,
-/// then cut to the member's length).
-fn compress_member(
-    compressor: &mut libdeflater::Compressor,
+/// Deflate `input` into `out` (a reused buffer), ending with a full flush:
+/// byte-aligned, and no later piece refers back into this one.
+fn compress_piece(
+    compressor: &mut Compress,
     input: &[u8],
     mut out: Vec<u8>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Piece, String> {
+    compressor.reset();
     out.clear();
-    out.resize(compressor.gzip_compress_bound(input.len()), 0);
-    let n = compressor
-        .gzip_compress(input, &mut out)
-        .map_err(|e| format!("gzip compression failed: {e:?}"))?;
-    out.truncate(n);
-    Ok(out)
+    // Room for incompressible input plus the stored-block overheads.
+    out.reserve(input.len() + input.len() / 64 + 64);
+    let start_in = compressor.total_in();
+    loop {
+        let consumed = (compressor.total_in() - start_in) as usize;
+        let status = compressor
+            .compress_vec(&input[consumed..], &mut out, FlushCompress::Full)
+            .map_err(|e| format!("gzip compression failed: {e}"))?;
+        let done = (compressor.total_in() - start_in) as usize == input.len();
+        // Flushed completely when there was room left over; a call with
+        // nothing left to do reports BufError.
+        if done && (out.len() < out.capacity() || status == Status::BufError) {
+            break;
+        }
+        out.reserve(out.capacity().max(4096));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(input);
+    Ok(Piece {
+        deflate: out,
+        crc,
+        input_len: input.len() as u64,
+    })
 }
 
 impl ParallelGzip {
@@ -62,13 +99,13 @@ impl ParallelGzip {
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
         let (done_tx, done_rx) = mpsc::channel::<Done>();
-        let compression_level = libdeflater::CompressionLvl::new(level as i32).unwrap_or_default();
+        let level = Compression::new(level.min(9));
         let handles = (0..workers)
             .map(|_| {
                 let job_rx = std::sync::Arc::clone(&job_rx);
                 let done_tx = done_tx.clone();
                 std::thread::spawn(move || {
-                    let mut compressor = libdeflater::Compressor::new(compression_level);
+                    let mut compressor = Compress::new(level, false);
                     loop {
                         let job = match job_rx.lock() {
                             Ok(rx) => rx.recv(),
@@ -77,7 +114,7 @@ impl ParallelGzip {
                         let Ok((seq, input, output)) = job else {
                             return;
                         };
-                        let result = compress_member(&mut compressor, &input, output);
+                        let result = compress_piece(&mut compressor, &input, output);
                         if done_tx.send((seq, result, input)).is_err() {
                             return;
                         }
@@ -86,7 +123,6 @@ impl ParallelGzip {
             })
             .collect();
         ParallelGzip {
-            level,
             jobs: Some(job_tx),
             done: done_rx,
             workers: handles,
@@ -94,6 +130,9 @@ impl ParallelGzip {
             next_write: 0,
             finished: BTreeMap::new(),
             max_in_flight: (workers as u64 * 2).max(2),
+            header_written: false,
+            crc: crc32fast::Hasher::new(),
+            input_len: 0,
             spare_inputs: Vec::new(),
             spare_outputs: Vec::new(),
         }
@@ -104,11 +143,11 @@ impl ParallelGzip {
     }
 
     fn collect(&mut self, result: Done) -> io::Result<()> {
-        let (seq, member, mut input) = result;
+        let (seq, piece, mut input) = result;
         input.clear();
         self.spare_inputs.push(input);
-        let member = member.map_err(io::Error::other)?;
-        self.finished.insert(seq, member);
+        let piece = piece.map_err(io::Error::other)?;
+        self.finished.insert(seq, piece);
         Ok(())
     }
 
@@ -133,7 +172,7 @@ impl ParallelGzip {
         Ok(())
     }
 
-    /// Write every member that is finished and next in order.
+    /// Write every piece that is finished and next in order.
     pub fn drain_ready(&mut self, out: &mut impl Write) -> io::Result<u64> {
         while let Ok(result) = self.done.try_recv() {
             self.collect(result)?;
@@ -141,30 +180,33 @@ impl ParallelGzip {
         self.write_in_order(out)
     }
 
+    fn write_header(&mut self, out: &mut impl Write) -> io::Result<u64> {
+        if self.header_written {
+            return Ok(0);
+        }
+        out.write_all(&HEADER)?;
+        self.header_written = true;
+        Ok(HEADER.len() as u64)
+    }
+
     fn write_in_order(&mut self, out: &mut impl Write) -> io::Result<u64> {
         let mut written = 0;
-        while let Some(member) = self.finished.remove(&self.next_write) {
-            out.write_all(&member)?;
-            written += member.len() as u64;
+        while let Some(piece) = self.finished.remove(&self.next_write) {
+            written += self.write_header(out)?;
+            out.write_all(&piece.deflate)?;
+            written += piece.deflate.len() as u64;
+            self.crc.combine(&piece.crc);
+            self.input_len += piece.input_len;
             self.next_write += 1;
-            self.spare_outputs.push(member);
+            self.spare_outputs.push(piece.deflate);
         }
         Ok(written)
     }
 
-    /// Wait for every block, write the rest and stop the helpers. An
-    /// export with no input still gets one (empty) member.
+    /// Wait for every block, write the rest and the member's end, and stop
+    /// the helpers. An export with no input is still a gzip file.
     pub fn finish(&mut self, out: &mut impl Write) -> io::Result<u64> {
-        if self.next_submit == 0 {
-            let mut compressor = libdeflater::Compressor::new(
-                libdeflater::CompressionLvl::new(self.level as i32).unwrap_or_default(),
-            );
-            let member =
-                compress_member(&mut compressor, &[], Vec::new()).map_err(io::Error::other)?;
-            self.finished.insert(0, member);
-            self.next_submit = 1;
-        }
-        let mut written = 0;
+        let mut written = self.write_header(out)?;
         while self.next_write < self.next_submit {
             written += self.write_in_order(out)?;
             if self.next_write == self.next_submit {
@@ -174,7 +216,12 @@ impl ParallelGzip {
             self.collect(result)?;
         }
         self.stop();
-        Ok(written)
+        let crc = std::mem::take(&mut self.crc).finalize();
+        out.write_all(&FINAL_BLOCK)?;
+        out.write_all(&crc.to_le_bytes())?;
+        // ISIZE: the input length modulo 2^32.
+        out.write_all(&(self.input_len as u32).to_le_bytes())?;
+        Ok(written + FINAL_BLOCK.len() as u64 + 8)
     }
 
     fn stop(&mut self) {
@@ -188,5 +235,76 @@ impl ParallelGzip {
 impl Drop for ParallelGzip {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+    use std::io::Read;
+
+    fn compress(blocks: &[Vec<u8>], level: u32) -> Vec<u8> {
+        let mut gzip = ParallelGzip::new(level, 2);
+        let mut out = Vec::new();
+        for block in blocks {
+            gzip.submit(block.clone()).unwrap();
+            gzip.drain_ready(&mut out).unwrap();
+        }
+        gzip.finish(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn one_member_that_a_single_member_reader_takes_whole() {
+        let blocks: Vec<Vec<u8>> = (0..7u32)
+            .map(|i| {
+                (0..(150_000 + i * 3_001))
+                    .map(|j| (j.wrapping_mul(2_654_435_761) >> (i % 13)) as u8 % 97 + 20)
+                    .collect()
+            })
+            .collect();
+        let expected: Vec<u8> = blocks.concat();
+        for level in [0, 1, 6, 9] {
+            let compressed = compress(&blocks, level);
+            // GzDecoder reads exactly one member and refuses trailing data
+            // only if asked; check that nothing follows the member too.
+            let mut decoder = flate2::read::GzDecoder::new(&compressed[..]);
+            let mut text = Vec::new();
+            decoder.read_to_end(&mut text).unwrap();
+            assert_eq!(text, expected, "level {level}");
+            let mut rest = Vec::new();
+            decoder.into_inner().read_to_end(&mut rest).unwrap();
+            assert!(
+                rest.is_empty(),
+                "level {level}: {} bytes after the member",
+                rest.len()
+            );
+        }
+    }
+
+    #[test]
+    fn empty_and_incompressible_input() {
+        let empty = compress(&[], 6);
+        let mut text = Vec::new();
+        flate2::read::GzDecoder::new(&empty[..])
+            .read_to_end(&mut text)
+            .unwrap();
+        assert!(text.is_empty());
+        assert_eq!(empty.len(), 10 + 2 + 8);
+        let mut state = 0x1234_5678u64;
+        let noise: Vec<u8> = (0..1_000_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let compressed = compress(&[noise.clone(), Vec::new(), noise.clone()], 9);
+        let mut text = Vec::new();
+        flate2::read::GzDecoder::new(&compressed[..])
+            .read_to_end(&mut text)
+            .unwrap();
+        assert_eq!(text, [noise.clone(), noise].concat());
     }
 }
