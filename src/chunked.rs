@@ -18,15 +18,14 @@ use serde_json::{json, Value};
 
 use crate::activity::{Description, Tracked};
 use crate::error::raise;
-use crate::export::{relation_row_estimate, write_export, Export};
-use crate::file::{raise_io, Directory, PartialFile};
+use crate::export::{relation_row_estimate, Export};
+use crate::file::{write_partial, Directory, PartialFile};
 use crate::layout::{
     commit_listing, manifest_parts, new_export_id, part_name, read_listing, remove_stale_parts,
     MANIFEST, PROGRESS,
 };
 use crate::options::{BatchSize, Compression, ExportOptions};
 use crate::progress::Destination;
-use crate::sink::{background::BackgroundWriter, ExportWriter};
 use crate::source::Source;
 
 /// Rows per chunk unless asked otherwise: about a second of export on
@@ -158,30 +157,19 @@ fn write_chunk(
     let (snapshot, started) = chunk_snapshot();
     let mut options = job.options.clone();
     options.after = after.map(str::to_owned);
-    let (compression, level) = (options.compression, options.compression_level);
+    let compression = options.compression;
     let mut export = Export::open(job.source.clone(), options, Destination::File);
     if let Some(tracked) = tracked.take() {
         export.count_in(tracked, counted);
     }
     let name = part_name(&job.export_id, index, compression == Compression::Gzip);
     let mut partial = PartialFile::create(job.directory, OsStr::new(&name), false);
-    let file = partial
-        .take_file()
-        .unwrap_or_else(|e| raise_io(e, "export output"));
-    let mut writer = ExportWriter::new(BackgroundWriter::new(file), compression, level);
-    let rows = write_export(&mut export, &mut writer, job.chunk_rows);
+    let (file, counts) = write_partial(&mut export, &mut partial, job.chunk_rows);
     *tracked = export.release_tracked();
-    if rows == 0 {
+    if counts.rows == 0 {
         // The partial file is removed when dropped.
         return None;
     }
-    let stats = writer.stats();
-    let (bytes, crc32) = (stats.bytes, stats.crc32());
-    let file_bytes = writer.output_bytes();
-    let file = writer
-        .into_output()
-        .finish()
-        .unwrap_or_else(|e| raise_io(e, "export output"));
     let resume_token = export.resume_token();
     let last_key = export.last_key_text();
     partial.commit(file, false);
@@ -192,18 +180,18 @@ fn write_chunk(
             "file": name,
             "after_key": Value::Null, // filled in by the caller
             "last_key": last_key,
-            "rows": rows,
-            "bytes": bytes,
-            "file_bytes": file_bytes,
-            "crc32": format!("{crc32:08x}"),
+            "rows": counts.rows,
+            "bytes": counts.bytes,
+            "file_bytes": counts.file_bytes,
+            "crc32": format!("{:08x}", counts.crc32),
             "snapshot": snapshot,
             "snapshot_xmin": xmin,
             "transaction_started_at": started,
             "resume_token": resume_token,
         }),
-        rows,
-        bytes,
-        file_bytes,
+        rows: counts.rows,
+        bytes: counts.bytes,
+        file_bytes: counts.file_bytes,
         resume_token,
     })
 }

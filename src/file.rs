@@ -818,6 +818,50 @@ pub struct Written {
     pub resume_token: Option<String>,
 }
 
+/// Counts of an export written into a partial file.
+pub struct PartWritten {
+    pub rows: u64,
+    pub bytes: u64,
+    pub file_bytes: u64,
+    pub crc32: u32,
+}
+
+/// Run `export`, at most `limit` rows (footer included when asked), into
+/// the file of `partial` through a writer thread; returns the file, flushed
+/// by the thread, for the caller to commit (or to drop with `partial`).
+pub fn write_partial(
+    export: &mut crate::export::Export,
+    partial: &mut PartialFile,
+    limit: u64,
+) -> (File, PartWritten) {
+    use crate::sink::{background::BackgroundWriter, ExportWriter};
+
+    let options = export.options();
+    let (compression, level, array) = (
+        options.compression,
+        options.compression_level,
+        options.force_array,
+    );
+    let file = partial
+        .take_file()
+        .unwrap_or_else(|e| raise_io(e, "export output"));
+    let mut writer =
+        ExportWriter::new(BackgroundWriter::new(file), compression, level).writing_array(array);
+    let rows = crate::export::write_export(export, &mut writer, limit);
+    let stats = writer.stats();
+    let counts = PartWritten {
+        rows,
+        bytes: stats.bytes,
+        file_bytes: writer.output_bytes(),
+        crc32: stats.crc32(),
+    };
+    let file = writer
+        .into_output()
+        .finish()
+        .unwrap_or_else(|e| raise_io(e, "export output"));
+    (file, counts)
+}
+
 /// Export `source` to `name` in `dir` atomically (a locked `.partial`
 /// file renamed at the end); the caller has checked the privilege.
 pub fn export_to_file(
@@ -827,39 +871,20 @@ pub fn export_to_file(
     name: &OsStr,
     overwrite: bool,
 ) -> Written {
-    use crate::export::{write_whole_export, Export};
-    use crate::sink::{background::BackgroundWriter, ExportWriter};
-
     let mut partial = PartialFile::create(dir, name, overwrite);
-    let (compression, level, array) = (
-        options.compression,
-        options.compression_level,
-        options.force_array,
-    );
-    let mut export = Export::open(source, options, crate::progress::Destination::File);
+    let mut export =
+        crate::export::Export::open(source, options, crate::progress::Destination::File);
     export.track(&dir.display(name));
-    let file = partial
-        .take_file()
-        .unwrap_or_else(|e| raise_io(e, "export output"));
-    let mut writer =
-        ExportWriter::new(BackgroundWriter::new(file), compression, level).writing_array(array);
-    write_whole_export(&mut export, &mut writer);
-    let stats = writer.stats();
-    let (rows, bytes, crc32) = (stats.rows, stats.bytes, stats.crc32());
-    let file_bytes = writer.output_bytes();
-    let file = writer
-        .into_output()
-        .finish()
-        .unwrap_or_else(|e| raise_io(e, "export output"));
+    let (file, counts) = write_partial(&mut export, &mut partial, u64::MAX);
     let resume_token = export.resume_token();
     let path = partial.commit(file, overwrite);
-    export.complete(file_bytes, Some(crc32));
+    export.complete(counts.file_bytes, Some(counts.crc32));
     Written {
         path,
-        rows,
-        bytes,
-        file_bytes,
-        crc32,
+        rows: counts.rows,
+        bytes: counts.bytes,
+        file_bytes: counts.file_bytes,
+        crc32: counts.crc32,
         resume_token,
     }
 }

@@ -7,12 +7,17 @@ import time
 from pathlib import Path
 
 
+def proc_status_kib(pid: int, field: str) -> int:
+    """A memory figure of a process from /proc/<pid>/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc status")
+
+
 def rss_anon_kib(pid: int) -> int:
     """Private anonymous memory of a process (not shared buffers)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    raise RuntimeError("no RssAnon in /proc status")
+    return proc_status_kib(pid, "RssAnon")
 
 
 class PeakSampler:

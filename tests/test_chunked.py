@@ -141,6 +141,21 @@ def start_exporter(server, sql: str, params: list, setup: tuple[str, ...] = ()):
     return holder, thread, result
 
 
+def start_gated(server, sql: str, params: list):
+    """Hold the gate, start the CALL, and wait until it stands at the gate
+    of chunk 0."""
+    holder = {}
+    gate = Gate(server, holder)
+    try:
+        exporter, thread, result = start_exporter(server, sql, params)
+        holder.update(exporter)
+        gate.waiting_at(0)
+    except BaseException:
+        gate.close()
+        raise
+    return gate, holder, thread, result
+
+
 def test_chunks_union_equals_the_source(server, conn, server_dir):
     make_table(conn, "chunked_plain", 25_000)
     conn.execute("CALL stream_export_chunked('chunked_plain', %s, 'id', chunk_rows => 10000)", [str(server_dir)])
@@ -248,15 +263,11 @@ def test_xmin_advances_and_vacuum_removes_rows_deleted_during_the_export(server,
     conn.execute("VACUUM chunked_victims")
     conn.execute(GATE_SQL)
     source = "SELECT * FROM chunked_vac_source WHERE chunk_gate()"
-    holder = {}
     gate = None
     try:
-        gate = Gate(server, holder)
-        exporter, thread, result = start_exporter(
+        gate, holder, thread, result = start_gated(
             server, "CALL stream_export_chunked(%s, %s, 'id', chunk_rows => 1000, batch_size => 100)",
             [source, str(server_dir)])
-        holder.update(exporter)
-        gate.waiting_at(0)
         xmins = [backend_xmin(conn, holder["pid"])]
         # Rows die while chunk 0's snapshot is held: VACUUM must keep them.
         conn.execute("DELETE FROM chunked_victims WHERE id <= 500")
@@ -321,16 +332,12 @@ def test_concurrent_writes_each_chunk_is_its_snapshot(server, conn, server_dir):
     conn.execute(HISTORY_SQL)
     conn.execute(GATE_SQL)
     source = "SELECT * FROM chunked_churn WHERE chunk_gate()"
-    holder = {}
     gate = None
     moved_up, moved_down = [], []
     try:
-        gate = Gate(server, holder)
-        exporter, thread, result = start_exporter(
+        gate, holder, thread, result = start_gated(
             server, "CALL stream_export_chunked(%s, %s, 'id', chunk_rows => 1000, batch_size => 100)",
             [source, str(server_dir)])
-        holder.update(exporter)
-        gate.waiting_at(0)
         next_id = 100_000
         for step in range(6):
             # While chunk `step` waits at its gate (its snapshot taken), change
@@ -381,15 +388,11 @@ def test_cancel_then_resume(server, conn, server_dir):
     make_table(conn, "chunked_resume", 5_500)
     conn.execute(GATE_SQL)
     source = "SELECT * FROM chunked_resume WHERE chunk_gate()"
-    holder = {}
     gate = None
     try:
-        gate = Gate(server, holder)
-        exporter, thread, result = start_exporter(
+        gate, holder, thread, result = start_gated(
             server, "CALL stream_export_chunked(%s, %s, 'id', chunk_rows => 1000, compression => 'gzip')",
             [source, str(server_dir)])
-        holder.update(exporter)
-        gate.waiting_at(0)
         gate.let_one_chunk_through()
         gate.let_one_chunk_through()  # chunks 0 and 1 done, 2 waits
         conn.execute("SELECT pg_cancel_backend(%s)", [holder["pid"]])
@@ -426,11 +429,7 @@ def test_kill_and_restart_then_resume(server_dir):
         source = "SELECT * FROM chunked_crash WHERE chunk_gate()"
         call = "CALL stream_export_chunked(%s, %s, 'id', chunk_rows => 1000)"
 
-        holder = {}
-        gate = Gate(srv, holder)
-        exporter, thread, result = start_exporter(srv, call, [source, str(server_dir)])
-        holder.update(exporter)
-        gate.waiting_at(0)
+        gate, holder, thread, result = start_gated(srv, call, [source, str(server_dir)])
         gate.let_one_chunk_through()  # chunk 0 done, chunk 1 waits with its partial file open
         assert any(name.endswith(".partial") and name.startswith("part-") for name in files_in(server_dir))
         os.kill(holder["pid"], signal.SIGKILL)
@@ -445,11 +444,7 @@ def test_kill_and_restart_then_resume(server_dir):
         (stale,) = [p for p in server_dir.iterdir() if p.name.startswith("part-") and p.name.endswith(".partial")]
         log_before = len(srv.log_text())
 
-        holder = {}
-        gate = Gate(srv, holder)
-        exporter, thread, result = start_exporter(srv, call, [source, str(server_dir)])
-        holder.update(exporter)
-        gate.waiting_at(0)  # chunk 1, the first of this call, written afresh
+        gate, holder, thread, result = start_gated(srv, call, [source, str(server_dir)])  # chunk 1, the first of this call, written afresh
         assert f'removed "{stale}"' in srv.log_text()[log_before:]
         gate.let_one_chunk_through()  # chunk 1 done, chunk 2 waits
         # A fast shutdown while chunk 2 is being written (the gate still shut).

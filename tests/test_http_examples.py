@@ -9,23 +9,14 @@ import os
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
 
 from conftest import REPO, _free_port
-from helpers import wait_until
+from helpers import proc_status_kib, wait_until
 
 EXAMPLES = REPO / "examples"
-
-
-def peak_rss_kib(pid: int) -> int:
-    """The process's peak resident set size so far (VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc status")
 
 
 class ExampleServer:
@@ -169,7 +160,7 @@ def test_the_server_stays_flat_while_streaming_millions_of_rows(server, conn, ev
         result = subprocess.run(["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{size_download}",
                                  example.url()], capture_output=True, timeout=600)
         assert result.returncode == 0, result.stderr
-        peak = peak_rss_kib(example.process.pid)
+        peak = proc_status_kib(example.process.pid, "VmHWM")  # peak resident set
     finally:
         example.stop()
     assert int(result.stdout) > 100 << 20  # the whole 5M-row export went through
