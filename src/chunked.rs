@@ -5,11 +5,12 @@
 //!
 //! Each chunk is a part file of the directory layout ([`crate::layout`]),
 //! read under one REPEATABLE READ snapshot and written atomically with a
-//! footer. After each chunk, `progress.json` (replaced atomically) lists
-//! the chunks finished so far with the snapshot each one read; a later
-//! call on the same directory continues after the last chunk it lists.
+//! footer. After each chunk, a line describing it (with the snapshot it
+//! read) is appended to the journal `progress.jsonl`; a later call on the
+//! same directory continues after the last chunk it lists. Nothing grows
+//! with the number of chunks: the journal is read and copied line by line.
 //! When the source is exhausted, `manifest.json` is written (marked
-//! `"consistency": "per_chunk"`) and `progress.json` removed.
+//! `"consistency": "per_chunk"`) from the journal, which is then removed.
 
 use std::ffi::OsStr;
 
@@ -19,9 +20,10 @@ use serde_json::{json, Value};
 use crate::activity::{Description, Tracked};
 use crate::error::raise;
 use crate::export::{relation_row_estimate, Export};
+use crate::file::raise_io;
 use crate::file::{write_partial, Directory, PartialFile};
 use crate::layout::{
-    commit_listing, manifest_parts, new_export_id, part_name, read_listing, remove_stale_parts,
+    commit_manifest, new_export_id, part_name, read_journal, read_listing, remove_stale_parts,
     MANIFEST, PROGRESS,
 };
 use crate::options::{BatchSize, Compression, ExportOptions};
@@ -127,8 +129,6 @@ struct Job<'a> {
 struct Chunk {
     entry: Value,
     rows: u64,
-    bytes: u64,
-    file_bytes: u64,
     resume_token: Option<String>,
 }
 
@@ -190,8 +190,6 @@ fn write_chunk(
             "resume_token": resume_token,
         }),
         rows: counts.rows,
-        bytes: counts.bytes,
-        file_bytes: counts.file_bytes,
         resume_token,
     })
 }
@@ -204,32 +202,123 @@ fn now_utc() -> String {
     .unwrap_or_default()
 }
 
-/// The listing written as `progress.json` and, at the end, `manifest.json`.
-fn listing(job: &Job<'_>, key: &str, chunks: &[Value], started_at: &str, complete: bool) -> Value {
-    let sum = |field: &str| chunks.iter().filter_map(|c| c[field].as_u64()).sum::<u64>();
+/// The journal's first line: what the export is.
+fn journal_header(
+    export_id: &str,
+    source: &Source,
+    key: &str,
+    options: &ExportOptions,
+    chunk_rows: u64,
+) -> Value {
     json!({
-        "pg_stream_export_manifest": 1,
+        "pg_stream_export_progress": 1,
         "consistency": "per_chunk",
-        "complete": complete,
-        "export_id": job.export_id,
-        "source": job.source.canonical(),
+        "export_id": export_id,
+        "source": source.canonical(),
         "key": key,
-        "compression": job.options.compression.to_string(),
-        "chunk_rows": job.chunk_rows,
-        "started_at": started_at,
-        "finished_at": if complete { Value::from(now_utc()) } else { Value::Null },
-        "parts": chunks,
-        "totals": {
-            "chunks": chunks.len(),
-            "rows": sum("rows"),
-            "bytes": sum("bytes"),
-            "file_bytes": sum("file_bytes"),
-        },
+        "compression": options.compression.to_string(),
+        "chunk_rows": chunk_rows,
+        "started_at": now_utc(),
     })
 }
 
-fn unfinished_mismatch(directory: &Directory, progress: &Value) -> ! {
-    let text = |field: &str| progress[field].as_str().unwrap_or("?").to_string();
+/// Sums over the chunks, and the last chunk's entry.
+#[derive(Default)]
+struct Tally {
+    chunks: usize,
+    rows: u64,
+    bytes: u64,
+    file_bytes: u64,
+    last: Option<Value>,
+}
+
+impl Tally {
+    fn add(&mut self, entry: &Value) {
+        self.chunks += 1;
+        self.rows += entry["rows"].as_u64().unwrap_or(0);
+        self.bytes += entry["bytes"].as_u64().unwrap_or(0);
+        self.file_bytes += entry["file_bytes"].as_u64().unwrap_or(0);
+        self.last = Some(entry.clone());
+    }
+}
+
+/// Append one chunk's line to the journal and flush it (when the server
+/// flushes files): from here on the chunk counts as done.
+fn append_to_journal(journal: &mut std::fs::File, entry: &Value) {
+    use std::io::Write;
+    let line = entry.to_string() + "\n";
+    journal
+        .write_all(line.as_bytes())
+        .and_then(|_| {
+            if crate::file::flush_enabled() {
+                journal.sync_data()
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_or_else(|e| raise_io(e, PROGRESS));
+}
+
+/// Write the manifest: the journal's header as a finished export, the
+/// chunk lines as its parts (copied one by one, never all in memory), and
+/// the totals; then rename it into place.
+fn write_manifest(
+    directory: &Directory,
+    mut partial: PartialFile,
+    header: &Value,
+    tally: &Tally,
+    overwrite: bool,
+) {
+    use std::io::{BufRead, Write};
+    let mut head = header.clone();
+    if let Some(fields) = head.as_object_mut() {
+        fields.remove("pg_stream_export_progress");
+    }
+    head["pg_stream_export_manifest"] = json!(1);
+    head["complete"] = json!(true);
+    head["finished_at"] = json!(now_utc());
+    head["totals"] = json!({
+        "chunks": tally.chunks,
+        "rows": tally.rows,
+        "bytes": tally.bytes,
+        "file_bytes": tally.file_bytes,
+    });
+    let text = serde_json::to_string_pretty(&head).unwrap_or_default();
+    let opening = text.trim_end().trim_end_matches('}').trim_end();
+    let export_id = header["export_id"].as_str().unwrap_or_default().to_owned();
+    let file = partial
+        .take_file()
+        .unwrap_or_else(|e| raise_io(e, MANIFEST));
+    let journal = directory
+        .open_regular(OsStr::new(PROGRESS))
+        .unwrap_or_else(|e| raise_io(e, PROGRESS));
+    let written = (|| -> std::io::Result<std::fs::File> {
+        let mut out = std::io::BufWriter::new(file);
+        write!(out, "{opening},\n  \"parts\": [")?;
+        let mut lines = std::io::BufReader::new(journal).lines().skip(1);
+        let mut first = true;
+        for line in lines.by_ref().take(tally.chunks) {
+            let line = line?;
+            write!(
+                out,
+                "{}\n    {}",
+                if first { "" } else { "," },
+                line.trim_end()
+            )?;
+            first = false;
+        }
+        write!(out, "\n  ]\n}}\n")?;
+        out.into_inner().map_err(|e| e.into_error())
+    })();
+    let file = written.unwrap_or_else(|e| raise_io(e, MANIFEST));
+    let prefix = format!("part-{export_id}-");
+    commit_manifest(directory, partial, file, overwrite, |part| {
+        part.starts_with(&prefix)
+    });
+}
+
+fn unfinished_mismatch(directory: &Directory, header: &Value) -> ! {
+    let text = |field: &str| header[field].as_str().unwrap_or("?").to_string();
     raise(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         format!(
@@ -256,15 +345,21 @@ pub fn export_chunked(
     overwrite: bool,
 ) -> ChunkedTotals {
     let key = options.key.clone().unwrap_or_default();
+    // The key and the options are checked before anything is written.
+    drop(Export::open(
+        source.clone(),
+        options.clone(),
+        Destination::Callback,
+    ));
     let manifest = OsStr::new(MANIFEST);
     if !overwrite && directory.contains(manifest) {
-        // A crash between writing the manifest and removing the progress
-        // record leaves both: the export was finished.
-        if let (Some(done), Some(progress)) = (
+        // A crash between writing the manifest and removing the journal
+        // leaves both: the export was finished.
+        if let (Some(done), Some((journal, _))) = (
             read_listing(directory, MANIFEST),
-            read_listing(directory, PROGRESS),
+            read_journal(directory, |_| {}),
         ) {
-            if done["export_id"] == progress["export_id"] {
+            if done["export_id"] == journal["export_id"] {
                 let _ = directory.unlink(OsStr::new(PROGRESS));
             }
         }
@@ -279,44 +374,16 @@ pub fn export_chunked(
     }
     // Held until the manifest is in place: one export per directory.
     let manifest_partial = PartialFile::create(directory, manifest, overwrite);
-    let progress = read_listing(directory, PROGRESS);
-    let (export_id, mut chunks, started_at) = match &progress {
-        Some(progress) => {
-            let same = progress["consistency"] == "per_chunk"
-                && progress["source"] == source.canonical()
-                && progress["key"] == key.as_str()
-                && progress["compression"] == options.compression.to_string().as_str()
-                && progress["export_id"].is_string();
-            if !same {
-                unfinished_mismatch(directory, progress);
+    let mut tally = Tally::default();
+    let mut missing: Option<String> = None;
+    let resumed = read_journal(directory, |entry| {
+        if let Some(name) = entry["file"].as_str() {
+            if missing.is_none() && !directory.contains(OsStr::new(name)) {
+                missing = Some(name.to_owned());
             }
-            for name in manifest_parts(progress) {
-                if !directory.contains(OsStr::new(&name)) {
-                    raise(
-                        PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
-                        format!(
-                            "chunk file \"{}\" of the unfinished export is missing",
-                            directory.display(OsStr::new(&name))
-                        ),
-                        Some("remove progress.json and the part files to export from the start"),
-                    );
-                }
-            }
-            (
-                progress["export_id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-                progress["parts"].as_array().cloned().unwrap_or_default(),
-                progress["started_at"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            )
         }
-        None => (new_export_id(), Vec::new(), now_utc()),
-    };
-    remove_stale_parts(directory);
+        tally.add(entry);
+    });
     let mut options = options;
     if options.batch_size == BatchSize::Auto {
         // Every query of a chunk reads the chunk's one snapshot, so fewer,
@@ -324,44 +391,84 @@ pub fn export_chunked(
         // still fetched about 1 MiB at a time.
         options.batch_size = BatchSize::Fixed(chunk_rows.min(CHUNK_QUERY_ROWS) as u32);
     }
+    let (header, mut journal) = match resumed {
+        Some((header, good_len)) => {
+            let same = header["consistency"] == "per_chunk"
+                && header["source"] == source.canonical()
+                && header["key"] == key.as_str()
+                && header["compression"] == options.compression.to_string().as_str()
+                && header["export_id"].is_string();
+            if !same {
+                unfinished_mismatch(directory, &header);
+            }
+            if let Some(name) = missing {
+                raise(
+                    PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+                    format!(
+                        "chunk file \"{}\" of the unfinished export is missing",
+                        directory.display(OsStr::new(&name))
+                    ),
+                    Some("remove progress.jsonl and the part files to export from the start"),
+                );
+            }
+            let journal = directory
+                .open_append(OsStr::new(PROGRESS))
+                .unwrap_or_else(|e| raise_io(e, PROGRESS));
+            // A line cut short by a crash is dropped; its chunk is redone.
+            journal
+                .set_len(good_len)
+                .unwrap_or_else(|e| raise_io(e, PROGRESS));
+            (header, journal)
+        }
+        None => {
+            let header = journal_header(&new_export_id(), &source, &key, &options, chunk_rows);
+            // A journal whose header never made it is stale: start afresh.
+            let _ = directory.unlink(OsStr::new(PROGRESS));
+            let mut journal = directory
+                .open_append(OsStr::new(PROGRESS))
+                .unwrap_or_else(|e| raise_io(e, PROGRESS));
+            append_to_journal(&mut journal, &header);
+            directory.sync().unwrap_or_else(|e| raise_io(e, PROGRESS));
+            (header, journal)
+        }
+    };
+    remove_stale_parts(directory);
     let job = Job {
         source,
         options,
         directory,
-        export_id,
+        export_id: header["export_id"].as_str().unwrap_or_default().to_owned(),
         chunk_rows,
     };
-    let resumed_chunks = chunks.len();
+    let resumed_chunks = tally.chunks;
     let mut tracked = Some(Tracked::start(Description {
         source: job.source.description(),
         destination: directory.path().display().to_string(),
         format: format!("{} chunk_rows={chunk_rows}", job.options.describe()),
         estimated_rows: relation_row_estimate(job.source.relation_oid()),
     }));
-    let sum = |chunks: &[Value], field: &str| {
-        chunks.iter().filter_map(|c| c[field].as_u64()).sum::<u64>()
-    };
-    let mut counted = (sum(&chunks, "rows"), sum(&chunks, "bytes"));
-    let mut file_bytes = sum(&chunks, "file_bytes");
-    let mut after: Option<String> = chunks
-        .last()
-        .and_then(|c| c["resume_token"].as_str().map(str::to_owned));
-    let mut last_key: Value = chunks
-        .last()
-        .map(|c| c["last_key"].clone())
-        .unwrap_or(Value::Null);
-    let mut reached_end = chunks.last().is_some_and(|c| c["to_end"] == true);
+    let last = tally.last.clone().unwrap_or(Value::Null);
+    let mut after: Option<String> = last["resume_token"].as_str().map(str::to_owned);
+    let mut last_key: Value = last["last_key"].clone();
+    let mut reached_end = last["to_end"] == true;
     let mut spi = CommittingSpi::connect();
     while !reached_end {
         spi.begin_chunk();
-        let index = chunks.len();
+        let index = tally.chunks;
         // Each chunk's plans, caches and row memory go with its context.
         // SAFETY: the context is a fresh child of the current one, freed
         // when dropped after the chunk; nothing allocated in it is used
         // after that (the chunk's results are Rust values).
         let chunk = unsafe {
-            PgMemoryContexts::new("pg_stream_export chunk")
-                .switch_to(|_| write_chunk(&job, index, after.as_deref(), &mut tracked, counted))
+            PgMemoryContexts::new("pg_stream_export chunk").switch_to(|_| {
+                write_chunk(
+                    &job,
+                    index,
+                    after.as_deref(),
+                    &mut tracked,
+                    (tally.rows, tally.bytes),
+                )
+            })
         };
         spi.end_chunk();
         let Some(mut chunk) = chunk else {
@@ -371,41 +478,27 @@ pub fn export_chunked(
         chunk.entry["after_key"] = last_key;
         chunk.entry["to_end"] = Value::from(reached_end);
         last_key = chunk.entry["last_key"].clone();
-        counted = (counted.0 + chunk.rows, counted.1 + chunk.bytes);
-        file_bytes += chunk.file_bytes;
         after = chunk.resume_token;
-        chunks.push(chunk.entry);
+        append_to_journal(&mut journal, &chunk.entry);
+        tally.add(&chunk.entry);
         if let Some(tracked) = &mut tracked {
-            tracked.written(file_bytes);
+            tracked.written(tally.file_bytes);
         }
-        let progress_partial = PartialFile::create(directory, OsStr::new(PROGRESS), true);
-        commit_listing(
-            directory,
-            progress_partial,
-            PROGRESS,
-            &listing(&job, &key, &chunks, &started_at, false),
-            true,
-        );
     }
-    commit_listing(
-        directory,
-        manifest_partial,
-        MANIFEST,
-        &listing(&job, &key, &chunks, &started_at, true),
-        overwrite,
-    );
+    drop(journal);
+    write_manifest(directory, manifest_partial, &header, &tally, overwrite);
     let _ = directory.unlink(OsStr::new(PROGRESS));
     spi.finish();
     if let Some(tracked) = &mut tracked {
-        tracked.job_progress(counted.0, counted.1);
-        tracked.written(file_bytes);
+        tracked.job_progress(tally.rows, tally.bytes);
+        tracked.written(tally.file_bytes);
         tracked.complete(None);
     }
     ChunkedTotals {
-        chunks: chunks.len() as i32,
+        chunks: tally.chunks as i32,
         resumed_chunks: resumed_chunks as i32,
-        rows: counted.0 as i64,
-        bytes: counted.1 as i64,
-        file_bytes: file_bytes as i64,
+        rows: tally.rows as i64,
+        bytes: tally.bytes as i64,
+        file_bytes: tally.file_bytes as i64,
     }
 }

@@ -280,8 +280,29 @@ impl Directory {
         open_regular_at(self.fd(), &c_name(name)).map(|(file, _)| file)
     }
 
+    /// Open `name` to append to, creating it if need be; never through a
+    /// symbolic link.
+    pub fn open_append(&self, name: &OsStr) -> io::Result<File> {
+        let name = c_name(name);
+        // SAFETY: openat(2) within our directory; the descriptor is owned
+        // by the File.
+        unsafe {
+            let fd = cvt(libc::openat(
+                self.fd(),
+                name.as_ptr(),
+                libc::O_WRONLY
+                    | libc::O_APPEND
+                    | libc::O_CREAT
+                    | libc::O_NOFOLLOW
+                    | libc::O_CLOEXEC,
+                0o600,
+            ))?;
+            Ok(File::from_raw_fd(fd))
+        }
+    }
+
     /// Flush the directory entry changes, when the server flushes files.
-    fn sync(&self) -> io::Result<()> {
+    pub fn sync(&self) -> io::Result<()> {
         if flush_enabled() {
             cvt(unsafe { libc::fsync(self.fd()) })?;
         }
@@ -384,7 +405,7 @@ pub fn open_directory_for_reading(path: &str) -> Directory {
 }
 
 /// Whether the server flushes files (`fsync`); export files follow it.
-fn flush_enabled() -> bool {
+pub fn flush_enabled() -> bool {
     // SAFETY: reads the `fsync` GUC's variable.
     unsafe { pg_sys::enableFsync }
 }

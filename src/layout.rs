@@ -13,8 +13,9 @@ use crate::file::{raise_io, remove_if_abandoned, Directory, Occupant, PartialFil
 
 /// The file that lists the parts; its arrival is an export's commit point.
 pub const MANIFEST: &str = "manifest.json";
-/// A chunked export's record of the chunks it has finished so far.
-pub const PROGRESS: &str = "progress.json";
+/// A chunked export's journal: a header line, then one line per finished
+/// chunk, appended as each chunk is in place.
+pub const PROGRESS: &str = "progress.jsonl";
 
 /// `part-<id>-NNNNN.ndjson[.gz]`.
 pub fn part_name(export_id: &str, index: usize, gzip: bool) -> String {
@@ -35,7 +36,7 @@ pub fn export_id_of_part(name: &[u8]) -> Option<&[u8]> {
     let (id, number) = (rest.get(..12)?, rest.get(12..)?);
     let number = number.strip_prefix(b"-")?;
     (id.iter().all(|b| b.is_ascii_hexdigit())
-        && number.len() == 5
+        && number.len() >= 5
         && number.iter().all(u8::is_ascii_digit))
     .then_some(id)
 }
@@ -98,16 +99,56 @@ pub fn read_listing(directory: &Directory, name: &str) -> Option<Value> {
         .and_then(read_manifest)
 }
 
+/// Read a chunked export's journal: its header, and each intact chunk
+/// line handed to `on_entry` in order, without keeping them. A last line
+/// cut short by a crash while it was appended is not an entry; the
+/// returned length is where the intact lines end. `None` without a
+/// journal (or one whose header does not parse).
+pub fn read_journal(
+    directory: &Directory,
+    mut on_entry: impl FnMut(&Value),
+) -> Option<(Value, u64)> {
+    use std::io::BufRead;
+    let file = directory.open_regular(OsStr::new(PROGRESS)).ok()?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = Vec::new();
+    let mut header = None;
+    let mut good_len = 0u64;
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if line.last() != Some(&b'\n') {
+                    break;
+                }
+                let Ok(value) = serde_json::from_slice::<Value>(&line) else {
+                    break;
+                };
+                match header {
+                    None => header = Some(value),
+                    Some(_) => on_entry(&value),
+                }
+                good_len += n as u64;
+            }
+        }
+    }
+    header.map(|h| (h, good_len))
+}
+
 /// With the directory's manifest lock held, no other export is running
 /// here: part files that neither the manifest nor an unfinished chunked
 /// export's progress record lists, and partial parts without a lock, were
 /// left by exports that died. Remove them.
 pub fn remove_stale_parts(directory: &Directory) {
-    let current: Vec<String> = [MANIFEST, PROGRESS]
-        .iter()
-        .filter_map(|name| read_listing(directory, name))
-        .flat_map(|listing| manifest_parts(&listing))
-        .collect();
+    let mut current: Vec<String> = read_listing(directory, MANIFEST)
+        .map(|manifest| manifest_parts(&manifest))
+        .unwrap_or_default();
+    read_journal(directory, |entry| {
+        if let Some(name) = entry["file"].as_str().filter(|n| is_part_file_name(n)) {
+            current.push(name.to_owned());
+        }
+    });
     let Ok(names) = directory.names() else {
         return;
     };
@@ -139,11 +180,26 @@ pub fn commit_listing(
     let text = serde_json::to_string_pretty(listing).unwrap_or_default() + "\n";
     let mut file = partial.take_file().unwrap_or_else(|e| raise_io(e, name));
     std::io::Write::write_all(&mut file, text.as_bytes()).unwrap_or_else(|e| raise_io(e, name));
+    let new_parts = manifest_parts(listing);
+    commit_manifest(directory, partial, file, overwrite, |part| {
+        new_parts.iter().any(|p| p == part)
+    });
+}
+
+/// Rename a written manifest into place: the commit point. With
+/// `overwrite`, the parts of the manifest it replaced are removed, except
+/// those `still_listed` says the new one lists.
+pub fn commit_manifest(
+    directory: &Directory,
+    partial: PartialFile,
+    file: std::fs::File,
+    overwrite: bool,
+    still_listed: impl Fn(&str) -> bool,
+) {
     let replaced = partial.commit_returning_replaced(file, overwrite);
     if let Some(old) = replaced.and_then(read_manifest) {
-        let new_parts = manifest_parts(listing);
         for part in manifest_parts(&old) {
-            if !new_parts.contains(&part) {
+            if !still_listed(&part) {
                 let _ = directory.unlink(OsStr::new(&part));
             }
         }

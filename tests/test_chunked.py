@@ -21,7 +21,7 @@ import pytest
 from psycopg import errors
 
 from conftest import start_cluster, stop_cluster
-from helpers import run_in_thread, wait_until
+from helpers import PeakSampler, run_in_thread, wait_until
 
 GATE_LOCKS = (4200, 4201)
 
@@ -68,6 +68,12 @@ def files_in(directory: Path) -> set[str]:
 def manifest_files(directory: Path) -> set[str]:
     manifest = json.loads((directory / "manifest.json").read_text())
     return {"manifest.json"} | {p["file"] for p in manifest["parts"]}
+
+
+def journal(directory: Path) -> tuple[dict, list[dict]]:
+    """The header and chunk entries of an unfinished export's journal."""
+    header, *entries = [json.loads(line) for line in (directory / "progress.jsonl").read_text().splitlines()]
+    return header, entries
 
 
 def verify(conn, directory: Path) -> tuple:
@@ -401,9 +407,13 @@ def test_cancel_then_resume(server, conn, server_dir):
     finally:
         if gate:
             gate.close()
-    progress = json.loads((server_dir / "progress.json").read_text())
-    assert progress["complete"] is False and [p["chunk"] for p in progress["parts"]] == [0, 1]
-    assert files_in(server_dir) == {"progress.json"} | {p["file"] for p in progress["parts"]}
+    header, entries = journal(server_dir)
+    assert header["consistency"] == "per_chunk" and [p["chunk"] for p in entries] == [0, 1]
+    assert files_in(server_dir) == {"progress.jsonl"} | {p["file"] for p in entries}
+    # A crash while a chunk's line was being appended leaves it cut short:
+    # that chunk is not done, and its file (here complete) is redone.
+    with open(server_dir / "progress.jsonl", "a") as f:
+        f.write('{"chunk": 2, "file": "part-')
     # Another source is refused: the directory holds this one's unfinished export.
     with pytest.raises(errors.ObjectNotInPrerequisiteState):
         conn.execute("CALL stream_export_chunked('chunked_resume', %s, 'id', compression => 'gzip')",
@@ -414,8 +424,26 @@ def test_cancel_then_resume(server, conn, server_dir):
                  [source, str(server_dir)])
     assert any("in 6 chunk(s), 2 of them from an earlier call" in n for n in notices), notices
     assert exported_lines(server_dir) == expected_lines(conn, "chunked_resume")
-    assert files_in(server_dir) == manifest_files(server_dir)  # progress.json is gone
+    assert files_in(server_dir) == manifest_files(server_dir)  # the journal is gone
     assert verify(conn, server_dir)[:3] == (True, 6, 5_500)
+
+
+def test_memory_does_not_grow_with_the_number_of_chunks(server, conn, server_dir):
+    """The same rows in 4 chunks and in 800: the backend's peak private
+    memory is the same (nothing is kept per chunk)."""
+    make_table(conn, "chunked_memory", 200_000)
+    peaks = {}
+    for chunk_rows in (50_000, 250):
+        with server.connect() as exporter:
+            exporter.execute("SELECT count(*) FROM stream_export('SELECT 1 AS x')")  # library loaded
+            pid = exporter.info.backend_pid
+            with PeakSampler(pid) as sampler:
+                idle = sampler.peak
+                exporter.execute("CALL stream_export_chunked('chunked_memory', %s, 'id', chunk_rows => %s, "
+                                 "overwrite => true)", [str(server_dir), chunk_rows])
+            peaks[chunk_rows] = sampler.peak - idle
+        assert verify(conn, server_dir)[:3] == (True, 200_000 // chunk_rows, 200_000)
+    assert peaks[250] < peaks[50_000] + 2048, peaks  # KiB
 
 
 def test_kill_and_restart_then_resume(server_dir):
@@ -438,8 +466,7 @@ def test_kill_and_restart_then_resume(server_dir):
         gate.conn.close()
         # The postmaster restarts after the crash; wait until it accepts again.
         wait_until(lambda: _accepts(srv), timeout=60)
-        progress = json.loads((server_dir / "progress.json").read_text())
-        assert [p["chunk"] for p in progress["parts"]] == [0]
+        assert [p["chunk"] for p in journal(server_dir)[1]] == [0]
         # Left by the kill: the half-written chunk 1.
         (stale,) = [p for p in server_dir.iterdir() if p.name.startswith("part-") and p.name.endswith(".partial")]
         log_before = len(srv.log_text())
@@ -452,8 +479,7 @@ def test_kill_and_restart_then_resume(server_dir):
         thread.join()
         gate.conn.close()
         assert "error" in result
-        progress = json.loads((server_dir / "progress.json").read_text())
-        assert [p["chunk"] for p in progress["parts"]] == [0, 1]
+        assert [p["chunk"] for p in journal(server_dir)[1]] == [0, 1]
 
         with srv.connect() as conn:
             conn.execute(call, [source, str(server_dir)])
