@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import time
@@ -28,8 +29,9 @@ class ExampleServer:
                    PGUSER="postgres", PGOPTIONS="-c session_preload_libraries=pg_stream_export",
                    PORT=str(self.port), EXPORT_SOURCE=source, EXPORT_KEY="id")
         if kind == "node":
-            command = ["node", "server.js"]
+            # As `npm start` runs it, but without npm in between (its pid is node's).
             cwd = EXAMPLES / "node-http"
+            command = shlex.split(json.loads((cwd / "package.json").read_text())["scripts"]["start"])
         else:
             venv = EXAMPLES / "python-http" / ".venv" / "bin"
             command = [str(venv / "uvicorn"), "app:app", "--host", "127.0.0.1", "--port", str(self.port),

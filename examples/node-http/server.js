@@ -4,7 +4,12 @@
 // a slow client slows the export down (backpressure), and a client that
 // goes away cancels the query.
 //
-//   PGHOST=... PGDATABASE=... PORT=8080 node server.js
+//   PGHOST=... PGDATABASE=... PORT=8080 npm start
+//
+// (npm start runs node with a small young generation, --max-semi-space-size=1:
+// the stream makes much short-lived garbage, and V8 otherwise lets the
+// process grow by tens of MB before it collects; 64-69 MB instead of
+// 80-92 MB of RSS over 20 exports here.)
 //   curl --compressed 'http://127.0.0.1:8080/export'
 //   curl --compressed 'http://127.0.0.1:8080/export?after=<resume_token>'
 //
