@@ -137,12 +137,7 @@ fn chunk_snapshot() -> (String, String) {
     let snapshot: String =
         crate::scan::select_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])
             .unwrap_or_default();
-    let started: String = crate::scan::select_one(
-        r#"SELECT pg_catalog.to_char(pg_catalog.now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#,
-        &[],
-    )
-    .unwrap_or_default();
-    (snapshot, started)
+    (snapshot, utc_text("pg_catalog.now()"))
 }
 
 /// Write chunk `index`: up to `chunk_rows` rows after `after`. `None` when
@@ -194,12 +189,20 @@ fn write_chunk(
     })
 }
 
-fn now_utc() -> String {
+/// A timestamptz expression as ISO 8601 in UTC with `Z`, whatever the
+/// session's settings.
+fn utc_text(expression: &str) -> String {
     crate::scan::select_one(
-        r#"SELECT pg_catalog.to_char(pg_catalog.clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#,
+        &format!(
+            r#"SELECT pg_catalog.to_char({expression} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#
+        ),
         &[],
     )
     .unwrap_or_default()
+}
+
+fn now_utc() -> String {
+    utc_text("pg_catalog.clock_timestamp()")
 }
 
 /// The journal's first line: what the export is.
@@ -295,9 +298,9 @@ fn write_manifest(
     let written = (|| -> std::io::Result<std::fs::File> {
         let mut out = std::io::BufWriter::new(file);
         write!(out, "{opening},\n  \"parts\": [")?;
-        let mut lines = std::io::BufReader::new(journal).lines().skip(1);
+        let lines = std::io::BufReader::new(journal).lines().skip(1);
         let mut first = true;
-        for line in lines.by_ref().take(tally.chunks) {
+        for line in lines.take(tally.chunks) {
             let line = line?;
             write!(
                 out,

@@ -239,6 +239,12 @@ struct CopyOptions {
     omit_nulls: Option<bool>,
 }
 
+fn option_bool(def: *mut pg_sys::DefElem) -> bool {
+    // SAFETY: defGetBoolean raises a proper error for a value that is not
+    // a boolean.
+    unsafe { pg_sys::defGetBoolean(def) }
+}
+
 fn option_string(def: *mut pg_sys::DefElem) -> String {
     // SAFETY: defGetString raises a proper error when there is no value.
     unsafe {
@@ -309,28 +315,22 @@ fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
                             )
                         })
             }
-            // SAFETY: defGetInt32 / defGetBoolean raise on bad values.
+            // SAFETY: defGetInt32 raises on bad values.
             "compression_level" => {
                 options.compression_level = Some(unsafe { pg_sys::defGetInt32(def) })
             }
-            "footer" => options.footer = unsafe { pg_sys::defGetBoolean(def) },
+            "footer" => options.footer = option_bool(def),
             "key" => options.key = Some(option_string(def)),
             "after" => options.after = Some(option_string(def)),
             "key_from" => options.key_from = Some(option_string(def)),
             "key_to" => options.key_to = Some(option_string(def)),
             "profile" => options.profile = Some(option_string(def)),
-            "bigint_as_string" => {
-                options.bigint_as_string = Some(unsafe { pg_sys::defGetBoolean(def) })
-            }
-            "numeric_as_string" => {
-                options.numeric_as_string = Some(unsafe { pg_sys::defGetBoolean(def) })
-            }
-            "timestamptz_utc" => {
-                options.timestamptz_utc = Some(unsafe { pg_sys::defGetBoolean(def) })
-            }
-            "bytea_base64" => options.bytea_base64 = Some(unsafe { pg_sys::defGetBoolean(def) }),
-            "omit_nulls" => options.omit_nulls = Some(unsafe { pg_sys::defGetBoolean(def) }),
-            "force_array" => options.force_array = unsafe { pg_sys::defGetBoolean(def) },
+            "bigint_as_string" => options.bigint_as_string = Some(option_bool(def)),
+            "numeric_as_string" => options.numeric_as_string = Some(option_bool(def)),
+            "timestamptz_utc" => options.timestamptz_utc = Some(option_bool(def)),
+            "bytea_base64" => options.bytea_base64 = Some(option_bool(def)),
+            "omit_nulls" => options.omit_nulls = Some(option_bool(def)),
+            "force_array" => options.force_array = option_bool(def),
             "encoding" => {
                 let encoding = option_string(def)
                     .replace(['-', '_'], "")

@@ -267,7 +267,6 @@ def test_xmin_advances_and_vacuum_removes_rows_deleted_during_the_export(server,
     conn.execute("CREATE TABLE chunked_victims (id int, filler text) WITH (autovacuum_enabled = false)")
     conn.execute("INSERT INTO chunked_victims SELECT g, repeat('x', 100) FROM generate_series(1, 1000) g")
     conn.execute("VACUUM chunked_victims")
-    conn.execute(GATE_SQL)
     source = "SELECT * FROM chunked_vac_source WHERE chunk_gate()"
     gate = None
     try:
@@ -336,7 +335,6 @@ SELECT row_to_json(r)::text FROM (
 
 def test_concurrent_writes_each_chunk_is_its_snapshot(server, conn, server_dir):
     conn.execute(HISTORY_SQL)
-    conn.execute(GATE_SQL)
     source = "SELECT * FROM chunked_churn WHERE chunk_gate()"
     gate = None
     moved_up, moved_down = [], []
@@ -392,7 +390,6 @@ def test_concurrent_writes_each_chunk_is_its_snapshot(server, conn, server_dir):
 
 def test_cancel_then_resume(server, conn, server_dir):
     make_table(conn, "chunked_resume", 5_500)
-    conn.execute(GATE_SQL)
     source = "SELECT * FROM chunked_resume WHERE chunk_gate()"
     gate = None
     try:
@@ -453,7 +450,6 @@ def test_kill_and_restart_then_resume(server_dir):
     try:
         with srv.connect() as conn:
             make_table(conn, "chunked_crash", 5_500)
-            conn.execute(GATE_SQL)
         source = "SELECT * FROM chunked_crash WHERE chunk_gate()"
         call = "CALL stream_export_chunked(%s, %s, 'id', chunk_rows => 1000)"
 

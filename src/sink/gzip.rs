@@ -71,13 +71,12 @@ fn compress_piece(
     out.clear();
     // Room for incompressible input plus the stored-block overheads.
     out.reserve(input.len() + input.len() / 64 + 64);
-    let start_in = compressor.total_in();
     loop {
-        let consumed = (compressor.total_in() - start_in) as usize;
+        let consumed = compressor.total_in() as usize;
         let status = compressor
             .compress_vec(&input[consumed..], &mut out, FlushCompress::Full)
             .map_err(|e| format!("gzip compression failed: {e}"))?;
-        let done = (compressor.total_in() - start_in) as usize == input.len();
+        let done = compressor.total_in() as usize == input.len();
         // Flushed completely when there was room left over; a call with
         // nothing left to do reports BufError.
         if done && (out.len() < out.capacity() || status == Status::BufError) {
