@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import boto3
 import psycopg
+from boto3.s3.transfer import TransferConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,6 +81,9 @@ class Method:
     peaks: list = field(default_factory=list)
     size: int = 0
     digest: str = ""
+    # Set for exports to object storage: the key in the "bench" bucket; the
+    # object is downloaded to `output` for the byte comparison.
+    object_key: str = ""
 
 
 class Context:
@@ -188,6 +193,13 @@ def methods(ctx: Context) -> list[Method]:
         Method("to_directory_gzip_2", "stream_export_to_directory, gzip -6, 2 partitions", "dir2", True, False,
                sql_method("SELECT * FROM stream_export_to_directory('events', '{out}', 'id', 2, "
                           "compression => 'gzip', overwrite => true)")),
+        Method("to_object", "stream_export_to_file, plain, to S3 (local moto)", "to_object.ndjson", False, True,
+               sql_method("SELECT * FROM stream_export_to_file('events', 's3://bench/to_object.ndjson', "
+                          "overwrite => true)"), object_key="to_object.ndjson"),
+        Method("to_object_gzip", "stream_export_to_file, gzip -6, to S3 (local moto)", "to_object.ndjson.gz",
+               True, True,
+               sql_method("SELECT * FROM stream_export_to_file('events', 's3://bench/to_object.ndjson.gz', "
+                          "compression => 'gzip', overwrite => true)"), object_key="to_object.ndjson.gz"),
         Method("chunked", "CALL stream_export_chunked, plain, default chunk_rows", "chunked", False, False,
                sql_method("CALL stream_export_chunked('events', '{out}', 'id', overwrite => true)")),
         Method("stream_export_psql", "stream_export read by psql into a file", "stream_export.ndjson", False, True,
@@ -270,6 +282,7 @@ def main() -> int:
     parser.add_argument("--client-dir", required=True)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rows", type=int, required=True)
+    parser.add_argument("--store", required=True, help="endpoint of the local S3-compatible server")
     args = parser.parse_args()
     ctx = Context(args)
     rows = ctx.conn.execute("SELECT count(*) FROM events").fetchone()[0]
@@ -280,6 +293,21 @@ def main() -> int:
             m.times.append(elapsed)
             m.peaks.append(peak)
             print(f"round {r}/{args.rounds}  {m.name:26s} {elapsed:7.2f} s  backend {peak / 1024:6.1f} MiB", flush=True)
+
+    # The objects, downloaded for the comparison; and what the store alone
+    # takes to receive the same bytes (boto3, two threads, as our uploads).
+    store = boto3.client("s3", endpoint_url=args.store, region_name="us-east-1",
+                         aws_access_key_id="bench", aws_secret_access_key="bench")
+    for m in found:
+        if m.object_key:
+            store.download_file("bench", m.object_key, str(ctx.server_dir / m.output))
+    upload_times = []
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        store.upload_file(str(ctx.server_dir / "to_file.ndjson"), "bench", "boto3.ndjson",
+                          Config=TransferConfig(max_concurrency=2, multipart_chunksize=8 << 20))
+        upload_times.append(time.perf_counter() - start)
+    store_only = statistics.median(upload_times)
 
     # Correctness: every NDJSON output equals the reference, byte for byte.
     reference = ctx.server_dir / "reference.ndjson"
@@ -336,6 +364,13 @@ def main() -> int:
     ]
     targets.append(
         f"- stream_export_to_file plain, profile javascript / default: {ratio('to_file_javascript', 'to_file'):.2f} (target <= 1.10)")
+    to_file = statistics.median(next(m for m in found if m.name == "to_file").times)
+    to_object = statistics.median(next(m for m in found if m.name == "to_object").times)
+    targets.append(
+        f"- to S3 (local moto) / to a file, plain: {ratio('to_object', 'to_file'):.2f}; gzip: "
+        f"{ratio('to_object_gzip', 'to_file_gzip'):.2f}; the file export then a boto3 upload of it "
+        f"(2 threads, 8 MiB parts) / to S3, plain: {(to_file + store_only) / to_object:.2f}x "
+        f"(upload alone {store_only:.2f} s)")
     targets.append(
         f"- CALL stream_export_chunked / stream_export_to_file, plain: {ratio('chunked', 'to_file'):.2f} (target <= 1.15)")
     targets.append(

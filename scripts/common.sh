@@ -41,7 +41,8 @@ as_postgres() {
 
 # Start a throwaway cluster in a fresh directory under /tmp, owned by
 # postgres, listening on 127.0.0.1:<free port>. Sets CLUSTER_DIR and PGPORT.
-# Extra server settings can be passed as arguments ("-c name=value" pairs).
+# Extra server settings can be passed as arguments ("-c name=value" pairs);
+# CLUSTER_ENV (NAME=value words) is the server's environment on top.
 cluster_start() {
     CLUSTER_DIR=$(mktemp -d /tmp/pg_stream_export.XXXXXX)
     chown postgres: "$CLUSTER_DIR"
@@ -50,10 +51,33 @@ cluster_start() {
         --encoding=UTF8 --locale=C.UTF-8 >"$CLUSTER_DIR/initdb.log" 2>&1 \
         || { cat "$CLUSTER_DIR/initdb.log"; return 1; }
     PGPORT=$(free_port)
-    as_postgres "$PG_BIN/pg_ctl" -D "$CLUSTER_DIR/data" -l "$CLUSTER_DIR/server.log" -w start \
+    as_postgres env ${CLUSTER_ENV:-} "$PG_BIN/pg_ctl" -D "$CLUSTER_DIR/data" -l "$CLUSTER_DIR/server.log" -w start \
         -o "-c port=$PGPORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$CLUSTER_DIR $*" >/dev/null \
         || { cat "$CLUSTER_DIR/server.log"; return 1; }
     export PGHOST=127.0.0.1 PGPORT PGUSER=postgres PGDATABASE=postgres
+}
+
+# A local S3-compatible server (moto, from the test environment) on a free
+# loopback port with one bucket, "bench". Sets STORE_PID and STORE_ENDPOINT.
+store_start() {
+    local port
+    port=$(free_port)
+    .venv/bin/moto_server -H 127.0.0.1 -p "$port" >"$1/moto.log" 2>&1 &
+    STORE_PID=$!
+    STORE_ENDPOINT="http://127.0.0.1:$port"
+    .venv/bin/python - "$STORE_ENDPOINT" <<'PY'
+import sys, time, boto3
+deadline = time.monotonic() + 60
+while True:
+    try:
+        boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id="bench",
+                     aws_secret_access_key="bench").create_bucket(Bucket="bench")
+        break
+    except Exception:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+PY
 }
 
 cluster_stop() {

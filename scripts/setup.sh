@@ -35,8 +35,8 @@ else
 fi
 
 # --- Python client for the end-to-end tests -----------------------------------
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest, psycopg' 2>/dev/null; then
-    step "creating .venv with pytest and psycopg"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest, psycopg, moto.server, boto3' 2>/dev/null; then
+    step "creating .venv with pytest, psycopg and the local S3 server (moto)"
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 else

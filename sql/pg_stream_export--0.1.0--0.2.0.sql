@@ -173,3 +173,20 @@ CREATE PROCEDURE stream_export_chunked(
     omit_nulls boolean DEFAULT NULL)
 LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_chunked_wrapper';
 COMMENT ON PROCEDURE stream_export_chunked IS 'Export a source in key order, one committed transaction per chunk, into part files and a manifest in a directory; CALL again to resume.';
+
+-- New in 0.2.0: object storage destinations.
+-- Roles for object storage, like pg_write_server_files/pg_read_server_files
+-- for server files. Roles belong to the cluster, so an earlier install in
+-- another database may have created them already.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'stream_export_object_store_write') THEN
+        CREATE ROLE stream_export_object_store_write NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'stream_export_object_store_read') THEN
+        CREATE ROLE stream_export_object_store_read NOLOGIN;
+    END IF;
+END
+$roles$;
+COMMENT ON ROLE stream_export_object_store_write IS 'pg_stream_export: may export to object storage (s3:// URIs) with the server''s AWS configuration.';
+COMMENT ON ROLE stream_export_object_store_read IS 'pg_stream_export: may read objects (stream_export_verify, stream_export_verify_manifest on s3:// URIs) with the server''s AWS configuration.';

@@ -4,12 +4,10 @@
 
 use pgrx::prelude::*;
 
+use crate::destination::bytea::ChunkBuffer;
+use crate::destination::file::raise_io;
 use crate::error::raise;
 use crate::export::{Export, LineSink, WriterSink};
-use crate::file::{
-    check_read_privilege, check_write_privilege, export_to_file, open_directory_for_reading,
-    open_regular_file, raise_io, require_absolute, resolve_directory, resolve_target,
-};
 use crate::options::{parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions};
 use crate::progress::Destination;
 use crate::sink::{ExportWriter, RecordStats};
@@ -276,8 +274,12 @@ fn stream_export_bytes_v2(
         omit_nulls,
     });
     let chunk_size = parse_chunk_size(chunk_size).unwrap_or_else(|e| option_error(e));
-    let writer = ExportWriter::new(Vec::new(), options.compression, options.compression_level)
-        .writing_array(options.force_array);
+    let writer = ExportWriter::new(
+        ChunkBuffer::default(),
+        options.compression,
+        options.compression_level,
+    )
+    .writing_array(options.force_array);
     let mut export = Export::open(
         Source::resolve(required(source, "source")),
         options,
@@ -294,7 +296,7 @@ fn stream_export_bytes_v2(
 
 struct ChunkStream {
     export: Export,
-    writer: ExportWriter<Vec<u8>>,
+    writer: ExportWriter<ChunkBuffer>,
     chunk_size: usize,
     finished: bool,
 }
@@ -304,12 +306,8 @@ impl Iterator for ChunkStream {
 
     fn next(&mut self) -> Option<Vec<u8>> {
         loop {
-            let ready = self.writer.output().len();
-            if ready >= self.chunk_size || (self.finished && ready > 0) {
-                let take = ready.min(self.chunk_size);
-                let out = self.writer.output();
-                let rest = out.split_off(take);
-                return Some(std::mem::replace(out, rest));
+            if let Some(chunk) = self.writer.output().take(self.chunk_size, self.finished) {
+                return Some(chunk);
             }
             if self.finished {
                 let crc32 = self.writer.stats().crc32();
@@ -408,13 +406,10 @@ fn stream_export_to_file_v2(
         omit_nulls,
     });
     let (source, path) = (required(source, "source"), required(path, "path"));
-    check_write_privilege();
-    let (directory, name) = resolve_target(path);
-    let written = export_to_file(
-        Source::resolve(source),
+    let written = crate::destination::export_to_target(
+        path,
+        || Source::resolve(source),
         options,
-        &directory,
-        &name,
         overwrite.unwrap_or(false),
     );
     let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
@@ -443,13 +438,11 @@ fn stream_export_verify(
         name!(detail, String),
     ),
 > {
-    check_read_privilege();
-    require_absolute(path);
-    let file = open_regular_file(path);
-    let verdict = crate::verify::verify(file, &mut check_interrupts).unwrap_or_else(|e| {
+    let input = crate::destination::open_for_verify(path);
+    let verdict = crate::verify::verify(input, &mut check_interrupts).unwrap_or_else(|e| {
         raise(
             PgSqlErrorCode::ERRCODE_IO_ERROR,
-            format!("could not read file \"{path}\": {e}"),
+            format!("could not read \"{path}\": {e}"),
             None,
         )
     });
@@ -584,8 +577,7 @@ fn stream_export_to_directory_v2(
         omit_nulls,
         ..Default::default()
     });
-    check_write_privilege();
-    let dir = resolve_directory(directory);
+    let dir = crate::destination::ExportDirectory::open(directory);
     let export = Export::open(
         Source::resolve(source),
         options.clone(),
@@ -621,7 +613,7 @@ fn stream_export_to_directory_v2(
     );
     let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
     TableIterator::once((
-        dir.path().to_string_lossy().into_owned(),
+        dir.describe(),
         totals.partitions,
         totals.workers,
         totals.rows,
@@ -680,8 +672,7 @@ fn stream_export_chunked(
         omit_nulls,
         ..Default::default()
     });
-    check_write_privilege();
-    let dir = resolve_directory(directory);
+    let dir = crate::destination::ExportDirectory::open(directory);
     let totals = crate::chunked::export_chunked(
         Source::resolve(source),
         &dir,
@@ -696,7 +687,7 @@ fn stream_export_chunked(
         totals.file_bytes,
         totals.chunks,
         totals.resumed_chunks,
-        dir.path().display()
+        dir.describe()
     );
 }
 
@@ -737,12 +728,8 @@ fn stream_export_verify_manifest(
         name!(detail, String),
     ),
 > {
-    check_read_privilege();
-    let directory = open_directory_for_reading(directory);
-    TableIterator::once(crate::layout::verify_directory(
-        &directory,
-        &mut check_interrupts,
-    ))
+    let directory = crate::destination::ExportDirectory::open_for_verify(directory);
+    TableIterator::once(directory.verify(&mut check_interrupts))
 }
 
 /// The C entry points that version 0.1.0's SQL definitions name, with that
@@ -973,4 +960,25 @@ GRANT SELECT ON stream_export_activity TO PUBLIC;
 "#,
     name = "stream_export_activity_view",
     requires = [stream_export_get_activity],
+);
+
+pgrx::extension_sql!(
+    r#"
+-- Roles for object storage, like pg_write_server_files/pg_read_server_files
+-- for server files. Roles belong to the cluster, so an earlier install in
+-- another database may have created them already.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'stream_export_object_store_write') THEN
+        CREATE ROLE stream_export_object_store_write NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'stream_export_object_store_read') THEN
+        CREATE ROLE stream_export_object_store_read NOLOGIN;
+    END IF;
+END
+$roles$;
+COMMENT ON ROLE stream_export_object_store_write IS 'pg_stream_export: may export to object storage (s3:// URIs) with the server''s AWS configuration.';
+COMMENT ON ROLE stream_export_object_store_read IS 'pg_stream_export: may read objects (stream_export_verify, stream_export_verify_manifest on s3:// URIs) with the server''s AWS configuration.';
+"#,
+    name = "object_store_roles",
 );

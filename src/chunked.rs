@@ -11,20 +11,28 @@
 //! with the number of chunks: the journal is read and copied line by line.
 //! When the source is exhausted, `manifest.json` is written (marked
 //! `"consistency": "per_chunk"`) from the journal, which is then removed.
+//!
+//! In object storage, which cannot append, the journal is the object
+//! `progress.json` (the header) and one object `progress-NNNNNNNNNN.json`
+//! per finished chunk, each put whole.
 
 use std::ffi::OsStr;
+use std::sync::Arc;
 
 use pgrx::{pg_sys, PgMemoryContexts, PgSqlErrorCode};
 use serde_json::{json, Value};
 
 use crate::activity::{Description, Tracked};
+use crate::destination::file::{raise_io, write_partial, Directory, PartWritten, PartialFile};
+use crate::destination::object::client::{Client, Failure};
+use crate::destination::object::uri::ObjectUri;
+use crate::destination::object::{self, raise_store_error, raise_upload_error};
+use crate::destination::ExportDirectory;
 use crate::error::raise;
 use crate::export::{relation_row_estimate, Export};
-use crate::file::raise_io;
-use crate::file::{write_partial, Directory, PartialFile};
 use crate::layout::{
-    commit_manifest, new_export_id, part_name, read_journal, read_listing, remove_stale_parts,
-    MANIFEST, PROGRESS,
+    commit_manifest, export_id_of_part, is_part_file_name, manifest_parts, new_export_id,
+    part_name, read_journal, read_listing, read_manifest, remove_stale_parts, MANIFEST, PROGRESS,
 };
 use crate::options::{BatchSize, Compression, ExportOptions};
 use crate::progress::Destination;
@@ -116,11 +124,306 @@ impl CommittingSpi {
     }
 }
 
+/// The journal's header object in object storage.
+const PROGRESS_HEADER: &str = "progress.json";
+
+/// The journal object of chunk `index` in object storage.
+fn progress_entry_name(index: usize) -> String {
+    format!("progress-{index:010}.json")
+}
+
+/// Is `name` one of the journal's objects?
+fn is_journal_object(name: &str) -> bool {
+    name == PROGRESS_HEADER
+        || name
+            .strip_prefix("progress-")
+            .and_then(|rest| rest.strip_suffix(".json"))
+            .is_some_and(|n| n.len() == 10 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Where a chunked export goes.
+enum Place<'a> {
+    Server(&'a Directory),
+    Prefix {
+        prefix: &'a ObjectUri,
+        client: Arc<Client>,
+    },
+}
+
+/// The journal, open for new chunks.
+enum Journal {
+    File(std::fs::File),
+    Objects,
+}
+
+/// Held until the manifest is in place.
+enum Claim {
+    /// The locked `manifest.json.partial`: one export per directory.
+    Server(PartialFile),
+    /// The parts of the finished export a manifest being replaced lists.
+    Prefix(Vec<String>),
+}
+
+fn read_object(client: &Client, uri: &ObjectUri) -> Option<Value> {
+    match client.get(uri) {
+        Ok(reader) => read_manifest(reader),
+        Err(e) if e.failure == Failure::NotFound => None,
+        Err(e) => raise_store_error(&e, "read", Some(uri)),
+    }
+}
+
+fn put_object(client: &Client, uri: &ObjectUri, value: &Value) {
+    client
+        .put(uri, (value.to_string() + "\n").as_bytes(), true)
+        .unwrap_or_else(|e| raise_store_error(&e, "write", Some(uri)));
+}
+
+/// The names (relative to `prefix`) of the objects under `prefix` whose
+/// names start with `start`, in order.
+fn names_under(client: &Client, prefix: &ObjectUri, start: &str) -> Vec<String> {
+    let listed = client
+        .list(&prefix.join(start))
+        .unwrap_or_else(|e| raise_store_error(&e, "list", Some(prefix)));
+    listed
+        .into_iter()
+        .filter_map(|key| key.strip_prefix(prefix.key.as_str()).map(str::to_owned))
+        .collect()
+}
+
+impl Place<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Place::Server(dir) => dir.path().display().to_string(),
+            Place::Prefix { prefix, .. } => prefix.to_string(),
+        }
+    }
+
+    /// `58P02` for a finished export here, unless `overwrite`.
+    fn refuse_finished(&self, overwrite: bool) {
+        if overwrite {
+            return;
+        }
+        let finished = match self {
+            Place::Server(directory) => {
+                let finished = directory.contains(OsStr::new(MANIFEST));
+                // A crash between writing the manifest and removing the
+                // journal leaves both: the export was finished.
+                if let (Some(done), Some((journal, _))) = (
+                    read_listing(directory, MANIFEST),
+                    read_journal(directory, |_| {}),
+                ) {
+                    if done["export_id"] == journal["export_id"] {
+                        let _ = directory.unlink(OsStr::new(PROGRESS));
+                    }
+                }
+                finished
+            }
+            Place::Prefix { prefix, client } => {
+                let done = read_object(client, &prefix.join(MANIFEST));
+                if let (Some(done), Some(journal)) =
+                    (&done, read_object(client, &prefix.join(PROGRESS_HEADER)))
+                {
+                    if done["export_id"] == journal["export_id"] {
+                        self.remove_journal();
+                    }
+                }
+                done.is_some()
+            }
+        };
+        if finished {
+            raise(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+                format!(
+                    "directory \"{}\" already holds a finished export",
+                    self.describe()
+                ),
+                Some("use another directory, or pass overwrite => true to export again"),
+            );
+        }
+    }
+
+    fn claim(&self, overwrite: bool) -> Claim {
+        match self {
+            Place::Server(directory) => Claim::Server(PartialFile::create(
+                directory,
+                OsStr::new(MANIFEST),
+                overwrite,
+            )),
+            Place::Prefix { prefix, client } => Claim::Prefix(
+                read_object(client, &prefix.join(MANIFEST))
+                    .map(|m| manifest_parts(&m))
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// The journal's header and, through `on_entry`, its chunks in order;
+    /// with where the intact lines of a journal file end.
+    fn read_journal(&self, mut on_entry: impl FnMut(&Value)) -> Option<(Value, u64)> {
+        match self {
+            Place::Server(directory) => read_journal(directory, on_entry),
+            Place::Prefix { prefix, client } => {
+                let header = read_object(client, &prefix.join(PROGRESS_HEADER))?;
+                let names = names_under(client, prefix, "progress-");
+                let entries = names.iter().filter(|n| is_journal_object(n));
+                for (index, name) in entries.enumerate() {
+                    if *name != progress_entry_name(index) {
+                        break;
+                    }
+                    match read_object(client, &prefix.join(name)) {
+                        Some(entry) => on_entry(&entry),
+                        None => break,
+                    }
+                }
+                Some((header, 0))
+            }
+        }
+    }
+
+    /// Which part files are there.
+    fn parts_present(&self) -> Box<dyn Fn(&str) -> bool + '_> {
+        match self {
+            Place::Server(directory) => {
+                Box::new(move |name: &str| directory.contains(OsStr::new(name)))
+            }
+            Place::Prefix { prefix, client } => {
+                let names: std::collections::HashSet<String> =
+                    names_under(client, prefix, "part-").into_iter().collect();
+                Box::new(move |name: &str| names.contains(name))
+            }
+        }
+    }
+
+    /// Continue the journal after its intact lines.
+    fn resume_journal(&self, good_len: u64) -> Journal {
+        match self {
+            Place::Server(directory) => {
+                let journal = directory
+                    .open_append(OsStr::new(PROGRESS))
+                    .unwrap_or_else(|e| raise_io(e, PROGRESS));
+                // A line cut short by a crash is dropped; its chunk is redone.
+                journal
+                    .set_len(good_len)
+                    .unwrap_or_else(|e| raise_io(e, PROGRESS));
+                Journal::File(journal)
+            }
+            Place::Prefix { .. } => Journal::Objects,
+        }
+    }
+
+    /// Start a journal afresh with `header`.
+    fn new_journal(&self, header: &Value) -> Journal {
+        // A journal whose header never made it is stale.
+        self.remove_journal();
+        match self {
+            Place::Server(directory) => {
+                let mut journal = directory
+                    .open_append(OsStr::new(PROGRESS))
+                    .unwrap_or_else(|e| raise_io(e, PROGRESS));
+                append_to_journal(&mut journal, header);
+                directory.sync().unwrap_or_else(|e| raise_io(e, PROGRESS));
+                Journal::File(journal)
+            }
+            Place::Prefix { prefix, client } => {
+                put_object(client, &prefix.join(PROGRESS_HEADER), header);
+                Journal::Objects
+            }
+        }
+    }
+
+    /// Record chunk `index` as done.
+    fn append(&self, journal: &mut Journal, index: usize, entry: &Value) {
+        match (self, journal) {
+            (_, Journal::File(file)) => append_to_journal(file, entry),
+            (Place::Prefix { prefix, client }, Journal::Objects) => {
+                put_object(client, &prefix.join(&progress_entry_name(index)), entry)
+            }
+            (Place::Server(_), Journal::Objects) => {
+                unreachable!("a server directory's journal is a file")
+            }
+        }
+    }
+
+    /// Remove the journal (best effort: it is only read to resume).
+    fn remove_journal(&self) {
+        match self {
+            Place::Server(directory) => {
+                let _ = directory.unlink(OsStr::new(PROGRESS));
+            }
+            Place::Prefix { prefix, client } => {
+                let Ok(keys) = client.list(&prefix.join("progress")) else {
+                    return;
+                };
+                for key in keys {
+                    let name = key.strip_prefix(prefix.key.as_str()).unwrap_or("");
+                    if is_journal_object(name) {
+                        let _ = client.delete(&prefix.join(name));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remove part files of exports that did not finish: neither the
+    /// finished export's (`keep`) nor this export's.
+    fn remove_stale_parts(&self, export_id: &str, keep: &[String]) {
+        match self {
+            Place::Server(directory) => remove_stale_parts(directory),
+            Place::Prefix { prefix, client } => {
+                for name in names_under(client, prefix, "part-") {
+                    let owner = export_id_of_part(name.as_bytes());
+                    if owner.is_some_and(|o| o != export_id.as_bytes())
+                        && !keep.contains(&name)
+                        && client.delete(&prefix.join(&name)).is_ok()
+                    {
+                        pgrx::log!(
+                            "pg_stream_export: removed \"{}\" left by an export that did not finish",
+                            prefix.join(&name)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Run `export` (at most `limit` rows) into the part file `name`; in
+    /// place when it returns, `None` (and nothing written) without rows.
+    fn write_part(&self, export: &mut Export, name: &str, limit: u64) -> Option<PartWritten> {
+        match self {
+            Place::Server(directory) => {
+                let mut partial = PartialFile::create(directory, OsStr::new(name), false);
+                let (file, counts) = write_partial(export, &mut partial, limit);
+                if counts.rows == 0 {
+                    // The partial file is removed when dropped.
+                    return None;
+                }
+                partial.commit(file, false);
+                Some(counts)
+            }
+            Place::Prefix { prefix, client } => {
+                // A chunk object of this export that is there already was
+                // put but not recorded before a crash: it is rewritten.
+                let uri = prefix.join(name);
+                let upload = object::upload_with(client, &uri, true);
+                let (upload, counts) = object::upload_partial(export, upload, limit);
+                if counts.rows == 0 {
+                    // Dropping the upload leaves nothing.
+                    return None;
+                }
+                upload
+                    .finish()
+                    .unwrap_or_else(|e| raise_upload_error(e, &uri));
+                Some(counts)
+            }
+        }
+    }
+}
+
 /// The fixed parts of one chunked export.
 struct Job<'a> {
     source: Source,
     options: ExportOptions,
-    directory: &'a Directory,
+    place: &'a Place<'a>,
     export_id: String,
     chunk_rows: u64,
 }
@@ -158,16 +461,11 @@ fn write_chunk(
         export.count_in(tracked, counted);
     }
     let name = part_name(&job.export_id, index, compression == Compression::Gzip);
-    let mut partial = PartialFile::create(job.directory, OsStr::new(&name), false);
-    let (file, counts) = write_partial(&mut export, &mut partial, job.chunk_rows);
+    let written = job.place.write_part(&mut export, &name, job.chunk_rows);
     *tracked = export.release_tracked();
-    if counts.rows == 0 {
-        // The partial file is removed when dropped.
-        return None;
-    }
+    let counts = written?;
     let resume_token = export.resume_token();
     let last_key = export.last_key_text();
-    partial.commit(file, false);
     let xmin = snapshot.split(':').next().unwrap_or("").to_string();
     Some(Chunk {
         entry: json!({
@@ -253,7 +551,7 @@ fn append_to_journal(journal: &mut std::fs::File, entry: &Value) {
     journal
         .write_all(line.as_bytes())
         .and_then(|_| {
-            if crate::file::flush_enabled() {
+            if crate::destination::file::flush_enabled() {
                 journal.sync_data()
             } else {
                 Ok(())
@@ -264,15 +562,13 @@ fn append_to_journal(journal: &mut std::fs::File, entry: &Value) {
 
 /// Write the manifest: the journal's header as a finished export, the
 /// chunk lines as its parts (copied one by one, never all in memory), and
-/// the totals; then rename it into place.
-fn write_manifest(
-    directory: &Directory,
-    mut partial: PartialFile,
+/// the totals, into `out`.
+fn write_manifest_text(
+    out: &mut dyn std::io::Write,
     header: &Value,
     tally: &Tally,
-    overwrite: bool,
-) {
-    use std::io::{BufRead, Write};
+    entries: &mut dyn Iterator<Item = std::io::Result<String>>,
+) -> std::io::Result<()> {
     let mut head = header.clone();
     if let Some(fields) = head.as_object_mut() {
         fields.remove("pg_stream_export_progress");
@@ -288,45 +584,75 @@ fn write_manifest(
     });
     let text = serde_json::to_string_pretty(&head).unwrap_or_default();
     let opening = text.trim_end().trim_end_matches('}').trim_end();
-    let export_id = header["export_id"].as_str().unwrap_or_default().to_owned();
-    let file = partial
-        .take_file()
-        .unwrap_or_else(|e| raise_io(e, MANIFEST));
-    let journal = directory
-        .open_regular(OsStr::new(PROGRESS))
-        .unwrap_or_else(|e| raise_io(e, PROGRESS));
-    let written = (|| -> std::io::Result<std::fs::File> {
-        let mut out = std::io::BufWriter::new(file);
-        write!(out, "{opening},\n  \"parts\": [")?;
-        let lines = std::io::BufReader::new(journal).lines().skip(1);
-        let mut first = true;
-        for line in lines.take(tally.chunks) {
-            let line = line?;
-            write!(
-                out,
-                "{}\n    {}",
-                if first { "" } else { "," },
-                line.trim_end()
-            )?;
-            first = false;
-        }
-        write!(out, "\n  ]\n}}\n")?;
-        out.into_inner().map_err(|e| e.into_error())
-    })();
-    let file = written.unwrap_or_else(|e| raise_io(e, MANIFEST));
-    let prefix = format!("part-{export_id}-");
-    commit_manifest(directory, partial, file, overwrite, |part| {
-        part.starts_with(&prefix)
-    });
+    write!(out, "{opening},\n  \"parts\": [")?;
+    let mut first = true;
+    for line in entries.take(tally.chunks) {
+        let line = line?;
+        write!(
+            out,
+            "{}\n    {}",
+            if first { "" } else { "," },
+            line.trim_end()
+        )?;
+        first = false;
+    }
+    write!(out, "\n  ]\n}}\n")
 }
 
-fn unfinished_mismatch(directory: &Directory, header: &Value) -> ! {
+/// Write the manifest from the journal and put it in place (the commit
+/// point); then remove the parts of the export it replaced.
+fn write_manifest(place: &Place<'_>, claim: Claim, header: &Value, tally: &Tally, overwrite: bool) {
+    use std::io::BufRead;
+    let export_id = header["export_id"].as_str().unwrap_or_default().to_owned();
+    let own = format!("part-{export_id}-");
+    match (place, claim) {
+        (Place::Server(directory), Claim::Server(mut partial)) => {
+            let file = partial
+                .take_file()
+                .unwrap_or_else(|e| raise_io(e, MANIFEST));
+            let journal = directory
+                .open_regular(OsStr::new(PROGRESS))
+                .unwrap_or_else(|e| raise_io(e, PROGRESS));
+            let mut out = std::io::BufWriter::new(file);
+            let mut lines = std::io::BufReader::new(journal).lines().skip(1);
+            let file = write_manifest_text(&mut out, header, tally, &mut lines)
+                .and_then(|_| out.into_inner().map_err(|e| e.into_error()))
+                .unwrap_or_else(|e| raise_io(e, MANIFEST));
+            commit_manifest(directory, partial, file, overwrite, |part| {
+                part.starts_with(&own)
+            });
+        }
+        (Place::Prefix { prefix, client }, Claim::Prefix(replaced)) => {
+            let uri = prefix.join(MANIFEST);
+            let mut upload = object::upload_with(client, &uri, overwrite);
+            let mut entries = (0..tally.chunks).map(|index| {
+                read_object(client, &prefix.join(&progress_entry_name(index)))
+                    .map(|entry| entry.to_string())
+                    .ok_or_else(|| {
+                        std::io::Error::other(format!("{} is missing", progress_entry_name(index)))
+                    })
+            });
+            write_manifest_text(&mut upload, header, tally, &mut entries)
+                .and_then(|_| upload.finish())
+                .unwrap_or_else(|e| raise_upload_error(e, &uri));
+            for part in replaced
+                .iter()
+                .filter(|p| !p.starts_with(&own) && is_part_file_name(p))
+            {
+                let _ = client.delete(&prefix.join(part));
+            }
+        }
+        _ => unreachable!("a claim belongs to its own kind of place"),
+    }
+}
+
+fn unfinished_mismatch(place: &Place<'_>, header: &Value) -> ! {
     let text = |field: &str| header[field].as_str().unwrap_or("?").to_string();
     raise(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         format!(
             "directory \"{}\" holds an unfinished chunked export of a different source, key or compression",
-            directory.path().display()
+            place.describe()
         ),
         Some(&format!(
             "it exports {} by {} with compression {}: CALL again with those to finish it, or use another directory",
@@ -342,7 +668,7 @@ fn unfinished_mismatch(directory: &Directory, header: &Value) -> ! {
 /// the privilege, and `options` (which carry the key and `footer`).
 pub fn export_chunked(
     source: Source,
-    directory: &Directory,
+    directory: &ExportDirectory,
     options: ExportOptions,
     chunk_rows: u64,
     overwrite: bool,
@@ -354,39 +680,27 @@ pub fn export_chunked(
         options.clone(),
         Destination::Callback,
     ));
-    let manifest = OsStr::new(MANIFEST);
-    if !overwrite && directory.contains(manifest) {
-        // A crash between writing the manifest and removing the journal
-        // leaves both: the export was finished.
-        if let (Some(done), Some((journal, _))) = (
-            read_listing(directory, MANIFEST),
-            read_journal(directory, |_| {}),
-        ) {
-            if done["export_id"] == journal["export_id"] {
-                let _ = directory.unlink(OsStr::new(PROGRESS));
-            }
-        }
-        raise(
-            PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
-            format!(
-                "directory \"{}\" already holds a finished export",
-                directory.path().display()
-            ),
-            Some("use another directory, or pass overwrite => true to export again"),
-        );
-    }
-    // Held until the manifest is in place: one export per directory.
-    let manifest_partial = PartialFile::create(directory, manifest, overwrite);
+    let place = match directory {
+        ExportDirectory::Server(dir) => Place::Server(dir),
+        ExportDirectory::Prefix(prefix) => Place::Prefix {
+            prefix,
+            client: object::session_client(),
+        },
+    };
+    place.refuse_finished(overwrite);
+    let claim = place.claim(overwrite);
     let mut tally = Tally::default();
     let mut missing: Option<String> = None;
-    let resumed = read_journal(directory, |entry| {
+    let present = place.parts_present();
+    let resumed = place.read_journal(|entry| {
         if let Some(name) = entry["file"].as_str() {
-            if missing.is_none() && !directory.contains(OsStr::new(name)) {
+            if missing.is_none() && !present(name) {
                 missing = Some(name.to_owned());
             }
         }
         tally.add(entry);
     });
+    drop(present);
     let mut options = options;
     if options.batch_size == BatchSize::Auto {
         // Every query of a chunk reads the chunk's one snapshot, so fewer,
@@ -402,51 +716,43 @@ pub fn export_chunked(
                 && header["compression"] == options.compression.to_string().as_str()
                 && header["export_id"].is_string();
             if !same {
-                unfinished_mismatch(directory, &header);
+                unfinished_mismatch(&place, &header);
             }
             if let Some(name) = missing {
                 raise(
                     PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
                     format!(
-                        "chunk file \"{}\" of the unfinished export is missing",
-                        directory.display(OsStr::new(&name))
+                        "chunk file \"{name}\" of the unfinished export in \"{}\" is missing",
+                        place.describe()
                     ),
-                    Some("remove progress.jsonl and the part files to export from the start"),
+                    Some("remove the journal (progress.jsonl, or the progress objects) and the part files to export from the start"),
                 );
             }
-            let journal = directory
-                .open_append(OsStr::new(PROGRESS))
-                .unwrap_or_else(|e| raise_io(e, PROGRESS));
-            // A line cut short by a crash is dropped; its chunk is redone.
-            journal
-                .set_len(good_len)
-                .unwrap_or_else(|e| raise_io(e, PROGRESS));
-            (header, journal)
+            (header, place.resume_journal(good_len))
         }
         None => {
             let header = journal_header(&new_export_id(), &source, &key, &options, chunk_rows);
-            // A journal whose header never made it is stale: start afresh.
-            let _ = directory.unlink(OsStr::new(PROGRESS));
-            let mut journal = directory
-                .open_append(OsStr::new(PROGRESS))
-                .unwrap_or_else(|e| raise_io(e, PROGRESS));
-            append_to_journal(&mut journal, &header);
-            directory.sync().unwrap_or_else(|e| raise_io(e, PROGRESS));
+            let journal = place.new_journal(&header);
             (header, journal)
         }
     };
-    remove_stale_parts(directory);
+    let export_id = header["export_id"].as_str().unwrap_or_default().to_owned();
+    let keep = match &claim {
+        Claim::Prefix(replaced) => replaced.clone(),
+        Claim::Server(_) => Vec::new(),
+    };
+    place.remove_stale_parts(&export_id, &keep);
     let job = Job {
         source,
         options,
-        directory,
-        export_id: header["export_id"].as_str().unwrap_or_default().to_owned(),
+        place: &place,
+        export_id,
         chunk_rows,
     };
     let resumed_chunks = tally.chunks;
     let mut tracked = Some(Tracked::start(Description {
         source: job.source.description(),
-        destination: directory.path().display().to_string(),
+        destination: place.describe(),
         format: format!("{} chunk_rows={chunk_rows}", job.options.describe()),
         estimated_rows: relation_row_estimate(job.source.relation_oid()),
     }));
@@ -482,15 +788,15 @@ pub fn export_chunked(
         chunk.entry["to_end"] = Value::from(reached_end);
         last_key = chunk.entry["last_key"].clone();
         after = chunk.resume_token;
-        append_to_journal(&mut journal, &chunk.entry);
+        place.append(&mut journal, index, &chunk.entry);
         tally.add(&chunk.entry);
         if let Some(tracked) = &mut tracked {
             tracked.written(tally.file_bytes);
         }
     }
     drop(journal);
-    write_manifest(directory, manifest_partial, &header, &tally, overwrite);
-    let _ = directory.unlink(OsStr::new(PROGRESS));
+    write_manifest(&place, claim, &header, &tally, overwrite);
+    place.remove_journal();
     spi.finish();
     if let Some(tracked) = &mut tracked {
         tracked.job_progress(tally.rows, tally.bytes);

@@ -16,9 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use pgrx::{is_a, pg_guard, pg_sys, PgList, PgSqlErrorCode};
 
+use crate::destination::client::CopyOut;
 use crate::error::raise;
 use crate::export::{write_whole_export, Export};
-use crate::file::{check_write_privilege, export_to_file, resolve_target};
 use crate::ident::quote_identifier;
 use crate::options::{Compression, ExportOptions, RawOptions};
 use crate::progress::Destination;
@@ -430,38 +430,6 @@ unsafe fn copy_source(
     }
 }
 
-/// Sends CopyData messages to the client, at most 1 MiB each (a message
-/// is built in memory, and one huge line must not make a huge message).
-struct CopyOut;
-
-const COPY_DATA_MAX: usize = 1 << 20;
-
-impl std::io::Write for CopyOut {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        for piece in data.chunks(COPY_DATA_MAX) {
-            send_message(b'd', piece);
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn send_message(kind: u8, data: &[u8]) {
-    // SAFETY: builds one protocol message in a StringInfo and hands it to
-    // libpq's send buffer (which blocks when the client is slow).
-    unsafe {
-        let mut buffer = pg_sys::StringInfoData::default();
-        pg_sys::pq_beginmessage(&mut buffer, kind as c_char);
-        if !data.is_empty() {
-            pg_sys::pq_sendbytes(&mut buffer, data.as_ptr().cast(), data.len() as i32);
-        }
-        pg_sys::pq_endmessage(&mut buffer);
-    }
-}
-
 /// Run an ndjson or json COPY. Our own errors are raised from here, inside the
 /// guard; only this path runs Rust code that can fail.
 #[pg_guard]
@@ -523,25 +491,26 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
         );
         let mut export = Export::open(source, options, Destination::Pipe);
         export.track("client (COPY TO STDOUT)");
-        // CopyOutResponse: overall format (1 = binary for gzip bytes), one column.
-        let format = u8::from(compression == Compression::Gzip);
-        send_message(b'H', &[format, 0, 1, 0, format]);
-        let mut writer = ExportWriter::new(CopyOut, compression, level).writing_array(array);
+        let client = CopyOut::begin(compression == Compression::Gzip);
+        let mut writer = ExportWriter::new(client, compression, level).writing_array(array);
         let rows = write_whole_export(&mut export, &mut writer);
-        send_message(b'c', &[]);
         export.complete(writer.output_bytes(), Some(writer.stats().crc32()));
+        writer.into_output().end();
         rows
     } else {
-        check_write_privilege();
         // SAFETY: the file name is a C string of the statement.
-        let path = unsafe { CStr::from_ptr(filename) }
+        let target = unsafe { CStr::from_ptr(filename) }
             .to_string_lossy()
             .into_owned();
-        let (directory, name) = resolve_target(&path);
-        // SAFETY: the hook's own arguments.
-        let source = unsafe { copy_source(pstmt, query_string, copy) };
-        // COPY TO 'file' replaces an existing file; atomically here.
-        export_to_file(source, options, &directory, &name, true).rows
+        // COPY TO 'file' replaces an existing file (or object); atomically here.
+        crate::destination::export_to_target(
+            &target,
+            // SAFETY: the hook's own arguments.
+            || unsafe { copy_source(pstmt, query_string, copy) },
+            options,
+            true,
+        )
+        .rows
     };
     if !qc.is_null() {
         // SAFETY: PostgreSQL's completion record for this statement.

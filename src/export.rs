@@ -8,9 +8,9 @@ use std::ffi::CStr;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::activity::{Description, Tracked};
+use crate::destination::file::raise_io;
 use crate::encode::RowEncoder;
 use crate::error::raise;
-use crate::file::raise_io;
 use crate::footer::Footer;
 use crate::ident::quote_identifier;
 use crate::options::{BatchSize, ExportOptions};

@@ -9,7 +9,35 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 pub static ALLOWED_DIRECTORY: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 
+/// `pg_stream_export.object_store_profile`: the AWS profile (of the server
+/// OS user's shared config and credentials files) object exports use; empty:
+/// the environment, then `AWS_PROFILE` or `default`. Names a profile, never
+/// holds a secret.
+pub static OBJECT_STORE_PROFILE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
+
+/// `pg_stream_export.object_part_size`: the size of an upload's parts, in kB.
+pub static OBJECT_PART_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
+
 pub fn define() {
+    GucRegistry::define_string_guc(
+        c"pg_stream_export.object_store_profile",
+        c"AWS profile that object storage exports and reads use (empty: the environment, then AWS_PROFILE or default).",
+        c"A profile of the server OS user's shared AWS config and credentials files; its settings (region, endpoint_url, credentials) win over the environment's. It names a profile and never holds a secret.",
+        &OBJECT_STORE_PROFILE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_stream_export.object_part_size",
+        c"Size of the parts of a multipart upload to object storage.",
+        c"At least 5MB (the S3 minimum). Parts double in size after 3,334 and 6,667 parts to stay under the 10,000-part ceiling; a few parts are held in memory at once.",
+        &OBJECT_PART_SIZE_KB,
+        5 * 1024,
+        1024 * 1024,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
+    );
     GucRegistry::define_string_guc(
         c"pg_stream_export.allowed_directory",
         c"Directory that server-side export files must be inside (empty: no restriction).",

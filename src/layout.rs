@@ -3,13 +3,13 @@
 //! part names, reading and committing manifests, removing what an export
 //! that died left behind, and verifying the whole.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use pgrx::pg_sys;
 use serde_json::Value;
 
-use crate::file::{raise_io, remove_if_abandoned, Directory, Occupant, PartialFile};
+use crate::destination::file::{raise_io, remove_if_abandoned, Directory, Occupant, PartialFile};
 
 /// The file that lists the parts; its arrival is an export's commit point.
 pub const MANIFEST: &str = "manifest.json";
@@ -83,7 +83,7 @@ pub fn manifest_parts(manifest: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-pub fn read_manifest(file: std::fs::File) -> Option<Value> {
+pub fn read_manifest(file: impl std::io::Read) -> Option<Value> {
     use std::io::Read;
     let mut text = Vec::new();
     file.take(64 << 20).read_to_end(&mut text).ok()?;
@@ -206,13 +206,17 @@ pub fn commit_manifest(
     }
 }
 
+/// A reader of the file (or object) `name` of a directory export.
+pub type OpenListed<'a> = dyn FnMut(&str) -> std::io::Result<Box<dyn std::io::Read>> + 'a;
+
 /// Check every part of a directory export against the manifest and its own
-/// footer. Returns (ok, parts, rows, detail); never raises for bad contents.
+/// footer, reading each file with `open`. Returns (ok, parts, rows,
+/// detail); never raises for bad contents.
 pub fn verify_directory(
-    directory: &Directory,
+    open: &mut OpenListed<'_>,
     interrupt: &mut dyn FnMut(),
 ) -> (bool, i32, i64, String) {
-    let manifest = match directory.open_regular(OsStr::new(MANIFEST)) {
+    let manifest = match open(MANIFEST) {
         Ok(file) => match read_manifest(file) {
             Some(value) => value,
             None => return (false, 0, 0, "manifest.json is not valid JSON".into()),
@@ -234,10 +238,7 @@ pub fn verify_directory(
                 format!("\"{name}\" is not a part file name"),
             );
         }
-        let verdict = match directory
-            .open_regular(&OsString::from(name))
-            .and_then(|file| crate::verify::verify(file, interrupt))
-        {
+        let verdict = match open(name).and_then(|file| crate::verify::verify(file, interrupt)) {
             Ok(verdict) => verdict,
             Err(e) => return (false, count, rows, format!("{name}: cannot be read: {e}")),
         };

@@ -20,8 +20,7 @@
 //! - when the leader exits for any reason (ERROR, FATAL, terminate), a
 //!   detach callback on the shared segment stops the workers.
 
-use std::ffi::{CString, OsStr};
-use std::os::unix::ffi::OsStrExt;
+use std::ffi::CString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
@@ -30,11 +29,10 @@ use pgrx::{pg_guard, pg_sys, PgSqlErrorCode, PgTryBuilder};
 use serde_json::{json, Value};
 
 use crate::activity::{Description, Tracked};
+use crate::destination::file::{Directory, Written};
+use crate::destination::{ExportDirectory, ManifestClaim};
 use crate::error::raise;
-use crate::file::{export_to_file, remove_if_abandoned, Directory, PartialFile, Written};
-use crate::layout::{
-    commit_listing, export_id_of_part, new_export_id, part_name, remove_stale_parts, MANIFEST,
-};
+use crate::layout::{new_export_id, part_name};
 use crate::options::{BatchSize, Compression, ExportOptions, RawOptions};
 use crate::source::Source;
 
@@ -292,7 +290,10 @@ extern "C-unwind" {
 }
 
 /// What a worker exports: its partition's options and file.
-fn partition_export(config: &Value, index: usize) -> (Source, ExportOptions, Directory, String) {
+fn partition_export(
+    config: &Value,
+    index: usize,
+) -> (Source, ExportOptions, ExportDirectory, String) {
     let bounds = &config["bounds"][index];
     let raw = RawOptions {
         compression: config["compression"].as_str(),
@@ -316,14 +317,21 @@ fn partition_export(config: &Value, index: usize) -> (Source, ExportOptions, Dir
             Some(&e.hint),
         )
     });
-    let identity = (
-        config["directory_dev"].as_u64().unwrap_or(0),
-        config["directory_ino"].as_u64().unwrap_or(0),
-    );
-    let directory = Directory::reopen(
-        &PathBuf::from(config["directory"].as_str().unwrap_or("/nonexistent")),
-        identity,
-    );
+    let directory = match config["object_prefix"].as_str() {
+        Some(prefix) => {
+            ExportDirectory::Prefix(crate::destination::object::parse_uri(prefix, true))
+        }
+        None => {
+            let identity = (
+                config["directory_dev"].as_u64().unwrap_or(0),
+                config["directory_ino"].as_u64().unwrap_or(0),
+            );
+            ExportDirectory::Server(Directory::reopen(
+                &PathBuf::from(config["directory"].as_str().unwrap_or("/nonexistent")),
+                identity,
+            ))
+        }
+    };
     let name = part_name(
         config["export_id"].as_str().unwrap_or(""),
         index,
@@ -353,7 +361,7 @@ fn run_partition(config: &Value, index: usize, slot: *mut Slot) -> bool {
         let leader_pid = unsafe { (*pg_sys::MyBgworkerEntry).bgw_notify_pid };
         crate::activity::set_worker_of(leader_pid, index as i32);
         let (source, options, directory, name) = partition_export(config, index);
-        let written = export_to_file(source, options, &directory, OsStr::new(&name), false);
+        let written = directory.export_part(source, options, &name);
         // SAFETY: ends the transaction started above.
         unsafe {
             pg_sys::PopActiveSnapshot();
@@ -499,7 +507,7 @@ fn worker_stopped(handle: *mut pg_sys::BackgroundWorkerHandle) -> bool {
 /// this export; it never raises, since it also runs while an error
 /// unwinds.
 struct Leader {
-    directory: Directory,
+    directory: ExportDirectory,
     export_id: String,
     segment: *mut pg_sys::dsm_segment,
     shared: Shared,
@@ -528,19 +536,6 @@ impl Leader {
             sleep_on_latch(10);
         }
     }
-
-    /// Remove the files of this export: committed parts, and partial parts
-    /// that no live worker holds.
-    fn remove_own_files(&self) {
-        let Ok(names) = self.directory.names() else {
-            return;
-        };
-        for name in names {
-            if export_id_of_part(name.as_bytes()) == Some(self.export_id.as_bytes()) {
-                let _ = remove_if_abandoned(&self.directory, &name);
-            }
-        }
-    }
 }
 
 impl Drop for Leader {
@@ -553,7 +548,7 @@ impl Drop for Leader {
             5
         }));
         if self.armed {
-            self.remove_own_files();
+            self.directory.remove_parts_of(&self.export_id);
         }
         // SAFETY: detaching the segment the leader created; this runs the
         // detach callback, which frees the handles.
@@ -580,7 +575,7 @@ fn refuse_in_writing_transaction() {
 pub fn export_directory(
     source_text: &str,
     source: &Source,
-    directory: &Directory,
+    directory: &ExportDirectory,
     key: &str,
     options: &ExportOptions,
     bounds: Vec<(Option<String>, Option<String>)>,
@@ -592,13 +587,12 @@ pub fn export_directory(
     let gzip = options.compression == Compression::Gzip;
     let mut tracked = Tracked::start(Description {
         source: source.description(),
-        destination: directory.path().display().to_string(),
+        destination: directory.describe(),
         format: format!("{} partitions={partitions}", options.describe()),
         estimated_rows: crate::export::relation_row_estimate(source.relation_oid()),
     });
-    // Held until the manifest is in place: one export per directory.
-    let manifest_partial = PartialFile::create(directory, OsStr::new(MANIFEST), overwrite);
-    remove_stale_parts(directory);
+    // Held until the manifest is in place.
+    let manifest_claim = directory.claim_manifest(overwrite);
     let export_id = new_export_id();
     // Exporting a snapshot writes nothing: read-only SPI is enough.
     let snapshot: String =
@@ -612,7 +606,13 @@ pub fn export_directory(
         pg_sys::GetUserIdAndSecContext(&mut current_user, &mut security_context);
         (pg_sys::MyDatabaseId, pg_sys::GetAuthenticatedUserId())
     };
-    let (dev, ino) = directory.identity();
+    let (dev, ino, path, object_prefix) = match directory {
+        ExportDirectory::Server(dir) => {
+            let (dev, ino) = dir.identity();
+            (dev, ino, dir.path().to_string_lossy().into_owned(), None)
+        }
+        ExportDirectory::Prefix(uri) => (0, 0, String::new(), Some(uri.to_string())),
+    };
     let config = json!({
         "database": database.to_u32(),
         "session_user": session_user.to_u32(),
@@ -621,7 +621,8 @@ pub fn export_directory(
         "snapshot": snapshot,
         "source": source_text,
         "key": key,
-        "directory": directory.path().to_string_lossy(),
+        "directory": path,
+        "object_prefix": object_prefix,
         "directory_dev": dev,
         "directory_ino": ino,
         "export_id": export_id,
@@ -734,7 +735,7 @@ pub fn export_directory(
     wait_for_partitions(&leader, partitions, started, &mut tracked);
     let totals = write_manifest(
         &mut leader,
-        manifest_partial,
+        manifest_claim,
         source,
         key,
         options,
@@ -849,7 +850,7 @@ fn wait_for_partitions(leader: &Leader, partitions: usize, started: usize, track
 #[allow(clippy::too_many_arguments)]
 fn write_manifest(
     leader: &mut Leader,
-    manifest_partial: PartialFile,
+    manifest_claim: ManifestClaim,
     source: &Source,
     key: &str,
     options: &ExportOptions,
@@ -900,13 +901,9 @@ fn write_manifest(
         "parts": parts,
         "totals": {"partitions": bounds.len(), "rows": totals.rows, "bytes": totals.bytes, "file_bytes": totals.file_bytes},
     });
-    commit_listing(
-        &leader.directory,
-        manifest_partial,
-        MANIFEST,
-        &manifest,
-        overwrite,
-    );
+    leader
+        .directory
+        .commit_manifest(manifest_claim, &manifest, overwrite);
     // The new export is in place: from here on nothing may undo it.
     leader.armed = false;
     totals

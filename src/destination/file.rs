@@ -88,6 +88,8 @@ pub fn file_error_code(err: &io::Error) -> PgSqlErrorCode {
 
 /// Raise `err` with the SQLSTATE of its errno: `could not <action>: <err>`.
 pub fn raise_file_error(err: io::Error, action: impl std::fmt::Display) -> ! {
+    // The writer of an export may be an upload to object storage.
+    crate::destination::object::raise_if_upload_error(&err);
     raise(
         file_error_code(&err),
         format!("could not {action}: {err}"),

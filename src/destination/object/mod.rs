@@ -1,0 +1,396 @@
+//! Object storage (S3 and S3-compatible stores) as a destination and as a
+//! source for verification. The pure parts (URIs, configuration, signing,
+//! the client, the streaming upload) are in submodules; this module is
+//! their PostgreSQL side: privileges, settings, SQLSTATEs, exit cleanup.
+
+pub mod client;
+pub mod config;
+pub mod sigv4;
+pub mod upload;
+pub mod uri;
+
+use std::sync::Arc;
+
+use pgrx::{pg_sys, PgSqlErrorCode};
+
+use crate::error::raise;
+use client::{Client, Failure, StoreError};
+use uri::{ObjectUri, UriError};
+
+pub use upload::ObjectUpload;
+
+pub const WRITE_ROLE: &str = "stream_export_object_store_write";
+pub const READ_ROLE: &str = "stream_export_object_store_read";
+
+/// Superuser, or a member of the extension's role `name`.
+fn is_superuser_or_member_of(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: role lookups for the current user; a missing role (the
+    // extension's roles were dropped) reads as InvalidOid, never an error.
+    unsafe {
+        if pg_sys::superuser() {
+            return true;
+        }
+        let role = pg_sys::get_role_oid(name.as_ptr(), true);
+        role != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), role)
+    }
+}
+
+fn require_role(role: &str, what: &str) {
+    if !is_superuser_or_member_of(role) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied to {what} object storage"),
+            Some(&format!(
+                "Only superusers and members of {role} can {what} object storage."
+            )),
+        );
+    }
+}
+
+pub fn check_write_privilege() {
+    require_role(WRITE_ROLE, "write to");
+}
+
+pub fn check_read_privilege() {
+    require_role(READ_ROLE, "read from");
+}
+
+/// Parse an object URI (`prefix`: a "directory"), or raise: `0A000` for a
+/// scheme other than s3, `22023` for a malformed URI.
+pub fn parse_uri(text: &str, prefix: bool) -> ObjectUri {
+    match ObjectUri::parse(text, prefix) {
+        Ok(uri) => uri,
+        Err(UriError::UnsupportedScheme(scheme)) => raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("unsupported URI scheme \"{scheme}\""),
+            Some("Object storage URIs start with s3:// (S3 and S3-compatible stores)."),
+        ),
+        Err(UriError::Malformed(why)) => raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid object URI: {why}"),
+            Some(
+                "Write s3://bucket/key for an object, s3://bucket/prefix/ for a directory export.",
+            ),
+        ),
+    }
+}
+
+/// The SQLSTATE of a store failure.
+pub fn failure_code(failure: Failure) -> PgSqlErrorCode {
+    match failure {
+        Failure::NoSuchBucket | Failure::NotFound => PgSqlErrorCode::ERRCODE_UNDEFINED_FILE,
+        Failure::AccessDenied => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+        Failure::BadCredentials => PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+        Failure::Exists => PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+        Failure::Unreachable => PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
+        Failure::TooLarge => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        Failure::Other => PgSqlErrorCode::ERRCODE_IO_ERROR,
+    }
+}
+
+/// Raise a store failure: `could not <action> "<uri>": <what the store said>`.
+pub fn raise_store_error(error: &StoreError, action: &str, uri: Option<&ObjectUri>) -> ! {
+    let hint = match error.failure {
+        Failure::NoSuchBucket => {
+            Some("Create the bucket first, or check the bucket name and the region.")
+        }
+        Failure::BadCredentials => {
+            Some("Check the credentials in the server's environment or AWS profile.")
+        }
+        Failure::Exists => Some("Pass overwrite => true to replace it."),
+        Failure::Unreachable => Some("Check the endpoint (AWS_ENDPOINT_URL) and the network."),
+        _ => None,
+    };
+    let message = match uri {
+        Some(uri) => format!("could not {action} \"{uri}\": {}", error.detail),
+        None => format!("could not {action}: {}", error.detail),
+    };
+    raise(failure_code(error.failure), message, hint)
+}
+
+/// What the configuration is read from inside the server: the process
+/// environment (the postmaster's) and files the server OS user can read.
+struct ServerEnvironment;
+
+impl config::Environment for ServerEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+
+    fn read(&self, path: &str) -> Option<String> {
+        std::fs::read_to_string(path).ok()
+    }
+
+    fn home(&self) -> Option<String> {
+        std::env::var("HOME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                // SAFETY: getpwuid of our own uid; the entry is copied at once.
+                unsafe {
+                    let entry = libc::getpwuid(libc::getuid());
+                    if entry.is_null() || (*entry).pw_dir.is_null() {
+                        return None;
+                    }
+                    Some(
+                        std::ffi::CStr::from_ptr((*entry).pw_dir)
+                            .to_string_lossy()
+                            .into_owned(),
+                    )
+                }
+            })
+    }
+}
+
+/// `pg_stream_export.object_store_profile`, if set.
+fn chosen_profile() -> Option<String> {
+    crate::gucs::OBJECT_STORE_PROFILE
+        .get()
+        .map(|p| p.to_string_lossy().into_owned())
+        .filter(|p| !p.is_empty())
+}
+
+/// A client configured for this session: the server's AWS configuration,
+/// with `pg_stream_export.object_store_profile` if set. Read for every
+/// export, so rotated credentials take effect at once.
+pub fn session_client() -> Arc<Client> {
+    let config = config::resolve(&ServerEnvironment, chosen_profile().as_deref()).unwrap_or_else(|e| {
+        let code = match e {
+            config::ConfigError::NoCredentials(_) => {
+                PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION
+            }
+            _ => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        };
+        raise(
+            code,
+            e.to_string(),
+            Some("Object storage is configured with the standard AWS environment variables and shared config files of the server's OS user."),
+        )
+    });
+    match Client::new(config) {
+        Ok(client) => Arc::new(client),
+        Err(e) => raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            e.detail,
+            None,
+        ),
+    }
+}
+
+/// The configured base part size in bytes.
+pub fn part_size() -> usize {
+    (crate::gucs::OBJECT_PART_SIZE_KB.get().max(5 * 1024) as usize) << 10
+}
+
+fn check_interrupts() {
+    pgrx::check_for_interrupts!();
+}
+
+/// Open an upload of `uri` (checked: privilege, configuration, and, unless
+/// `overwrite`, that no object is there yet: `58P02` as for a file).
+pub fn open_upload(uri: &ObjectUri, overwrite: bool) -> ObjectUpload {
+    check_write_privilege();
+    let client = session_client();
+    if !overwrite {
+        match client.head(uri) {
+            Ok(Some(_)) => raise(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+                format!("object \"{uri}\" already exists"),
+                Some("Pass overwrite => true to replace it."),
+            ),
+            Ok(None) => {}
+            Err(e) => raise_store_error(&e, "check", Some(uri)),
+        }
+    }
+    register_exit_callback();
+    ObjectUpload::new(
+        client,
+        uri.clone(),
+        overwrite,
+        part_size(),
+        check_interrupts,
+    )
+}
+
+/// An upload of `uri` with `client`, without checks: for objects an export
+/// owns (a chunk that may be rewritten).
+pub fn upload_with(client: &Arc<Client>, uri: &ObjectUri, overwrite: bool) -> ObjectUpload {
+    register_exit_callback();
+    ObjectUpload::new(
+        client.clone(),
+        uri.clone(),
+        overwrite,
+        part_size(),
+        check_interrupts,
+    )
+}
+
+/// A reader of an object's bytes (privilege checked).
+pub fn open_reader(uri: &ObjectUri) -> impl std::io::Read {
+    check_read_privilege();
+    let client = session_client();
+    client
+        .get(uri)
+        .unwrap_or_else(|e| raise_store_error(&e, "read", Some(uri)))
+}
+
+fn register_exit_callback() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static HOOKED: AtomicBool = AtomicBool::new(false);
+    if !HOOKED.swap(true, Ordering::Relaxed) {
+        // SAFETY: registers a callback that only talks to the store; once
+        // per process.
+        unsafe { pg_sys::before_shmem_exit(Some(abort_uploads_on_exit), pg_sys::Datum::from(0)) };
+    }
+}
+
+/// Runs as the process exits on FATAL or shutdown, where no destructor
+/// runs: aborts the multipart uploads still open. Never calls into
+/// PostgreSQL and never panics.
+unsafe extern "C-unwind" fn abort_uploads_on_exit(_code: libc::c_int, _arg: pg_sys::Datum) {
+    let _ = std::panic::catch_unwind(upload::abort_live_uploads);
+}
+
+/// Run `export`, at most `limit` rows (footer included when asked), into
+/// an upload of `uri`; returns the upload, unfinished, for the caller to
+/// finish (the object appears) or drop (nothing appears).
+pub fn upload_partial(
+    export: &mut crate::export::Export,
+    upload: ObjectUpload,
+    limit: u64,
+) -> (ObjectUpload, crate::destination::file::PartWritten) {
+    use crate::sink::ExportWriter;
+
+    let options = export.options();
+    let (compression, level, array) = (
+        options.compression,
+        options.compression_level,
+        options.force_array,
+    );
+    let mut writer = ExportWriter::new(upload, compression, level).writing_array(array);
+    let rows = crate::export::write_export(export, &mut writer, limit);
+    let stats = writer.stats();
+    let counts = crate::destination::file::PartWritten {
+        rows,
+        bytes: stats.bytes,
+        file_bytes: writer.output_bytes(),
+        crc32: stats.crc32(),
+    };
+    (writer.into_output(), counts)
+}
+
+/// Export `source` to the object `uri`: streamed up in parts, the object
+/// appearing only when the whole export succeeded. Same bytes as
+/// [`crate::destination::file::export_to_file`] writes with the same options.
+pub fn export_to_object(
+    source: crate::source::Source,
+    options: crate::options::ExportOptions,
+    uri: &ObjectUri,
+    overwrite: bool,
+) -> crate::destination::file::Written {
+    let upload = open_upload(uri, overwrite);
+    let mut export =
+        crate::export::Export::open(source, options, crate::progress::Destination::File);
+    export.track(&uri.to_string());
+    let (upload, counts) = upload_partial(&mut export, upload, u64::MAX);
+    let resume_token = export.resume_token();
+    upload
+        .finish()
+        .unwrap_or_else(|e| raise_upload_error(e, uri));
+    export.complete(counts.file_bytes, Some(counts.crc32));
+    crate::destination::file::Written {
+        path: std::path::PathBuf::from(uri.to_string()),
+        rows: counts.rows,
+        bytes: counts.bytes,
+        file_bytes: counts.file_bytes,
+        crc32: counts.crc32,
+        resume_token,
+    }
+}
+
+/// Raise an error of an upload's writer.
+pub fn raise_upload_error(error: std::io::Error, uri: &ObjectUri) -> ! {
+    match upload::store_error_of(&error) {
+        Some(e) => raise_store_error(e, "upload", None),
+        None => raise(
+            PgSqlErrorCode::ERRCODE_IO_ERROR,
+            format!("could not upload \"{uri}\": {error}"),
+            None,
+        ),
+    }
+}
+
+/// If `error` came from an upload, raise it with its SQLSTATE.
+pub fn raise_if_upload_error(error: &std::io::Error) {
+    if let Some(e) = upload::store_error_of(error) {
+        raise_store_error(e, "upload", None)
+    }
+}
+
+/// Claim a prefix's manifest for a directory export: `58P02` if one is
+/// there and not `overwrite`; else the parts it lists (to remove once the
+/// new manifest replaced it).
+pub fn claim_manifest(prefix: &ObjectUri, overwrite: bool) -> Vec<String> {
+    let client = session_client();
+    let manifest = prefix.join(crate::layout::MANIFEST);
+    let existing = match client.get(&manifest) {
+        Ok(reader) => {
+            use std::io::Read;
+            let mut text = Vec::new();
+            let _ = reader.take(64 << 20).read_to_end(&mut text);
+            Some(serde_json::from_slice::<serde_json::Value>(&text).unwrap_or_default())
+        }
+        Err(e) if e.failure == Failure::NotFound => None,
+        Err(e) => raise_store_error(&e, "read", Some(&manifest)),
+    };
+    match existing {
+        Some(_) if !overwrite => raise(
+            PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+            format!("\"{prefix}\" already holds an export (\"{manifest}\" exists)"),
+            Some("Pass overwrite => true to replace it, or export to another prefix."),
+        ),
+        Some(old) => crate::layout::manifest_parts(&old),
+        None => Vec::new(),
+    }
+}
+
+/// Put the manifest in place (the commit point), then remove the parts of
+/// the export it replaced that it does not list.
+pub fn commit_manifest(
+    prefix: &ObjectUri,
+    listing: &serde_json::Value,
+    overwrite: bool,
+    replaced: &[String],
+) {
+    let client = session_client();
+    let manifest = prefix.join(crate::layout::MANIFEST);
+    let text = serde_json::to_string_pretty(listing).unwrap_or_default() + "\n";
+    client
+        .put(&manifest, text.as_bytes(), overwrite)
+        .unwrap_or_else(|e| raise_store_error(&e, "write", Some(&manifest)));
+    let listed = crate::layout::manifest_parts(listing);
+    for part in replaced.iter().filter(|p| !listed.contains(p)) {
+        let _ = client.delete(&prefix.join(part));
+    }
+}
+
+/// Remove the part objects of the export `export_id` under `prefix`. Best
+/// effort and never raises: it runs when a directory export failed.
+pub fn remove_parts_of(prefix: &ObjectUri, export_id: &str) {
+    let config = config::resolve(&ServerEnvironment, chosen_profile().as_deref());
+    let Some(client) = config.ok().and_then(|c| Client::new(c).ok()) else {
+        return;
+    };
+    let Ok(keys) = client.list(&prefix.join(&format!("part-{export_id}-"))) else {
+        return;
+    };
+    for key in keys {
+        let _ = client.delete(&ObjectUri {
+            bucket: prefix.bucket.clone(),
+            key,
+        });
+    }
+}
