@@ -365,8 +365,9 @@ def test_cancel_mid_upload_leaves_no_object_and_no_upload(cluster, store):
 
 
 def test_statement_timeout_mid_upload_leaves_nothing(cluster, store):
-    gate = GatedExport(cluster, f"s3://{BUCKET}/timeout/obj.ndjson", setup="SET statement_timeout = '3s'")
+    gate = GatedExport(cluster, f"s3://{BUCKET}/timeout/obj.ndjson", setup="SET statement_timeout = '8s'")
     try:
+        wait_for_parts(store, "timeout/obj.ndjson", 2)
         result = gate.finish()
         assert isinstance(result.get("error"), errors.QueryCanceled)
         assert "statement timeout" in str(result["error"])

@@ -33,8 +33,8 @@ fn insufficient(message: impl Into<String>, hint: &str) -> ! {
     )
 }
 
-/// Superuser, or a member of `role` (a predefined role's OID).
-fn is_superuser_or_member_of(role: u32) -> bool {
+/// Superuser, or a member of `role` (a role's OID).
+pub fn is_superuser_or_member_of(role: u32) -> bool {
     // SAFETY: plain role checks for the current user.
     unsafe {
         pg_sys::superuser()

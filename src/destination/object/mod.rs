@@ -22,20 +22,16 @@ pub use upload::ObjectUpload;
 pub const WRITE_ROLE: &str = "stream_export_object_store_write";
 pub const READ_ROLE: &str = "stream_export_object_store_read";
 
-/// Superuser, or a member of the extension's role `name`.
+/// Superuser, or a member of the extension's role `name` (a role that was
+/// dropped admits superusers only).
 fn is_superuser_or_member_of(name: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(name) else {
+    let Ok(c_name) = std::ffi::CString::new(name) else {
         return false;
     };
-    // SAFETY: role lookups for the current user; a missing role (the
-    // extension's roles were dropped) reads as InvalidOid, never an error.
-    unsafe {
-        if pg_sys::superuser() {
-            return true;
-        }
-        let role = pg_sys::get_role_oid(name.as_ptr(), true);
-        role != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), role)
-    }
+    // SAFETY: a role lookup that reads as InvalidOid, never an error, when
+    // the role is missing.
+    let role = unsafe { pg_sys::get_role_oid(c_name.as_ptr(), true) };
+    crate::destination::file::is_superuser_or_member_of(role.to_u32())
 }
 
 fn require_role(role: &str, what: &str) {

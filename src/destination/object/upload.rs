@@ -124,6 +124,14 @@ fn to_io(uri: &ObjectUri, error: StoreError) -> io::Error {
     })
 }
 
+/// The error the upload threads stopped on.
+fn why_stopped(shared: &Shared, uri: &ObjectUri) -> io::Error {
+    let error = shared
+        .error()
+        .unwrap_or_else(|| StoreError::new(Failure::Other, "the upload threads stopped"));
+    to_io(uri, error)
+}
+
 impl ObjectUpload {
     /// `interrupt` is called while waiting for the upload threads: it may
     /// raise (unwind) to cancel, after which dropping aborts the upload.
@@ -237,16 +245,7 @@ impl ObjectUpload {
                         interrupt();
                     }
                     Err(RecvTimeoutError::Disconnected) => {
-                        return Err(multipart
-                            .shared
-                            .error()
-                            .map(|e| to_io(uri, e))
-                            .unwrap_or_else(|| {
-                                to_io(
-                                    uri,
-                                    StoreError::new(Failure::Other, "the upload threads stopped"),
-                                )
-                            }))
+                        return Err(why_stopped(&multipart.shared, uri))
                     }
                 }
             }
@@ -259,16 +258,7 @@ impl ObjectUpload {
             .map(|jobs| jobs.send((self.number, full)).is_ok())
             .unwrap_or(false);
         if !sent {
-            return Err(multipart
-                .shared
-                .error()
-                .map(|e| to_io(uri, e))
-                .unwrap_or_else(|| {
-                    to_io(
-                        uri,
-                        StoreError::new(Failure::Other, "the upload threads stopped"),
-                    )
-                }));
+            return Err(why_stopped(&multipart.shared, uri));
         }
         self.number += 1;
         Ok(())
