@@ -351,15 +351,7 @@ impl Place<'_> {
                 let _ = directory.unlink(OsStr::new(PROGRESS));
             }
             Place::Prefix { prefix, client } => {
-                let Ok(keys) = client.list(&prefix.join("progress")) else {
-                    return;
-                };
-                for key in keys {
-                    let name = key.strip_prefix(prefix.key.as_str()).unwrap_or("");
-                    if is_journal_object(name) {
-                        let _ = client.delete(&prefix.join(name));
-                    }
-                }
+                let _ = object::delete_under(client, prefix, "progress", is_journal_object);
             }
         }
     }
@@ -370,17 +362,17 @@ impl Place<'_> {
         match self {
             Place::Server(directory) => remove_stale_parts(directory),
             Place::Prefix { prefix, client } => {
-                for name in names_under(client, prefix, "part-") {
-                    let owner = export_id_of_part(name.as_bytes());
-                    if owner.is_some_and(|o| o != export_id.as_bytes())
-                        && !keep.contains(&name)
-                        && client.delete(&prefix.join(&name)).is_ok()
-                    {
-                        pgrx::log!(
-                            "pg_stream_export: removed \"{}\" left by an export that did not finish",
-                            prefix.join(&name)
-                        );
-                    }
+                let stale = |name: &str| {
+                    export_id_of_part(name.as_bytes()).is_some_and(|o| o != export_id.as_bytes())
+                        && !keep.iter().any(|k| k == name)
+                };
+                let removed = object::delete_under(client, prefix, "part-", stale)
+                    .unwrap_or_else(|e| raise_store_error(&e, "list", Some(prefix)));
+                for name in removed {
+                    pgrx::log!(
+                        "pg_stream_export: removed \"{}\" left by an export that did not finish",
+                        prefix.join(&name)
+                    );
                 }
             }
         }
@@ -405,7 +397,7 @@ impl Place<'_> {
                 // put but not recorded before a crash: it is rewritten.
                 let uri = prefix.join(name);
                 let upload = object::upload_with(client, &uri, true);
-                let (upload, counts) = object::upload_partial(export, upload, limit);
+                let (upload, counts) = crate::destination::write_export_into(export, upload, limit);
                 if counts.rows == 0 {
                     // Dropping the upload leaves nothing.
                     return None;

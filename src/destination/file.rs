@@ -857,29 +857,15 @@ pub fn write_partial(
     partial: &mut PartialFile,
     limit: u64,
 ) -> (File, PartWritten) {
-    use crate::sink::{background::BackgroundWriter, ExportWriter};
-
-    let options = export.options();
-    let (compression, level, array) = (
-        options.compression,
-        options.compression_level,
-        options.force_array,
-    );
     let file = partial
         .take_file()
         .unwrap_or_else(|e| raise_io(e, "export output"));
-    let mut writer =
-        ExportWriter::new(BackgroundWriter::new(file), compression, level).writing_array(array);
-    let rows = crate::export::write_export(export, &mut writer, limit);
-    let stats = writer.stats();
-    let counts = PartWritten {
-        rows,
-        bytes: stats.bytes,
-        file_bytes: writer.output_bytes(),
-        crc32: stats.crc32(),
-    };
+    let (writer, counts) = crate::destination::write_export_into(
+        export,
+        crate::sink::background::BackgroundWriter::new(file),
+        limit,
+    );
     let file = writer
-        .into_output()
         .finish()
         .unwrap_or_else(|e| raise_io(e, "export output"));
     (file, counts)

@@ -44,6 +44,29 @@ impl<'a> Target<'a> {
     }
 }
 
+/// Run `export`, at most `limit` rows (footer included when asked), through
+/// the export pipeline into `out`; returns `out`, not finished, for the
+/// destination to commit (or to drop), and what was written.
+pub fn write_export_into<W: std::io::Write>(
+    export: &mut crate::export::Export,
+    out: W,
+    limit: u64,
+) -> (W, file::PartWritten) {
+    let options = export.options();
+    let mut writer =
+        crate::sink::ExportWriter::new(out, options.compression, options.compression_level)
+            .writing_array(options.force_array);
+    let rows = crate::export::write_export(export, &mut writer, limit);
+    let stats = writer.stats();
+    let counts = file::PartWritten {
+        rows,
+        bytes: stats.bytes,
+        file_bytes: writer.output_bytes(),
+        crc32: stats.crc32(),
+    };
+    (writer.into_output(), counts)
+}
+
 /// Export to a server-side target, atomically: a file (written as a
 /// `.partial` file and renamed) or an object (a multipart upload completed
 /// at the end). Privilege checks come first, then the target, then

@@ -185,10 +185,10 @@ fn check_interrupts() {
     pgrx::check_for_interrupts!();
 }
 
-/// Open an upload of `uri` (checked: privilege, configuration, and, unless
-/// `overwrite`, that no object is there yet: `58P02` as for a file).
+/// Open an upload of `uri` (checked: configuration and, unless
+/// `overwrite`, that no object is there yet: `58P02` as for a file). The
+/// caller has checked the privilege.
 pub fn open_upload(uri: &ObjectUri, overwrite: bool) -> ObjectUpload {
-    check_write_privilege();
     let client = session_client();
     if !overwrite {
         match client.head(uri) {
@@ -250,34 +250,6 @@ unsafe extern "C-unwind" fn abort_uploads_on_exit(_code: libc::c_int, _arg: pg_s
     let _ = std::panic::catch_unwind(upload::abort_live_uploads);
 }
 
-/// Run `export`, at most `limit` rows (footer included when asked), into
-/// an upload of `uri`; returns the upload, unfinished, for the caller to
-/// finish (the object appears) or drop (nothing appears).
-pub fn upload_partial(
-    export: &mut crate::export::Export,
-    upload: ObjectUpload,
-    limit: u64,
-) -> (ObjectUpload, crate::destination::file::PartWritten) {
-    use crate::sink::ExportWriter;
-
-    let options = export.options();
-    let (compression, level, array) = (
-        options.compression,
-        options.compression_level,
-        options.force_array,
-    );
-    let mut writer = ExportWriter::new(upload, compression, level).writing_array(array);
-    let rows = crate::export::write_export(export, &mut writer, limit);
-    let stats = writer.stats();
-    let counts = crate::destination::file::PartWritten {
-        rows,
-        bytes: stats.bytes,
-        file_bytes: writer.output_bytes(),
-        crc32: stats.crc32(),
-    };
-    (writer.into_output(), counts)
-}
-
 /// Export `source` to the object `uri`: streamed up in parts, the object
 /// appearing only when the whole export succeeded. Same bytes as
 /// [`crate::destination::file::export_to_file`] writes with the same options.
@@ -291,7 +263,7 @@ pub fn export_to_object(
     let mut export =
         crate::export::Export::open(source, options, crate::progress::Destination::File);
     export.track(&uri.to_string());
-    let (upload, counts) = upload_partial(&mut export, upload, u64::MAX);
+    let (upload, counts) = crate::destination::write_export_into(&mut export, upload, u64::MAX);
     let resume_token = export.resume_token();
     upload
         .finish()
@@ -373,6 +345,27 @@ pub fn commit_manifest(
     }
 }
 
+/// Delete the objects under `prefix` whose names (relative to it) start
+/// with `start` and pass `wanted`, one by one; a failed delete is skipped.
+/// Returns the names deleted.
+pub fn delete_under(
+    client: &Client,
+    prefix: &ObjectUri,
+    start: &str,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, StoreError> {
+    let mut deleted = Vec::new();
+    for key in client.list(&prefix.join(start))? {
+        let Some(name) = key.strip_prefix(prefix.key.as_str()) else {
+            continue;
+        };
+        if wanted(name) && client.delete(&prefix.join(name)).is_ok() {
+            deleted.push(name.to_owned());
+        }
+    }
+    Ok(deleted)
+}
+
 /// Remove the part objects of the export `export_id` under `prefix`. Best
 /// effort and never raises: it runs when a directory export failed.
 pub fn remove_parts_of(prefix: &ObjectUri, export_id: &str) {
@@ -380,13 +373,5 @@ pub fn remove_parts_of(prefix: &ObjectUri, export_id: &str) {
     let Some(client) = config.ok().and_then(|c| Client::new(c).ok()) else {
         return;
     };
-    let Ok(keys) = client.list(&prefix.join(&format!("part-{export_id}-"))) else {
-        return;
-    };
-    for key in keys {
-        let _ = client.delete(&ObjectUri {
-            bucket: prefix.bucket.clone(),
-            key,
-        });
-    }
+    let _ = delete_under(&client, prefix, &format!("part-{export_id}-"), |_| true);
 }
