@@ -510,9 +510,68 @@ fn journal_header(
         "source": source.canonical(),
         "key": key,
         "compression": options.compression.to_string(),
+        "compression_level": options.compression_level,
+        "footer": true,
+        "style": style_record(options),
         "chunk_rows": chunk_rows,
         "started_at": now_utc(),
     })
+}
+
+fn text_of(value: &Value) -> String {
+    value.as_str().unwrap_or("?").to_string()
+}
+
+/// The type options (see [`crate::options::JsonStyle`]) as the journal and
+/// the manifest record them: every one, on or off.
+fn style_record(options: &ExportOptions) -> Value {
+    let on = options.style.names();
+    let mut record = serde_json::Map::new();
+    for name in crate::options::JsonStyle::ALL_NAMES {
+        record.insert(name.to_string(), Value::from(on.contains(&name)));
+    }
+    Value::Object(record)
+}
+
+/// The first option that changes the bytes of the parts and that the
+/// unfinished export in the journal `header` used differently, with the
+/// journal's value and the call's; `None` when they all agree.
+fn differing_option(
+    header: &Value,
+    source: &Source,
+    key: &str,
+    options: &ExportOptions,
+) -> Option<(&'static str, String, String)> {
+    let text = |value: &Value| match value {
+        Value::String(text) => text.clone(),
+        Value::Null => "(not recorded)".to_string(),
+        other => other.to_string(),
+    };
+    let mut checks: Vec<(&'static str, &Value, Value)> = vec![
+        ("source", &header["source"], Value::from(source.canonical())),
+        ("key", &header["key"], Value::from(key)),
+        (
+            "compression",
+            &header["compression"],
+            Value::from(options.compression.to_string()),
+        ),
+        ("footer", &header["footer"], Value::from(true)),
+    ];
+    if options.compression != Compression::None {
+        checks.push((
+            "compression_level",
+            &header["compression_level"],
+            Value::from(options.compression_level),
+        ));
+    }
+    let style = style_record(options);
+    for name in crate::options::JsonStyle::ALL_NAMES {
+        checks.push((name, &header["style"][name], style[name].clone()));
+    }
+    checks
+        .into_iter()
+        .find(|(_, recorded, wanted)| *recorded != wanted)
+        .map(|(name, recorded, wanted)| (name, text(recorded), text(&wanted)))
 }
 
 /// Sums over the chunks, and the last chunk's entry.
@@ -638,16 +697,17 @@ fn write_manifest(place: &Place<'_>, claim: Claim, header: &Value, tally: &Tally
     }
 }
 
-fn unfinished_mismatch(place: &Place<'_>, header: &Value) -> ! {
+fn unfinished_mismatch(place: &Place<'_>, header: &Value, option: (&str, String, String)) -> ! {
     let text = |field: &str| header[field].as_str().unwrap_or("?").to_string();
+    let (name, recorded, wanted) = option;
     raise(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         format!(
-            "directory \"{}\" holds an unfinished chunked export of a different source, key or compression",
+            "directory \"{}\" holds an unfinished chunked export with a different {name}: {recorded}, not {wanted}",
             place.describe()
         ),
         Some(&format!(
-            "it exports {} by {} with compression {}: CALL again with those to finish it, or use another directory",
+            "it exports {} by {} with compression {}: CALL again with the options it was started with to finish it, or use another directory",
             text("source"),
             text("key"),
             text("compression")
@@ -702,13 +762,18 @@ pub fn export_chunked(
     }
     let (header, mut journal) = match resumed {
         Some((header, good_len)) => {
-            let same = header["consistency"] == "per_chunk"
-                && header["source"] == source.canonical()
-                && header["key"] == key.as_str()
-                && header["compression"] == options.compression.to_string().as_str()
-                && header["export_id"].is_string();
-            if !same {
-                unfinished_mismatch(&place, &header);
+            let mismatch =
+                if header["consistency"] != "per_chunk" || !header["export_id"].is_string() {
+                    Some((
+                        "format",
+                        text_of(&header["consistency"]),
+                        "per_chunk".to_string(),
+                    ))
+                } else {
+                    differing_option(&header, &source, &key, &options)
+                };
+            if let Some(option) = mismatch {
+                unfinished_mismatch(&place, &header, option);
             }
             if let Some(name) = missing {
                 raise(

@@ -157,6 +157,15 @@ impl JsonStyle {
         Ok(style)
     }
 
+    /// Every option's name, in the order [`JsonStyle::names`] uses.
+    pub const ALL_NAMES: [&'static str; 5] = [
+        "bigint_as_string",
+        "numeric_as_string",
+        "timestamptz_utc",
+        "bytea_base64",
+        "omit_nulls",
+    ];
+
     /// The options that are on, by name.
     pub fn names(&self) -> Vec<&'static str> {
         [

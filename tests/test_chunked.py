@@ -415,6 +415,22 @@ def test_cancel_then_resume(server, conn, server_dir):
     with pytest.raises(errors.ObjectNotInPrerequisiteState):
         conn.execute("CALL stream_export_chunked('chunked_resume', %s, 'id', compression => 'gzip')",
                      [str(server_dir)])
+    # So is every option that changes the bytes, by name: type options
+    # (a profile, or one of them) and the compression level.
+    assert header["style"]["bigint_as_string"] is False and header["compression_level"] == 6
+    journal_text = (server_dir / "progress.jsonl").read_text()
+    for options, named in ((", profile => 'javascript'", "bigint_as_string"),
+                           (", timestamptz_utc => true", "timestamptz_utc"),
+                           (", compression_level => 9", "compression_level"),
+                           ("", "compression")):
+        compression = "" if named == "compression" else ", compression => 'gzip'"
+        with pytest.raises(errors.ObjectNotInPrerequisiteState) as err:
+            conn.execute(f"CALL stream_export_chunked(%s, %s, 'id', chunk_rows => 1000{compression}{options})",
+                         [source, str(server_dir)])
+        assert f"different {named}" in err.value.diag.message_primary, err.value
+    # The refused calls wrote nothing.
+    assert (server_dir / "progress.jsonl").read_text() == journal_text
+    assert files_in(server_dir) == {"progress.jsonl"} | {p["file"] for p in entries}
     notices = []
     conn.add_notice_handler(lambda d: notices.append(d.message_primary))
     conn.execute("CALL stream_export_chunked(%s, %s, 'id', chunk_rows => 1000, compression => 'gzip')",
@@ -423,6 +439,10 @@ def test_cancel_then_resume(server, conn, server_dir):
     assert exported_lines(server_dir) == expected_lines(conn, "chunked_resume")
     assert files_in(server_dir) == manifest_files(server_dir)  # the journal is gone
     assert verify(conn, server_dir)[:3] == (True, 6, 5_500)
+    manifest = json.loads((server_dir / "manifest.json").read_text())
+    assert manifest["compression_level"] == 6 and manifest["footer"] is True
+    assert manifest["style"] == {name: False for name in (
+        "bigint_as_string", "numeric_as_string", "timestamptz_utc", "bytea_base64", "omit_nulls")}
 
 
 def test_memory_does_not_grow_with_the_number_of_chunks(server, conn, server_dir):
