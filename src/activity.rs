@@ -290,10 +290,38 @@ pub struct Tracked {
     record: *mut Record,
 }
 
+/// How many slots of a table of `slots` a role that is not a superuser may
+/// hold at once, and how many must stay free for superusers: one role's
+/// open cursors cannot hide every other export.
+pub fn role_share(slots: usize) -> (usize, usize) {
+    ((slots / 4).max(1), slots / 8)
+}
+
+/// Whether `role` (not a superuser) may claim one more slot now. Counted
+/// without a lock: two exports starting at the same moment may both pass.
+fn within_role_share(slots: &[Slot], role: pg_sys::Oid) -> bool {
+    let (per_role, reserved) = role_share(slots.len());
+    let (mut free, mut held) = (0, 0);
+    for slot in slots {
+        if slot.pid.load(Ordering::Acquire) == 0 {
+            free += 1;
+        // SAFETY: a plain read of a word of a slot in use (a stale value
+        // only makes the count approximate).
+        } else if unsafe { std::ptr::read_volatile(&slot.role) } == role.to_u32() {
+            held += 1;
+        }
+    }
+    held < per_role && free > reserved
+}
+
 fn claim_slot(description: &Description, role: pg_sys::Oid, database: pg_sys::Oid) -> *const Slot {
     let Some(slots) = slots() else {
         return std::ptr::null();
     };
+    // SAFETY: a catalog lookup of a role, in a transaction.
+    if !unsafe { pg_sys::superuser_arg(role) } && !within_role_share(slots, role) {
+        return std::ptr::null();
+    }
     // SAFETY: reads the backend's pid and the clock.
     let (pid, now) = unsafe { (pg_sys::MyProcPid, pg_sys::GetCurrentTimestamp()) };
     let (leader_pid, partition) = (
@@ -789,6 +817,13 @@ mod unit_tests {
         assert_eq!(read_text(&field), "ééé");
         copy_text(&mut field, "ab");
         assert_eq!(read_text(&field), "ab");
+    }
+
+    #[test]
+    fn one_role_holds_a_share_and_superusers_keep_some() {
+        assert_eq!(role_share(64), (16, 8));
+        assert_eq!(role_share(3), (1, 0));
+        assert_eq!(role_share(1), (1, 0));
     }
 
     #[test]

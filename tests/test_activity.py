@@ -160,6 +160,25 @@ def test_a_full_table_never_fails_an_export(watched, server_dir):
             cancel(watched, conn, pid, thread)
 
 
+def test_one_role_cannot_fill_the_table(watched, server_dir):
+    # A plain role with many open cursors over stream_export holds at most
+    # its share of the table (one of 3 here): other exports still show.
+    with psycopg.connect(watched.dsn(user="exporter")) as plain:
+        for i in range(8):
+            plain.execute(f"DECLARE hog{i} CURSOR FOR SELECT stream_export('big')")
+            assert plain.execute(f"FETCH 1 FROM hog{i}").fetchone()
+        with watched.connect() as observer:
+            hogs = observer.execute("SELECT count(*) FROM stream_export_activity WHERE role = 'exporter'"
+                                    ).fetchone()[0]
+            assert hogs == 1
+            conn, pid, thread, result = start(watched, SLOW, [str(server_dir / "seen.ndjson.gz")])
+            try:
+                assert wait_until(lambda: activity(observer, pid))["role"] == "postgres"
+            finally:
+                cancel(watched, conn, pid, thread)
+        plain.rollback()
+
+
 def test_progress_notices_go_to_stderr_and_stdout_stays_the_same(watched, tmp_path):
     statement = "COPY big TO STDOUT (FORMAT ndjson, COMPRESSION gzip, COMPRESSION_LEVEL 9)"
     quiet = watched.psql("-c", statement).stdout
