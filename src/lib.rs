@@ -33,10 +33,23 @@ mod verify;
 /// table (when preloaded) and the COPY hook.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    keep_rust_backtraces_out_of_errors();
     gucs::define();
     activity::define_settings();
     activity::install();
     copy_hook::install();
+}
+
+/// pgrx appends a Rust backtrace to an ERROR's DETAIL whenever the
+/// server's environment asks for backtraces (`RUST_BACKTRACE=1`, as is
+/// common where Rust is installed), and the default panic hook prints one
+/// to the server log: neither helps a user, and both leak the internals.
+/// Captures are switched off for this process before any is taken (std
+/// reads these variables once, at the first capture). `_PG_init` runs
+/// before the library starts any thread.
+fn keep_rust_backtraces_out_of_errors() {
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    std::env::set_var("RUST_BACKTRACE", "0");
 }
 
 /// The in-database test suites, one file per feature under `pgrx-tests/`.

@@ -252,6 +252,34 @@ def test_errors_of_other_statements_are_exactly_postgresqls(alone):
             assert b"".join(bytes(b) for b in copy) == b'{"x":1}\n'
 
 
+def test_errors_of_the_source_carry_no_rust_backtrace(alone):
+    # The server runs with RUST_BACKTRACE=1: an error raised by PostgreSQL
+    # inside the export (here the source query's) reaches the client with
+    # PostgreSQL's fields only, and the log shows no Rust frames.
+    before = len(alone.log_text())
+    statements = [
+        "SELECT count(*) FROM stream_export('SELECT 1 / (g - 500) AS x FROM generate_series(1, 1000) g')",
+        "SELECT * FROM stream_export_to_file('SELECT 1 / (g - 500) AS x FROM generate_series(1, 1000) g', "
+        "'/tmp/pse-no-backtrace.ndjson')",
+        "COPY (SELECT 1 / (g - 500) AS x FROM generate_series(1, 1000) g) TO STDOUT (FORMAT ndjson)",
+    ]
+    with alone.connect() as c:
+        c.execute("LOAD 'pg_stream_export'")
+        for sql in statements:
+            with pytest.raises(psycopg.errors.DivisionByZero) as err:
+                if sql.startswith("COPY"):
+                    with c.cursor().copy(sql) as copy:
+                        for _ in copy:
+                            pass
+                else:
+                    c.execute(sql)
+            assert err.value.diag.message_detail is None, (sql, err.value.diag.message_detail)
+    log = alone.log_text()[before:]
+    assert "division by zero" in log
+    for mark in ("stack backtrace", "std::backtrace", "rust_begin_unwind", "pgrx_pg_sys::"):
+        assert mark not in log, log[-3000:]
+
+
 # --- NULL arguments and limits ------------------------------------------------
 
 NULL_CALLS = [
