@@ -426,6 +426,7 @@ unsafe fn copy_source(
         Source::Select {
             relation,
             sql: format!("SELECT {list} FROM {only}{name}"),
+            qualified_name: name,
         }
     }
 }

@@ -113,8 +113,15 @@ struct Key {
     type_oid: pg_sys::Oid,
     typlen: i16,
     byval: bool,
-    /// A unique index and NOT NULL vouch for the key; otherwise (views,
-    /// queries) uniqueness and non-nullness are checked as rows are read.
+    /// The column's collation: the one `ORDER BY` and `>` use.
+    collation: pg_sys::Oid,
+    /// The type's equality function (the type cache's, valid for the
+    /// backend's life), so that the checked walk compares values as
+    /// `ORDER BY` does (`1.0 = 1.00`, case-insensitive collations).
+    equality: *mut pg_sys::FmgrInfo,
+    /// A unique index and NOT NULL vouch for the key on every row the
+    /// source returns; otherwise (views, queries, inheritance parents)
+    /// uniqueness and non-nullness are checked as rows are read.
     verified: bool,
 }
 
@@ -166,9 +173,21 @@ impl Key {
         }
     }
 
+    /// Whether `datum` equals `value` by the type's equality operator
+    /// under the key's collation (byte equality for a type without one).
+    ///
     /// # Safety
     /// As for [`Key::copy`].
     unsafe fn equals(&self, datum: pg_sys::Datum, value: &KeyValue) -> bool {
+        if !self.equality.is_null() {
+            // SAFETY: the type cache's equality function of the key type,
+            // called on two non-NULL values of that type.
+            return unsafe {
+                pg_sys::FunctionCall2Coll(self.equality, self.collation, datum, value.datum())
+            }
+            .value()
+                != 0;
+        }
         // SAFETY: forwarded.
         let other = unsafe { self.copy(datum) };
         match (other.byval, value.byval) {
@@ -311,6 +330,7 @@ impl Export {
     /// Resolve the source, validate the key and token, and open the walk.
     pub fn open(source: Source, options: ExportOptions, destination: Destination) -> Export {
         check_utf8_database();
+        source.lock_relation();
         // The probe gives the row shape (and is the whole walk without a key).
         // Everything that outlives one call of a set-returning function is
         // created here, in the context current at open.
@@ -337,12 +357,25 @@ impl Export {
                 let key = find_key(&source, probe.tupdesc(), column);
                 let mut probe = probe;
                 probe.close();
+                if !key.verified && options.key_from.is_none() && options.key_to.is_none() {
+                    refuse_null_keys(&source, &key, row_cxt);
+                }
                 let fingerprint = fingerprint(source.canonical(), column);
                 let last = match &options.after {
                     None => None,
                     Some(text) => {
+                        let former = source
+                            .former_canonical()
+                            .map(|s| crate::token::fingerprint(s, column));
                         let token = ResumeToken::decode(text)
-                            .and_then(|t| t.check_belongs_to(fingerprint, column).map(|_| t))
+                            .and_then(|t| {
+                                t.check_belongs_to(fingerprint, column)
+                                    .or_else(|e| match former {
+                                        Some(former) => t.check_belongs_to(former, column),
+                                        None => Err(e),
+                                    })
+                                    .map(|_| t)
+                            })
                             .unwrap_or_else(|e| invalid(e.to_string(), Some("pass the resume_token of an earlier export of the same source and key")));
                         if token.version == 1 && !key.text_is_setting_independent() {
                             invalid(
@@ -719,6 +752,39 @@ fn open_batch(keyset: &mut Keyset, source: &Source, limit: u64) {
     keyset.cursor = Some(Cursor::open(&sql, &params, keyset.row_cxt));
 }
 
+/// The checked walk sees NULL keys only in its first batch (`key > $1`
+/// is never true for NULL), so look for one before anything is exported.
+/// A NOT NULL column (inherited by every child table) needs no look.
+fn refuse_null_keys(source: &Source, key: &Key, row_cxt: pg_sys::MemoryContext) {
+    let column = quote_identifier(&key.column);
+    let not_null = source.relation_oid() != pg_sys::InvalidOid
+        && crate::scan::select_one::<bool>(
+            "SELECT attnotnull FROM pg_catalog.pg_attribute
+             WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+            &[source.relation_oid().into(), key.column.as_str().into()],
+        )
+        .unwrap_or(false);
+    if not_null {
+        return;
+    }
+    let mut probe = Cursor::open(
+        &format!(
+            "SELECT 1 FROM {} AS {SOURCE_ALIAS} WHERE {SOURCE_ALIAS}.{column} IS NULL LIMIT 1",
+            source.sql_from_item()
+        ),
+        &[],
+        row_cxt,
+    );
+    let nulls = probe.fetch(1, &mut |_, _| {});
+    probe.close();
+    if nulls > 0 {
+        invalid(
+            format!("key column \"{}\" is NULL in a row", key.column),
+            Some(KEY_HINT),
+        );
+    }
+}
+
 /// Find the key column in the source's row shape and check that it can
 /// serve as a key.
 fn find_key(source: &Source, tupdesc: pg_sys::TupleDesc, column: &str) -> Key {
@@ -731,9 +797,9 @@ fn find_key(source: &Source, tupdesc: pg_sys::TupleDesc, column: &str) -> Key {
                 !a.attisdropped
                     && CStr::from_ptr(a.attname.data.as_ptr()).to_bytes() == column.as_bytes()
             })
-            .map(|(i, a)| (i, a.atttypid, a.attlen, a.attbyval))
+            .map(|(i, a)| (i, a.atttypid, a.attlen, a.attbyval, a.attcollation))
     };
-    let Some((index, type_oid, typlen, byval)) = found else {
+    let Some((index, type_oid, typlen, byval, collation)) = found else {
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
             format!("column \"{column}\" does not exist in the export source"),
@@ -752,9 +818,23 @@ fn find_key(source: &Source, tupdesc: pg_sys::TupleDesc, column: &str) -> Key {
                     Some(KEY_HINT),
                 );
             }
-            true
+            // A unique index covers its own table only: the rows of
+            // inheritance children (which the source reads too) are
+            // checked as they are read. A partitioned table's unique
+            // index covers every partition.
+            !has_inheritance_children(*oid)
         }
         _ => false,
+    };
+    // SAFETY: the type cache entry lives for the backend's life; its
+    // equality FmgrInfo is set up by the lookup when the type has one.
+    let equality = unsafe {
+        let entry = pg_sys::lookup_type_cache(type_oid, pg_sys::TYPECACHE_EQ_OPR_FINFO as i32);
+        if entry.is_null() || (*entry).eq_opr_finfo.fn_oid == pg_sys::InvalidOid {
+            std::ptr::null_mut()
+        } else {
+            std::ptr::addr_of_mut!((*entry).eq_opr_finfo)
+        }
     };
     Key {
         column: column.to_owned(),
@@ -762,8 +842,22 @@ fn find_key(source: &Source, tupdesc: pg_sys::TupleDesc, column: &str) -> Key {
         type_oid,
         typlen,
         byval,
+        collation,
+        equality,
         verified,
     }
+}
+
+/// Whether a plain or materialized table has inheritance children (a
+/// partitioned table's partitions are covered by its own unique index).
+fn has_inheritance_children(relation: pg_sys::Oid) -> bool {
+    crate::scan::select_one::<bool>(
+        "SELECT c.relkind <> 'p' AND EXISTS (
+             SELECT 1 FROM pg_catalog.pg_inherits WHERE inhparent = c.oid)
+         FROM pg_catalog.pg_class c WHERE c.oid = $1",
+        &[relation.into()],
+    )
+    .unwrap_or(false)
 }
 
 /// The SQL name of a type (`format_type_be`).
@@ -778,7 +872,7 @@ fn has_unique_not_null_index(relation: pg_sys::Oid, column: &str) -> bool {
     let found: Option<bool> = crate::scan::select_one(
         "SELECT a.attnotnull AND EXISTS (
              SELECT 1 FROM pg_catalog.pg_index i
-             WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indnkeyatts = 1
+             WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indisvalid AND i.indnkeyatts = 1
                AND i.indkey[0] = a.attnum AND i.indpred IS NULL AND i.indexprs IS NULL)
          FROM pg_catalog.pg_attribute a
          WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",

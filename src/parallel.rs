@@ -337,7 +337,21 @@ fn partition_export(
         index,
         options.compression == Compression::Gzip,
     );
-    let source = Source::resolve(config["source"].as_str().unwrap_or(""));
+    // The relation the leader resolved, never its name again (a temporary
+    // table of the leader's shadows a permanent one only there).
+    let source = match config["relation"].as_u64() {
+        Some(oid) => Source::relation(pg_sys::Oid::from(oid as u32)).unwrap_or_else(|| {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!(
+                    "relation {} was dropped during the export",
+                    config["source"]
+                ),
+                None,
+            )
+        }),
+        None => Source::checked_query(config["source"].as_str().unwrap_or("")),
+    };
     (source, options, directory, name)
 }
 
@@ -583,6 +597,13 @@ pub fn export_directory(
     overwrite: bool,
 ) -> DirectoryTotals {
     refuse_in_writing_transaction();
+    if let Some(temporary) = source.temporary_relation() {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("stream_export_to_directory cannot export the temporary table {temporary}"),
+            Some("its background workers cannot read this session's temporary tables; use stream_export_to_file or CALL stream_export_chunked, or export a regular table"),
+        );
+    }
     let partitions = bounds.len();
     let gzip = options.compression == Compression::Gzip;
     let mut tracked = Tracked::start(Description {
@@ -619,7 +640,14 @@ pub fn export_directory(
         "current_user": current_user.to_u32(),
         "security_context": security_context,
         "snapshot": snapshot,
-        "source": source_text,
+        "source": match source {
+            Source::Relation { qualified_name, .. } => qualified_name.as_str(),
+            _ => source_text,
+        },
+        "relation": match source {
+            Source::Relation { oid, .. } => Some(oid.to_u32()),
+            _ => None,
+        },
         "key": key,
         "directory": path,
         "object_prefix": object_prefix,

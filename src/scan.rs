@@ -352,6 +352,39 @@ impl Drop for Cursor {
     }
 }
 
+/// Every relation `query` reads, views resolved to the tables under them
+/// (the plan cache's dependency list), without running it.
+pub fn relations_read_by(query: &str) -> Vec<pg_sys::Oid> {
+    let Ok(c_query) = CString::new(query) else {
+        return Vec::new();
+    };
+    with_spi(|| {
+        // SAFETY: inside an SPI connection; SPI_prepare raises on errors; a
+        // plan source's relationOids is an OID list (or NIL), read before
+        // SPI_finish frees the plan.
+        unsafe {
+            let plan = pg_sys::SPI_prepare(c_query.as_ptr(), 0, std::ptr::null_mut());
+            if plan.is_null() {
+                return Vec::new();
+            }
+            let mut relations = Vec::new();
+            let sources = pgrx::PgList::<pg_sys::CachedPlanSource>::from_pg(
+                pg_sys::SPI_plan_get_plan_sources(plan),
+            );
+            for source in sources.iter_ptr() {
+                let list = (*source).relationOids;
+                if list.is_null() {
+                    continue;
+                }
+                for index in 0..(*list).length as usize {
+                    relations.push((*(*list).elements.add(index)).oid_value);
+                }
+            }
+            relations
+        }
+    })
+}
+
 /// The first row of a read-only query (`None` without rows), through
 /// SPI's read-only mode. (pgrx's `Spi::get_one*` helpers run queries as
 /// updates, which assigns the transaction an id: an export would then

@@ -22,8 +22,13 @@ pub enum Source {
     },
     /// A query, checked to be exactly one read-only SELECT / VALUES / TABLE.
     Query(String),
-    /// A SELECT built by this extension over one relation (COPY table TO).
-    Select { relation: pg_sys::Oid, sql: String },
+    /// A SELECT built by this extension over one relation (COPY table TO);
+    /// `qualified_name` is the relation's, as for [`Source::Relation`].
+    Select {
+        relation: pg_sys::Oid,
+        qualified_name: String,
+        sql: String,
+    },
     /// The query of a COPY statement, as PostgreSQL parsed it.
     Parsed(ParsedQuery),
 }
@@ -65,12 +70,25 @@ impl Source {
         }
     }
 
-    /// A stable text that identifies the source, for resume tokens.
+    /// A stable text that identifies the source, for resume tokens: a
+    /// table's name whether it is read by a function or by `COPY table`,
+    /// so that either resumes the other's stream.
     pub fn canonical(&self) -> &str {
         match self {
-            Source::Relation { qualified_name, .. } => qualified_name,
-            Source::Query(query) | Source::Select { sql: query, .. } => query,
+            Source::Relation { qualified_name, .. } | Source::Select { qualified_name, .. } => {
+                qualified_name
+            }
+            Source::Query(query) => query,
             Source::Parsed(_) => "(query of a COPY statement)",
+        }
+    }
+
+    /// What a token made before 0.3 may name instead of [`Source::canonical`]:
+    /// `COPY table` tokens were bound to the SELECT it runs.
+    pub fn former_canonical(&self) -> Option<&str> {
+        match self {
+            Source::Select { sql, .. } => Some(sql),
+            _ => None,
         }
     }
 
@@ -95,6 +113,7 @@ impl Source {
                     .trim()
                     .to_string()
             }
+            Source::Select { sql, .. } => sql.clone(),
             _ => self.canonical().to_string(),
         }
     }
@@ -163,12 +182,71 @@ fn lookup_relation(source: &str) -> Option<Source> {
         if oid == pg_sys::InvalidOid {
             return None;
         }
+        Source::relation(oid)
+    }
+}
+
+impl Source {
+    /// The relation with this OID, as [`Source::resolve`] would give it for
+    /// its name (`None` when it is gone): how later steps of an export
+    /// (background workers) read the very relation the first one resolved.
+    pub fn relation(oid: pg_sys::Oid) -> Option<Source> {
         let qualified_name = qualified_relation_name(oid)?;
-        let relkind = pg_sys::get_rel_relkind(oid) as u8;
+        // SAFETY: a catalog lookup by OID.
+        let relkind = unsafe { pg_sys::get_rel_relkind(oid) } as u8;
         Some(Source::Relation {
             oid,
             qualified_name,
             indexable: matches!(relkind, b'r' | b'p' | b'm'),
+        })
+    }
+
+    /// Lock a relation source against renames and drops for the rest of
+    /// the transaction, and check that its name still names it: the SQL
+    /// text of the walk reads it by name, and a chunked export reads it in
+    /// many transactions.
+    pub fn lock_relation(&self) {
+        let Source::Relation {
+            oid,
+            qualified_name,
+            ..
+        } = self
+        else {
+            return;
+        };
+        // SAFETY: a lock on a relation OID, held to the end of the transaction.
+        unsafe { pg_sys::LockRelationOid(*oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+        match qualified_relation_name(*oid) {
+            Some(now) if &now == qualified_name => {}
+            Some(now) => raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("relation {qualified_name} was renamed to {now} during the export"),
+                Some("export it again under its new name"),
+            ),
+            None => raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("relation {qualified_name} was dropped during the export"),
+                None,
+            ),
+        }
+    }
+
+    /// The first temporary relation the source reads (its quoted name), if
+    /// any: other processes cannot read this session's temporary tables.
+    pub fn temporary_relation(&self) -> Option<String> {
+        let relations = match self {
+            Source::Relation { oid, .. } | Source::Select { relation: oid, .. } => vec![*oid],
+            Source::Query(query) => crate::scan::relations_read_by(query),
+            Source::Parsed(_) => Vec::new(),
+        };
+        relations.into_iter().find_map(|oid| {
+            // SAFETY: a catalog lookup by OID.
+            let temporary = unsafe { pg_sys::get_rel_persistence(oid) } as u8 == b't';
+            if temporary {
+                qualified_relation_name(oid)
+            } else {
+                None
+            }
         })
     }
 }

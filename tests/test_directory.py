@@ -137,3 +137,29 @@ def test_workers_render_with_the_callers_settings(server, server_dir):
     for part in manifest["parts"]:
         got.extend(line + b"\n" for line in read_part(server_dir / part["file"]))
     assert got == expected
+
+
+def test_temporary_tables_are_refused_not_swapped(server, server_dir):
+    # A temporary table shadows a permanent one of the same name only in
+    # its own session: workers that resolved the name again exported the
+    # permanent table's rows under the temporary table's name.
+    with server.connect() as c:
+        c.execute("DROP TABLE IF EXISTS public.shadowed")
+        c.execute("CREATE TABLE public.shadowed (id int PRIMARY KEY, v text)")
+        c.execute("INSERT INTO public.shadowed SELECT g, 'permanent' FROM generate_series(1, 2000) g")
+        c.execute("CREATE TEMP TABLE shadowed (id int PRIMARY KEY, v text)")
+        c.execute("INSERT INTO shadowed SELECT g, 'temporary' FROM generate_series(1, 10) g")
+        c.execute("CREATE TEMP TABLE only_temp (id int PRIMARY KEY)")
+        for source in ("shadowed", "only_temp", "SELECT * FROM shadowed WHERE id > 0",
+                       "SELECT t.id FROM only_temp t JOIN public.shadowed USING (id)"):
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+                c.execute("SELECT * FROM stream_export_to_directory(%s, %s, 'id', 2)", [source, str(server_dir)])
+            assert "temporary table" in str(err.value), source
+            assert list(server_dir.iterdir()) == [], source
+        # The permanent table by its schema-qualified name exports its own rows.
+        c.execute("SELECT * FROM stream_export_to_directory('public.shadowed', %s, 'id', 2)", [str(server_dir)])
+        manifest = json.loads((server_dir / "manifest.json").read_text())
+        lines = [line for part in manifest["parts"] for line in read_part(server_dir / part["file"])]
+        assert len(lines) == 2000 and all(b'"permanent"' in line for line in lines)
+        assert manifest["source"] == '"public"."shadowed"'
+

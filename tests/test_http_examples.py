@@ -130,6 +130,26 @@ def test_a_resumed_request_continues_after_the_token(server, conn, events_small,
     assert bad.stdout.decode().endswith("400")
 
 
+def test_resume_from_the_last_line_a_client_received(server, conn, events_small, kind):
+    # The README's resume flow: a client whose stream broke after some line
+    # asks stream_export_resume_token for that line's token and passes it on.
+    example = ExampleServer(kind, server, events_small)
+    try:
+        first = curl(example.url())
+        assert first.returncode == 0, first.stderr
+        _, lines = split_response(first.stdout)
+        last_line = lines[123_456]
+        token = conn.execute("SELECT stream_export_resume_token(%s, 'id', %s)",
+                             [events_small, last_line]).fetchone()[0]
+        result = curl(example.url("?after=" + token))
+    finally:
+        example.stop()
+    assert result.returncode == 0, result.stderr
+    _, rest = split_response(result.stdout)
+    # Appended to what the client had, the rest is the whole export.
+    assert lines[:123_457] + rest[:-1] == lines[:-1]
+
+
 def exporting_backends(conn, source: str) -> list:
     return conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
