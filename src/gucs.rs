@@ -19,6 +19,14 @@ pub static OBJECT_STORE_PROFILE: GucSetting<Option<CString>> =
 /// `pg_stream_export.object_part_size`: the size of an upload's parts, in kB.
 pub static OBJECT_PART_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 
+/// `pg_stream_export.object_connect_timeout`: the longest wait to connect to
+/// the object store, in milliseconds.
+pub static OBJECT_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// `pg_stream_export.object_timeout`: the longest the store may take to
+/// accept or answer any one read or write of a request, in milliseconds.
+pub static OBJECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
+
 pub fn define() {
     GucRegistry::define_string_guc(
         c"pg_stream_export.object_store_profile",
@@ -37,6 +45,26 @@ pub fn define() {
         1024 * 1024,
         GucContext::Userset,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_stream_export.object_connect_timeout",
+        c"Longest wait to connect to the object store.",
+        c"A request whose connection is not open by then fails (and is retried twice, as a lost connection is). A cancel or statement_timeout ends the wait at once.",
+        &OBJECT_CONNECT_TIMEOUT_MS,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_stream_export.object_timeout",
+        c"Longest the object store may take to accept or answer any one read or write of a request.",
+        c"A store that stalls this long fails the request (retried twice, backing off); a cancel, statement_timeout or pg_terminate_backend ends the wait at once.",
+        &OBJECT_TIMEOUT_MS,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_string_guc(
         c"pg_stream_export.allowed_directory",

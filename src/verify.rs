@@ -85,6 +85,8 @@ pub fn verify(input: impl Read, interrupt: &mut dyn FnMut()) -> io::Result<Verdi
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
+                // A read stopped for a cancel is the cancel, not a verdict.
+                interrupt();
                 let what = if e.kind() == io::ErrorKind::UnexpectedEof {
                     "the gzip stream is truncated"
                 } else if is_gzip {

@@ -20,6 +20,8 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -672,3 +674,211 @@ def test_no_secret_reaches_the_log_or_the_activity_view(cluster, conn):
     assert "could not upload" in log and "SignatureDoesNotMatch" in log
     for text in (activity, settings, log):
         assert SECRET not in text
+
+
+# --- a store that stops answering ---------------------------------------------
+
+class StallingStore:
+    """A loopback TCP server that plays a store which stops answering.
+
+    `silent`: accepts every connection and never answers. `parts`: answers
+    HEAD (no object), CreateMultipartUpload and AbortMultipartUpload, and
+    never answers (nor reads) an UploadPart. `body`: answers a GET with its
+    headers and the first bytes of the body, then stalls. `stalled` is set
+    once a request is being held; `seen` lists the request lines."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.2)
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stalled = threading.Event()
+        self.done = threading.Event()
+        self.seen: list[str] = []
+        self.held: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept)]
+        self.threads[0].start()
+
+    def _accept(self):
+        while not self.done.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            thread = threading.Thread(target=self._serve, args=(sock,))
+            self.threads.append(thread)
+            thread.start()
+
+    def _hold(self, sock):
+        self.held.append(sock)
+        self.stalled.set()
+        self.done.wait()
+
+    def _serve(self, sock):
+        sock.settimeout(0.2)
+        buffered = b""
+        while not self.done.is_set():
+            if self.mode == "silent":
+                return self._hold(sock)
+            while b"\r\n\r\n" not in buffered:
+                try:
+                    block = sock.recv(65536)
+                except socket.timeout:
+                    if self.done.is_set():
+                        return sock.close()
+                    continue
+                if not block:
+                    return sock.close()
+                buffered += block
+            head, _, buffered = buffered.partition(b"\r\n\r\n")
+            line = head.split(b"\r\n")[0].decode()
+            self.seen.append(line)
+            method, target = line.split()[:2]
+            length = 0
+            for header in head.split(b"\r\n")[1:]:
+                name, _, value = header.decode().partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            if method == "PUT" and "partNumber" in target:
+                return self._hold(sock)  # the part's body is never read
+            while len(buffered) < length:
+                buffered += sock.recv(65536)
+            buffered = buffered[length:]
+            if self.mode == "body" and method == "GET":
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b'{"x":1}\n')
+                return self._hold(sock)
+            if method == "HEAD":
+                answer = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+            elif method == "POST" and "uploads" in target:
+                xml = (b"<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key>"
+                       b"<UploadId>stalled-upload</UploadId></InitiateMultipartUploadResult>")
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(xml), xml)
+            elif method == "DELETE":
+                answer = b"HTTP/1.1 204 No Content\r\n\r\n"
+            else:
+                return self._hold(sock)
+            sock.sendall(answer)
+
+    def close(self):
+        self.done.set()
+        for thread in self.threads:
+            thread.join()
+        for sock in self.held:
+            sock.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def stalling(aws_dir, request):
+    store = StallingStore(request.param)
+    add_profile(aws_dir, f"stalling-{id(store)}", endpoint=store.endpoint, key_id="testing", secret=SECRET)
+    store.profile = f"stalling-{id(store)}"
+    yield store
+    store.close()
+
+
+def start_stalled(cluster, stalling, sql: str, setup: str = ""):
+    """Run `sql` against the stalling store in a thread; return when the
+    store holds one of its requests."""
+    conn = cluster.connect()
+    conn.execute("SELECT set_config('pg_stream_export.object_store_profile', %s, false)", [stalling.profile])
+    if setup:
+        conn.execute(setup)
+    pid = conn.info.backend_pid
+    thread, result = run_in_thread(lambda: conn.execute(sql).fetchall())
+    assert stalling.stalled.wait(60), "the export never reached the store"
+    return conn, pid, thread, result
+
+
+EXPORT_TO_STALLED = f"SELECT * FROM stream_export_to_file('obj_src', 's3://{BUCKET}/stalled/obj.ndjson')"
+
+
+def ended_within(thread, seconds: float) -> float:
+    """Join `thread`; how long it took (bounded far above the one second an
+    interrupted request takes, far below the store timeouts' minutes)."""
+    started = time.monotonic()
+    thread.join(timeout=seconds)
+    assert not thread.is_alive(), f"still waiting on the store after {seconds} s"
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("stalling", ["silent", "parts"], indirect=True)
+def test_cancel_ends_a_stalled_request(cluster, stalling):
+    conn, pid, thread, result = start_stalled(cluster, stalling, EXPORT_TO_STALLED)
+    try:
+        with cluster.connect() as c:
+            c.execute("SELECT pg_cancel_backend(%s)", [pid])
+        ended_within(thread, 15)
+        assert isinstance(result.get("error"), errors.QueryCanceled), result
+        assert "user request" in str(result["error"])
+        # The session goes on.
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        conn.close()
+    if stalling.mode == "parts":
+        assert any(line.startswith("DELETE ") for line in stalling.seen), stalling.seen  # aborted
+
+
+@pytest.mark.parametrize("stalling", ["silent", "parts"], indirect=True)
+def test_statement_timeout_ends_a_stalled_request(cluster, stalling):
+    conn, pid, thread, result = start_stalled(cluster, stalling, EXPORT_TO_STALLED,
+                                              setup="SET statement_timeout = '3s'")
+    try:
+        ended_within(thread, 20)
+        assert isinstance(result.get("error"), errors.QueryCanceled), result
+        assert "statement timeout" in str(result["error"])
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("stalling", ["body"], indirect=True)
+def test_cancel_ends_a_stalled_read(cluster, stalling):
+    verify = f"SELECT * FROM stream_export_verify('s3://{BUCKET}/stalled/obj.ndjson')"
+    conn, pid, thread, result = start_stalled(cluster, stalling, verify)
+    try:
+        with cluster.connect() as c:
+            c.execute("SELECT pg_cancel_backend(%s)", [pid])
+        ended_within(thread, 15)
+        assert isinstance(result.get("error"), errors.QueryCanceled), result
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("stalling", ["silent", "parts"], indirect=True)
+def test_terminate_ends_a_stalled_request(cluster, stalling):
+    conn, pid, thread, result = start_stalled(cluster, stalling, EXPORT_TO_STALLED)
+    try:
+        with cluster.connect() as c:
+            c.execute("SELECT pg_terminate_backend(%s)", [pid])
+            ended_within(thread, 15)
+            assert isinstance(result.get("error"), psycopg.OperationalError), result
+            wait_until(lambda: c.execute("SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)",
+                                         [pid]).fetchone()[0], timeout=15)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("stalling", ["parts"], indirect=True)
+def test_fast_shutdown_with_a_stalled_upload(aws_dir, stalling):
+    srv = start_cluster("pg_stream_export", environment={
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(aws_dir / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(aws_dir / "credentials"),
+    })
+    try:
+        with srv.connect() as c:
+            c.execute("CREATE TABLE obj_src AS SELECT g AS id, md5(g::text) AS t FROM generate_series(1, 300000) g")
+        conn, pid, thread, result = start_stalled(srv, stalling, EXPORT_TO_STALLED)
+        try:
+            started = time.monotonic()
+            srv.pg_ctl("-m", "fast", "-w", "-t", "60", "stop")
+            assert time.monotonic() - started < 20
+            ended_within(thread, 15)
+            assert isinstance(result.get("error"), psycopg.OperationalError), result
+        finally:
+            conn.close()
+        assert any(line.startswith("DELETE ") for line in stalling.seen), stalling.seen  # aborted at exit
+    finally:
+        log = stop_cluster(srv)
+        assert not crashes_in(log), log[-3000:]

@@ -4,6 +4,9 @@
 
 use std::fmt;
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::config::StoreConfig;
@@ -23,6 +26,8 @@ pub enum Failure {
     Unreachable,
     /// More than the store takes (the part ceiling).
     TooLarge,
+    /// The client was stopped (a cancel, a timeout, the backend exiting).
+    Stopped,
     Other,
 }
 
@@ -108,9 +113,52 @@ pub fn classify(status: u16, code: &str) -> Failure {
 /// Retries for answers that say "try again" and for lost connections.
 const ATTEMPTS: u32 = 3;
 
+/// How long the store may keep a request waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// To open a connection.
+    pub connect: Duration,
+    /// For any one read or write of a request or its answer: a store that
+    /// accepts nothing or answers nothing for this long has failed.
+    pub io: Duration,
+}
+
+impl Timeouts {
+    /// For clean-up after a failure (aborting an upload, deleting parts),
+    /// which runs while an error unwinds and must not keep it waiting.
+    pub const CLEANUP: Timeouts = Timeouts {
+        connect: Duration::from_secs(1),
+        io: Duration::from_secs(1),
+    };
+}
+
+/// How often the watchdog asks whether the requests must stop.
+const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+
 pub struct Client {
     agent: ureq::Agent,
     config: StoreConfig,
+    /// Set once the client is stopped: requests in flight fail at once and
+    /// new ones are refused.
+    stopped: Arc<AtomicBool>,
+    watchdog: Option<Watchdog>,
+}
+
+/// A thread that stops the client's requests when `stop_wanted` says so.
+struct Watchdog {
+    done: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Drop for Client {
+    /// Joins the watchdog (it wakes at once).
+    fn drop(&mut self) {
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.done.store(true, Ordering::SeqCst);
+            watchdog.thread.thread().unpark();
+            let _ = watchdog.thread.join();
+        }
+    }
 }
 
 /// A request's answer: status, the headers we read, and the body.
@@ -122,7 +170,7 @@ pub struct Answer {
 }
 
 impl Client {
-    pub fn new(config: StoreConfig) -> Result<Client, StoreError> {
+    pub fn new(config: StoreConfig, timeouts: Timeouts) -> Result<Client, StoreError> {
         if let Some(endpoint) = &config.endpoint {
             if endpoint.starts_with("http://") && !config.allow_http {
                 return Err(StoreError::new(
@@ -137,15 +185,71 @@ impl Client {
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .max_redirects(0)
-                .timeout_connect(Some(Duration::from_secs(10)))
-                .timeout_send_request(Some(Duration::from_secs(30)))
-                .timeout_send_body(Some(Duration::from_secs(300)))
-                .timeout_recv_response(Some(Duration::from_secs(120)))
-                .timeout_recv_body(Some(Duration::from_secs(300)))
+                .timeout_connect(Some(timeouts.connect))
+                .timeout_per_read(Some(timeouts.io))
+                .timeout_per_write(Some(timeouts.io))
                 .user_agent("pg_stream_export")
                 .build(),
         );
-        Ok(Client { agent, config })
+        Ok(Client {
+            agent,
+            config,
+            stopped: Arc::new(AtomicBool::new(false)),
+            watchdog: None,
+        })
+    }
+
+    /// Stop every request of this client as soon as `stop_wanted` returns
+    /// true; it is asked every 20 ms on a thread of its own, so it must be
+    /// cheap and must not call into PostgreSQL.
+    pub fn stopping_when(mut self, stop_wanted: fn() -> bool) -> Client {
+        let done = Arc::new(AtomicBool::new(false));
+        let (agent, stopped, finished) = (self.agent.clone(), self.stopped.clone(), done.clone());
+        let thread = std::thread::spawn(move || {
+            while !finished.load(Ordering::SeqCst) {
+                if stop_wanted() {
+                    stopped.store(true, Ordering::SeqCst);
+                    agent.shutdown();
+                    return;
+                }
+                std::thread::park_timeout(WATCH_INTERVAL);
+            }
+        });
+        self.watchdog = Some(Watchdog { done, thread });
+        self
+    }
+
+    /// Stop the client: requests in flight (on any thread) fail at once,
+    /// with [`Failure::Stopped`], and so do later ones.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.agent.clone().shutdown();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// A client of the same store for clean-up once this one stopped: its
+    /// own connections, short timeouts, no watchdog.
+    pub fn for_cleanup(&self) -> Result<Client, StoreError> {
+        Client::new(self.config.clone(), Timeouts::CLEANUP)
+    }
+
+    fn stopped_error(&self) -> StoreError {
+        StoreError::new(Failure::Stopped, "the request was stopped")
+    }
+
+    /// Wait `pause` before a retry, or less if the client is stopped.
+    fn back_off(&self, pause: Duration) {
+        let until = std::time::Instant::now() + pause;
+        while !self.is_stopped() {
+            let now = std::time::Instant::now();
+            if now >= until {
+                return;
+            }
+            std::thread::sleep((until - now).min(WATCH_INTERVAL));
+        }
     }
 
     /// Scheme, authority and path of `uri` (the key encoded).
@@ -261,14 +365,21 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            if self.is_stopped() {
+                return Err(self.stopped_error());
+            }
             let result = self.send_once(method, uri, query, extra, body, &payload);
+            if result.is_err() && self.is_stopped() {
+                return Err(self.stopped_error());
+            }
             let retry = match &result {
                 Err(e) => e.failure == Failure::Unreachable,
                 Ok(answer) => matches!(answer.status, 500 | 502 | 503 | 504),
             };
             if retry && attempt < ATTEMPTS {
-                // Back off before the next attempt (not a synchronisation).
-                std::thread::sleep(Duration::from_millis(100 << (2 * attempt)));
+                // Back off before the next attempt (not a synchronisation);
+                // a stop ends the wait.
+                self.back_off(Duration::from_millis(100 << (2 * attempt)));
                 continue;
             }
             let mut answer = result?;
@@ -321,7 +432,7 @@ impl Client {
 
     pub fn create_multipart(&self, uri: &ObjectUri) -> Result<String, StoreError> {
         let mut answer = self.send("POST", uri, &[("uploads", "")], &[], b"")?;
-        let text = read_small(&mut answer)?;
+        let text = read_small(&mut answer).map_err(|e| self.read_failure(e))?;
         xml_text(&text, "UploadId").ok_or_else(|| {
             StoreError::new(
                 Failure::Other,
@@ -374,7 +485,7 @@ impl Client {
             xml.as_bytes(),
         )?;
         // A 200 answer can still carry an error.
-        let text = read_small(&mut answer)?;
+        let text = read_small(&mut answer).map_err(|e| self.read_failure(e))?;
         match xml_text(&text, "Code") {
             Some(code) if text.contains("<Error>") => Err(StoreError::new(
                 classify(200, &code),
@@ -415,7 +526,7 @@ impl Client {
                 query.push(("continuation-token", t.as_str()));
             }
             let mut answer = self.send("GET", &bucket, &query, &[], b"")?;
-            let text = read_small(&mut answer)?;
+            let text = read_small(&mut answer).map_err(|e| self.read_failure(e))?;
             keys.extend(xml_all(&text, "Key"));
             token = xml_text(&text, "NextContinuationToken");
             if token.is_none() || xml_text(&text, "IsTruncated").as_deref() != Some("true") {
@@ -437,6 +548,18 @@ fn read_small(answer: &mut Answer) -> Result<String, StoreError> {
     Ok(text)
 }
 
+impl Client {
+    /// A failure of reading an answer's body, as [`Failure::Stopped`] when
+    /// the client was stopped meanwhile.
+    pub fn read_failure(&self, error: StoreError) -> StoreError {
+        if self.is_stopped() {
+            self.stopped_error()
+        } else {
+            error
+        }
+    }
+}
+
 #[cfg(test)]
 mod unit_tests {
     use super::*;
@@ -448,6 +571,128 @@ mod unit_tests {
         assert_eq!(xml_text(xml, "IsTruncated").as_deref(), Some("false"));
         assert_eq!(xml_text(xml, "Nope"), None);
         assert_eq!(xml_escape("\"e&t\""), "&quot;e&amp;t&quot;");
+    }
+
+    /// A store that accepts connections and never answers: the accepted
+    /// sockets are kept open until the listener thread ends.
+    fn silent_store() -> (String, std::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        (endpoint, listener)
+    }
+
+    fn client_of(endpoint: &str, timeouts: Timeouts) -> Client {
+        Client::new(
+            StoreConfig {
+                region: "us-east-1".into(),
+                endpoint: Some(endpoint.into()),
+                allow_http: true,
+                path_style: true,
+                credentials: super::super::config::Credentials {
+                    access_key_id: "k".into(),
+                    secret_access_key: "s".into(),
+                    session_token: None,
+                },
+                profile: None,
+            },
+            timeouts,
+        )
+        .unwrap()
+    }
+
+    fn uri() -> ObjectUri {
+        ObjectUri {
+            bucket: "b".into(),
+            key: "k".into(),
+        }
+    }
+
+    #[test]
+    fn a_stop_ends_a_stalled_request_at_once() {
+        let (endpoint, listener) = silent_store();
+        let hold = std::thread::spawn(move || {
+            let (socket, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(5));
+            drop(socket);
+        });
+        let long = Timeouts {
+            connect: Duration::from_secs(60),
+            io: Duration::from_secs(60),
+        };
+        let client = Arc::new(client_of(&endpoint, long));
+        let stopper = {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                client.stop();
+            })
+        };
+        let started = std::time::Instant::now();
+        let error = client.put(&uri(), b"body", true).unwrap_err();
+        assert_eq!(error.failure, Failure::Stopped);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        // Later requests are refused without a connection.
+        assert_eq!(client.head(&uri()).unwrap_err().failure, Failure::Stopped);
+        stopper.join().unwrap();
+        hold.join().unwrap();
+    }
+
+    #[test]
+    fn a_stalled_store_times_out_per_read() {
+        let (endpoint, listener) = silent_store();
+        let hold = std::thread::spawn(move || {
+            // Accept every attempt (three) and answer none.
+            let sockets: Vec<_> = (0..ATTEMPTS)
+                .map(|_| listener.accept().unwrap().0)
+                .collect();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(sockets);
+        });
+        let short = Timeouts {
+            connect: Duration::from_secs(5),
+            io: Duration::from_millis(200),
+        };
+        let started = std::time::Instant::now();
+        let error = client_of(&endpoint, short).head(&uri()).unwrap_err();
+        assert_eq!(error.failure, Failure::Unreachable, "{error}");
+        // Three attempts of 200 ms and two back-offs (0.4 s, 1.6 s).
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        hold.join().unwrap();
+    }
+
+    #[test]
+    fn a_watchdog_stops_the_client_when_asked() {
+        use std::sync::atomic::AtomicBool;
+        static WANTED: AtomicBool = AtomicBool::new(false);
+        let (endpoint, listener) = silent_store();
+        let hold = std::thread::spawn(move || {
+            let (socket, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(5));
+            drop(socket);
+        });
+        let long = Timeouts {
+            connect: Duration::from_secs(60),
+            io: Duration::from_secs(60),
+        };
+        let client = client_of(&endpoint, long).stopping_when(|| WANTED.load(Ordering::SeqCst));
+        let asker = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            WANTED.store(true, Ordering::SeqCst);
+        });
+        let started = std::time::Instant::now();
+        assert_eq!(client.head(&uri()).unwrap_err().failure, Failure::Stopped);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(client); // joins the watchdog
+        asker.join().unwrap();
+        hold.join().unwrap();
     }
 
     #[test]

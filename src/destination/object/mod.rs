@@ -83,12 +83,18 @@ pub fn failure_code(failure: Failure) -> PgSqlErrorCode {
         Failure::Exists => PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
         Failure::Unreachable => PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE,
         Failure::TooLarge => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        Failure::Stopped => PgSqlErrorCode::ERRCODE_QUERY_CANCELED,
         Failure::Other => PgSqlErrorCode::ERRCODE_IO_ERROR,
     }
 }
 
 /// Raise a store failure: `could not <action> "<uri>": <what the store said>`.
 pub fn raise_store_error(error: &StoreError, action: &str, uri: Option<&ObjectUri>) -> ! {
+    if error.failure == Failure::Stopped {
+        // Stopped for a cancel, a timeout or an exit: raise that (FATAL for
+        // a terminate), as PostgreSQL words it.
+        pgrx::check_for_interrupts!();
+    }
     let hint = match error.failure {
         Failure::NoSuchBucket => {
             Some("Create the bucket first, or check the bucket name and the region.")
@@ -166,13 +172,38 @@ pub fn session_client() -> Arc<Client> {
             Some("Object storage is configured with the standard AWS environment variables and shared config files of the server's OS user."),
         )
     });
-    match Client::new(config) {
-        Ok(client) => Arc::new(client),
+    match Client::new(config, timeouts()) {
+        Ok(client) => Arc::new(client.stopping_when(cancel_or_exit_pending)),
         Err(e) => raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             e.detail,
             None,
         ),
+    }
+}
+
+/// `pg_stream_export.object_connect_timeout` and `object_timeout`.
+fn timeouts() -> client::Timeouts {
+    let millis = |setting: &pgrx::GucSetting<i32>| {
+        std::time::Duration::from_millis(setting.get().max(1) as u64)
+    };
+    client::Timeouts {
+        connect: millis(&crate::gucs::OBJECT_CONNECT_TIMEOUT_MS),
+        io: millis(&crate::gucs::OBJECT_TIMEOUT_MS),
+    }
+}
+
+/// Whether a cancel (`pg_cancel_backend`, `statement_timeout`) or an exit
+/// (`pg_terminate_backend`, shutdown) is pending for this backend. Asked by
+/// a client's watchdog thread: it only reads the two flags PostgreSQL's
+/// signal handlers set, never calls into PostgreSQL, and the backend itself
+/// then acts on the interrupt as usual.
+fn cancel_or_exit_pending() -> bool {
+    // SAFETY: plain volatile reads of `volatile sig_atomic_t` flags, which
+    // signal handlers write; any thread may read them.
+    unsafe {
+        std::ptr::read_volatile(std::ptr::addr_of!(pg_sys::QueryCancelPending)) != 0
+            || std::ptr::read_volatile(std::ptr::addr_of!(pg_sys::ProcDiePending)) != 0
     }
 }
 
@@ -224,13 +255,29 @@ pub fn upload_with(client: &Arc<Client>, uri: &ObjectUri, overwrite: bool) -> Ob
     )
 }
 
-/// A reader of an object's bytes (privilege checked).
+/// A reader of an object's bytes (privilege checked). It keeps its client,
+/// so that a cancel also stops a read that stalls.
 pub fn open_reader(uri: &ObjectUri) -> impl std::io::Read {
     check_read_privilege();
     let client = session_client();
-    client
+    let body = client
         .get(uri)
-        .unwrap_or_else(|e| raise_store_error(&e, "read", Some(uri)))
+        .unwrap_or_else(|e| raise_store_error(&e, "read", Some(uri)));
+    ObjectReader {
+        body,
+        _client: client,
+    }
+}
+
+struct ObjectReader<R> {
+    body: R,
+    _client: Arc<Client>,
+}
+
+impl<R: std::io::Read> std::io::Read for ObjectReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.body.read(buf)
+    }
 }
 
 fn register_exit_callback() {
@@ -370,7 +417,10 @@ pub fn delete_under(
 /// effort and never raises: it runs when a directory export failed.
 pub fn remove_parts_of(prefix: &ObjectUri, export_id: &str) {
     let config = config::resolve(&ServerEnvironment, chosen_profile().as_deref());
-    let Some(client) = config.ok().and_then(|c| Client::new(c).ok()) else {
+    let Some(client) = config
+        .ok()
+        .and_then(|c| Client::new(c, client::Timeouts::CLEANUP).ok())
+    else {
         return;
     };
     let _ = delete_under(&client, prefix, &format!("part-{export_id}-"), |_| true);

@@ -81,9 +81,10 @@ pub fn abort_live_uploads() {
     let live: Vec<Live> = std::mem::take(&mut *lock(&LIVE));
     for upload in live {
         upload.shared.stop.store(true, Ordering::SeqCst);
-        let _ = upload
-            .client
-            .abort_multipart(&upload.uri, &upload.upload_id);
+        upload.client.stop();
+        if let Ok(cleanup) = upload.client.for_cleanup() {
+            let _ = cleanup.abort_multipart(&upload.uri, &upload.upload_id);
+        }
     }
 }
 
@@ -343,8 +344,9 @@ impl io::Write for ObjectUpload {
 
 impl Drop for ObjectUpload {
     /// Abort an unfinished upload. Never raises: this runs while an error
-    /// unwinds. The threads finish the request they are in (bounded by the
-    /// client's timeouts) and skip the rest.
+    /// unwinds. The client is stopped, so the threads' requests in flight
+    /// end at once; the abort goes through a clean-up client with short
+    /// timeouts, so a stalled store cannot hold the error up.
     fn drop(&mut self) {
         if self.finished {
             return;
@@ -352,10 +354,13 @@ impl Drop for ObjectUpload {
         if let Some(mut multipart) = self.multipart.take() {
             multipart.shared.stop.store(true, Ordering::SeqCst);
             multipart.jobs = None;
+            self.client.stop();
             for worker in multipart.workers.drain(..) {
                 let _ = worker.join();
             }
-            let _ = self.client.abort_multipart(&self.uri, &multipart.upload_id);
+            if let Ok(cleanup) = self.client.for_cleanup() {
+                let _ = cleanup.abort_multipart(&self.uri, &multipart.upload_id);
+            }
             unregister(multipart.serial);
         }
     }
