@@ -93,12 +93,31 @@ const KEY_TEXT_SETTINGS: [(&std::ffi::CStr, &std::ffi::CStr); 6] = [
 /// clauses does: the session's own values come back afterwards (and, if
 /// `body` raises, when the (sub)transaction aborts).
 pub fn with_key_text_settings<R>(body: impl FnOnce() -> R) -> R {
-    // SAFETY: a GUC nest level, set_config_option with GUC_ACTION_SAVE for
-    // each setting (values every role may set), and AtEOXact_GUC to pop
-    // exactly that level.
+    with_text_settings(false, body)
+}
+
+/// As [`with_key_text_settings`], but names resolve as in the session: for
+/// running the user's own query (partition planning samples it), whose
+/// tables and functions are found on the session's search_path.
+pub fn with_key_text_settings_on_search_path<R>(body: impl FnOnce() -> R) -> R {
+    with_text_settings(true, body)
+}
+
+fn with_text_settings<R>(keep_search_path: bool, body: impl FnOnce() -> R) -> R {
+    // SAFETY: reads the current value (copied at once), then a GUC nest
+    // level, set_config_option with GUC_ACTION_SAVE for each setting (values
+    // every role may set), and AtEOXact_GUC to pop exactly that level.
     unsafe {
+        let search_path = keep_search_path.then(|| {
+            let value = pgrx::pg_sys::GetConfigOption(c"search_path".as_ptr(), false, false);
+            (!value.is_null()).then(|| std::ffi::CStr::from_ptr(value).to_owned())
+        });
         let level = pgrx::pg_sys::NewGUCNestLevel();
         for (name, value) in KEY_TEXT_SETTINGS {
+            let value = match &search_path {
+                Some(Some(session)) if name == c"search_path" => session.as_c_str(),
+                _ => value,
+            };
             pgrx::pg_sys::set_config_option(
                 name.as_ptr(),
                 value.as_ptr(),

@@ -32,14 +32,17 @@ pub fn pick_evenly(values: &[String], partitions: usize) -> Vec<String> {
 /// `partitions - 1` of them whenever the key has that many distinct values
 /// (fewer only when it has not). The text is rendered under fixed settings
 /// (see [`crate::gucs::with_key_text_settings`]), so that any session reads
-/// the bounds back as the same values.
+/// the bounds back as the same values; the source's names resolve on the
+/// session's search_path, as the export's own queries do.
 pub fn boundaries(
     source: &Source,
     column: &str,
     type_name: &str,
     partitions: usize,
 ) -> (Vec<String>, i64) {
-    crate::gucs::with_key_text_settings(|| boundaries_inner(source, column, type_name, partitions))
+    crate::gucs::with_key_text_settings_on_search_path(|| {
+        boundaries_inner(source, column, type_name, partitions)
+    })
 }
 
 fn boundaries_inner(
