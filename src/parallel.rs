@@ -237,6 +237,27 @@ pub extern "C-unwind" fn pg_stream_export_part_worker(argument: pg_sys::Datum) {
     }
     let config = shared.config();
     let oid = |name: &str| pg_sys::Oid::from(config[name].as_u64().unwrap_or(0) as u32);
+    // Join the leader's lock group before taking any lock, as parallel
+    // query's workers do: the group's locks do not conflict with each
+    // other, a worker's request goes ahead of a conflicting one queued
+    // behind the leader's (an ALTER TABLE waiting for the leader), and the
+    // deadlock detector sees the group as one. Otherwise the workers would
+    // wait behind that request, it for the leader, the leader for them.
+    // SAFETY: the leader's PGPROC lives in shared memory, mapped at the same
+    // address in every backend; BecomeLockGroupMember checks under the
+    // group's lock that it still belongs to the leader's pid.
+    let joined = unsafe {
+        let leader = config["leader_proc"].as_u64().unwrap_or(0) as usize as *mut pg_sys::PGPROC;
+        !leader.is_null()
+            && pg_sys::BecomeLockGroupMember(
+                leader,
+                config["leader_pid"].as_i64().unwrap_or(0) as i32,
+            )
+    };
+    if !joined {
+        // The leader is gone already.
+        return;
+    }
     // Connect as the leader's authenticated user (who could log in), then
     // take on its settings and its current user and security context, as
     // PostgreSQL's parallel workers do.
@@ -627,6 +648,13 @@ pub fn export_directory(
         pg_sys::GetUserIdAndSecContext(&mut current_user, &mut security_context);
         (pg_sys::MyDatabaseId, pg_sys::GetAuthenticatedUserId())
     };
+    // SAFETY: makes this backend the leader of a lock group of its own (as
+    // parallel query does; a no-op when it already leads one); the workers
+    // join it with the PGPROC and pid below.
+    let (leader_proc, leader_pid) = unsafe {
+        pg_sys::BecomeLockGroupLeader();
+        (pg_sys::MyProc as usize as u64, pg_sys::MyProcPid)
+    };
     let (dev, ino, path, object_prefix) = match directory {
         ExportDirectory::Server(dir) => {
             let (dev, ino) = dir.identity();
@@ -636,6 +664,8 @@ pub fn export_directory(
     };
     let config = json!({
         "database": database.to_u32(),
+        "leader_proc": leader_proc,
+        "leader_pid": leader_pid,
         "session_user": session_user.to_u32(),
         "current_user": current_user.to_u32(),
         "security_context": security_context,

@@ -163,3 +163,74 @@ def test_temporary_tables_are_refused_not_swapped(server, server_dir):
         assert len(lines) == 2000 and all(b'"permanent"' in line for line in lines)
         assert manifest["source"] == '"public"."shadowed"'
 
+
+
+def test_alter_table_mid_export_does_not_hang(server, server_dir):
+    """An ALTER TABLE queued while a directory export runs: the workers'
+    next lock requests used to wait behind it, it behind the leader, the
+    leader for the workers, with no deadlock detected. The workers are in
+    the leader's lock group now, so the export finishes and the ALTER
+    follows it."""
+    with server.connect() as c:
+        c.execute("DROP TABLE IF EXISTS locked_src")
+        c.execute("CREATE TABLE locked_src (id int PRIMARY KEY, v text)")
+        c.execute("INSERT INTO locked_src SELECT g, 'row ' || g FROM generate_series(1, 20000) g")
+        c.execute("ANALYZE locked_src")
+        c.execute("""
+            CREATE OR REPLACE FUNCTION lock_gate(id int) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+            BEGIN
+              IF id = 3000 AND (SELECT backend_type FROM pg_stat_activity WHERE pid = pg_backend_pid())
+                                 = 'pg_stream_export' THEN
+                PERFORM pg_advisory_xact_lock_shared(4310);
+              END IF;
+              RETURN true;
+            END $$""")
+    holder = server.connect()
+    holder.execute("SELECT pg_advisory_lock(4310)")
+    exporter = server.connect()
+    # A hang would fail here, not block the suite.
+    exporter.execute("SET statement_timeout = '120s'")
+    thread, result = run_in_thread(lambda: exporter.execute(
+        "SELECT rows FROM stream_export_to_directory('SELECT * FROM locked_src WHERE lock_gate(id)', %s, 'id', 2, "
+        "workers => 1)", [str(server_dir)]).fetchone())
+    alterer = server.connect()
+    alter_thread = None
+    try:
+        # The one worker is in partition 0, held at the gate.
+        wait_until(lambda: holder.execute(
+            "SELECT 1 FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
+            "AND l.objid = 4310 AND NOT l.granted AND a.backend_type = 'pg_stream_export'").fetchone())
+        alter_thread, altered = run_in_thread(lambda: alterer.execute(
+            "ALTER TABLE locked_src ADD COLUMN extra int"))
+        wait_until(lambda: holder.execute(
+            "SELECT 1 FROM pg_locks WHERE relation = 'locked_src'::regclass AND mode = 'AccessExclusiveLock' "
+            "AND NOT granted").fetchone())
+        # Partition 0 ends; partition 1 takes its lock with the ALTER queued.
+        holder.execute("SELECT pg_advisory_unlock(4310)")
+        thread.join(timeout=150)
+        assert result.get("value") == (20000,), result
+        alter_thread.join(timeout=60)
+        assert "error" not in altered, altered
+    finally:
+        holder.execute("SELECT pg_advisory_unlock_all()")
+        for t in (thread, alter_thread):
+            if t is not None:
+                t.join(timeout=150)
+        for conn in (holder, exporter, alterer):
+            conn.close()
+
+
+def test_a_query_source_resolves_names_on_the_session_search_path(server, server_dir):
+    # Planning sampled the query under search_path = pg_catalog, where an
+    # unqualified table (or function) of the user's is not found.
+    with server.connect() as c:
+        c.execute("DROP TABLE IF EXISTS unqualified_src")
+        c.execute("CREATE TABLE unqualified_src (id int PRIMARY KEY)")
+        c.execute("INSERT INTO unqualified_src SELECT generate_series(1, 3000)")
+        c.execute("CREATE OR REPLACE FUNCTION keep_row(id int) RETURNS boolean LANGUAGE sql AS 'SELECT id % 3 <> 0'")
+        source = "SELECT id FROM unqualified_src WHERE keep_row(id)"
+        plan = c.execute("SELECT partition, lower, upper FROM stream_export_plan(%s, 'id', 3)", [source]).fetchall()
+        assert len(plan) == 3 and plan[0][1] is None and plan[-1][2] is None
+        row = c.execute("SELECT rows FROM stream_export_to_directory(%s, %s, 'id', 3)",
+                        [source, str(server_dir)]).fetchone()
+        assert row == (2000,)
