@@ -33,6 +33,7 @@ use crate::export::{relation_row_estimate, Export};
 use crate::layout::{
     commit_manifest, export_id_of_part, is_part_file_name, manifest_parts, new_export_id,
     part_name, read_journal, read_listing, read_manifest, remove_stale_parts, MANIFEST, PROGRESS,
+    PROGRESS_HEADER,
 };
 use crate::options::{BatchSize, Compression, ExportOptions};
 use crate::progress::Destination;
@@ -124,9 +125,6 @@ impl CommittingSpi {
     }
 }
 
-/// The journal's header object in object storage.
-const PROGRESS_HEADER: &str = "progress.json";
-
 /// The journal object of chunk `index` in object storage.
 fn progress_entry_name(index: usize) -> String {
     format!("progress-{index:010}.json")
@@ -160,8 +158,9 @@ enum Journal {
 enum Claim {
     /// The locked `manifest.json.partial`: one export per directory.
     Server(PartialFile),
-    /// The parts of the finished export a manifest being replaced lists.
-    Prefix(Vec<String>),
+    /// The prefix's lease (one export at a time), and the parts of the
+    /// finished export a manifest being replaced lists.
+    Prefix(Vec<String>, object::Lease),
 }
 
 fn read_object(client: &Client, uri: &ObjectUri) -> Option<Value> {
@@ -249,11 +248,13 @@ impl Place<'_> {
                 OsStr::new(MANIFEST),
                 overwrite,
             )),
-            Place::Prefix { prefix, client } => Claim::Prefix(
-                read_object(client, &prefix.join(MANIFEST))
+            Place::Prefix { prefix, client } => {
+                let lease = object::acquire_lease(client, prefix, "chunked");
+                let replaced = read_object(client, &prefix.join(MANIFEST))
                     .map(|m| manifest_parts(&m))
-                    .unwrap_or_default(),
-            ),
+                    .unwrap_or_default();
+                Claim::Prefix(replaced, lease)
+            }
         }
     }
 
@@ -362,18 +363,11 @@ impl Place<'_> {
         match self {
             Place::Server(directory) => remove_stale_parts(directory),
             Place::Prefix { prefix, client } => {
-                let stale = |name: &str| {
-                    export_id_of_part(name.as_bytes()).is_some_and(|o| o != export_id.as_bytes())
-                        && !keep.iter().any(|k| k == name)
-                };
-                let removed = object::delete_under(client, prefix, "part-", stale)
-                    .unwrap_or_else(|e| raise_store_error(&e, "list", Some(prefix)));
-                for name in removed {
-                    pgrx::log!(
-                        "pg_stream_export: removed \"{}\" left by an export that did not finish",
-                        prefix.join(&name)
-                    );
-                }
+                // The lease is held: what other exports left is theirs no more.
+                object::remove_leftovers(client, prefix, &|name: &str| {
+                    export_id_of_part(name.as_bytes()) == Some(export_id.as_bytes())
+                        || keep.iter().any(|k| k == name)
+                });
             }
         }
     }
@@ -673,7 +667,8 @@ fn write_manifest(place: &Place<'_>, claim: Claim, header: &Value, tally: &Tally
                 part.starts_with(&own)
             });
         }
-        (Place::Prefix { prefix, client }, Claim::Prefix(replaced)) => {
+        (Place::Prefix { prefix, client }, Claim::Prefix(replaced, lease)) => {
+            object::check_lease(&lease, prefix);
             let uri = prefix.join(MANIFEST);
             let mut upload = object::upload_with(client, &uri, overwrite);
             let mut entries = (0..tally.chunks).map(|index| {
@@ -739,8 +734,10 @@ pub fn export_chunked(
             client: object::session_client(),
         },
     };
-    place.refuse_finished(overwrite);
+    // The claim (under a prefix: its lease) comes first, so that nothing
+    // here is read or removed while another export writes.
     let claim = place.claim(overwrite);
+    place.refuse_finished(overwrite);
     let mut tally = Tally::default();
     let mut missing: Option<String> = None;
     let present = place.parts_present();
@@ -795,7 +792,7 @@ pub fn export_chunked(
     };
     let export_id = header["export_id"].as_str().unwrap_or_default().to_owned();
     let keep = match &claim {
-        Claim::Prefix(replaced) => replaced.clone(),
+        Claim::Prefix(replaced, _) => replaced.clone(),
         Claim::Server(_) => Vec::new(),
     };
     place.remove_stale_parts(&export_id, &keep);
@@ -845,6 +842,11 @@ pub fn export_chunked(
         chunk.entry["to_end"] = Value::from(reached_end);
         last_key = chunk.entry["last_key"].clone();
         after = chunk.resume_token;
+        if let Claim::Prefix(_, lease) = &claim {
+            if let Place::Prefix { prefix, .. } = &place {
+                object::check_lease(lease, prefix);
+            }
+        }
         place.append(&mut journal, index, &chunk.entry);
         tally.add(&chunk.entry);
         if let Some(tracked) = &mut tracked {

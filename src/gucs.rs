@@ -27,6 +27,10 @@ pub static OBJECT_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1
 /// accept or answer any one read or write of a request, in milliseconds.
 pub static OBJECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
 
+/// `pg_stream_export.object_lease_ttl`: how long a prefix's lease lasts
+/// after its last renewal, in seconds.
+pub static OBJECT_LEASE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+
 pub fn define() {
     GucRegistry::define_string_guc(
         c"pg_stream_export.object_store_profile",
@@ -65,6 +69,16 @@ pub fn define() {
         i32::MAX,
         GucContext::Userset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_stream_export.object_lease_ttl",
+        c"How long the lease of an object prefix lasts after its last renewal.",
+        c"A directory or chunked export to an s3:// prefix holds its lease and renews it every third of this; a lease whose holder died (kill -9, a lost server) can be taken over this long after its last renewal.",
+        &OBJECT_LEASE_TTL_S,
+        2,
+        86_400,
+        GucContext::Userset,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_string_guc(
         c"pg_stream_export.allowed_directory",

@@ -17,6 +17,9 @@ pub const MANIFEST: &str = "manifest.json";
 /// chunk, appended as each chunk is in place.
 pub const PROGRESS: &str = "progress.jsonl";
 
+/// A chunked export's journal header object under an object prefix.
+pub const PROGRESS_HEADER: &str = "progress.json";
+
 /// `part-<id>-NNNNN.ndjson[.gz]`.
 pub fn part_name(export_id: &str, index: usize, gzip: bool) -> String {
     format!(

@@ -634,8 +634,8 @@ pub fn export_directory(
         estimated_rows: crate::export::relation_row_estimate(source.relation_oid()),
     });
     // Held until the manifest is in place.
-    let manifest_claim = directory.claim_manifest(overwrite);
     let export_id = new_export_id();
+    let manifest_claim = directory.claim_manifest(overwrite, &export_id);
     // Exporting a snapshot writes nothing: read-only SPI is enough.
     let snapshot: String =
         crate::scan::select_one("SELECT pg_catalog.pg_export_snapshot()", &[]).unwrap_or_default();

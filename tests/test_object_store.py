@@ -882,3 +882,117 @@ def test_fast_shutdown_with_a_stalled_upload(aws_dir, stalling):
     finally:
         log = stop_cluster(srv)
         assert not crashes_in(log), log[-3000:]
+
+
+# --- one export per prefix -----------------------------------------------------
+
+def lease_of(store: Store, prefix: str):
+    try:
+        answer = store.client().get_object(Bucket=BUCKET, Key=f"{prefix}lease.json")
+    except store.client().exceptions.NoSuchKey:
+        return None
+    return json.loads(answer["Body"].read()), answer["ETag"]
+
+
+def test_one_export_per_prefix_and_leftovers_are_removed(cluster, conn, store):
+    """A chunked export holds the prefix's lease while it runs (renewed,
+    here every second); a second chunked or directory export to the prefix
+    gets 55006 and writes nothing. The next export to hold the lease removes
+    what dead exports left: a stray part object and a multipart upload."""
+    conn.execute("DROP TABLE IF EXISTS obj_leased; DROP ROLE IF EXISTS obj_rls")
+    conn.execute("CREATE TABLE obj_leased AS SELECT * FROM obj_src")
+    conn.execute("ALTER TABLE obj_leased ADD PRIMARY KEY (id)")
+    conn.execute("CREATE ROLE obj_rls LOGIN IN ROLE stream_export_object_store_write")
+    conn.execute("GRANT SELECT ON obj_leased TO obj_rls")
+    conn.execute("ALTER TABLE obj_leased ENABLE ROW LEVEL SECURITY")
+    conn.execute("CREATE POLICY gate ON obj_leased USING (upload_gate(id))")
+    holder = cluster.connect()
+    exporter = psycopg.connect(cluster.dsn(user="obj_rls"), autocommit=True)
+    call = "CALL stream_export_chunked('obj_leased', 's3://exports/leased/', 'id', chunk_rows => 60000)"
+    exporter.execute("SET enable_seqscan = off")
+    exporter.execute("SET enable_bitmapscan = off")
+    exporter.execute("SET pg_stream_export.object_lease_ttl = '3s'")
+    try:
+        holder.execute("SELECT pg_advisory_lock(4300)")
+        thread, result = run_in_thread(lambda: exporter.execute(call))
+        wait_until(lambda: holder.execute(
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4300 AND NOT granted").fetchone())
+        lease, etag = lease_of(store, "leased/")
+        assert f"pid {exporter.info.backend_pid} " in lease["holder"]
+        # Renewed while it runs: the lease object changes, twice.
+        seen = {etag}
+        wait_until(lambda: seen.add(lease_of(store, "leased/")[1]) or len(seen) >= 3, timeout=30)
+        before = part_objects(store, "leased/")
+        with pytest.raises(errors.LockNotAvailable) as err:
+            conn.execute("CALL stream_export_chunked('obj_src', 's3://exports/leased/', 'id')")
+        assert "another export" in str(err.value)
+        with pytest.raises(errors.LockNotAvailable):
+            conn.execute("SELECT * FROM stream_export_to_directory('obj_src', 's3://exports/leased/', 'id', 2, "
+                         "overwrite => true)")
+        assert part_objects(store, "leased/") == before and thread.is_alive()
+        holder.execute("SELECT pg_cancel_backend(%s)", [exporter.info.backend_pid])
+        thread.join()
+        assert isinstance(result.get("error"), errors.QueryCanceled), result
+        assert lease_of(store, "leased/") is None  # released
+        # What dead exports leave: a part object and an unfinished upload.
+        s3 = store.client()
+        s3.put_object(Bucket=BUCKET, Key="leased/part-0123456789ab-00000.ndjson", Body=b'{"x":1}\n')
+        s3.create_multipart_upload(Bucket=BUCKET, Key="leased/part-0123456789ab-00001.ndjson")
+        holder.execute("SELECT pg_advisory_unlock(4300)")
+        exporter.execute(call)
+        assert chunk_lines(store, "leased/") == expected_lines(conn)
+        manifest = json.loads(get(store, "leased/manifest.json"))
+        assert part_objects(store, "leased/") == sorted(
+            ["leased/manifest.json"] + [f"leased/{p['file']}" for p in manifest["parts"]])
+        assert [u for u in open_uploads(store) if u["Key"].startswith("leased/")] == []
+    finally:
+        stop_sessions_of(holder, "obj_rls")
+        holder.close()
+        exporter.close()
+        conn.execute("DROP TABLE obj_leased")
+        conn.execute("DROP ROLE obj_rls")
+
+
+def test_a_terminated_directory_export_leaves_nothing_for_long(cluster, conn, store):
+    """A directory export whose leader is terminated (no destructor runs)
+    releases its lease at exit; the part its workers had put is removed by
+    the next export to the prefix."""
+    conn.execute("DROP TABLE IF EXISTS obj_dir_gated; DROP ROLE IF EXISTS obj_rls")
+    conn.execute("CREATE TABLE obj_dir_gated AS SELECT * FROM obj_src")
+    conn.execute("ALTER TABLE obj_dir_gated ADD PRIMARY KEY (id)")
+    conn.execute("ANALYZE obj_dir_gated")
+    conn.execute("CREATE ROLE obj_rls LOGIN IN ROLE stream_export_object_store_write")
+    conn.execute("GRANT SELECT ON obj_dir_gated TO obj_rls")
+    conn.execute("ALTER TABLE obj_dir_gated ENABLE ROW LEVEL SECURITY")
+    conn.execute("CREATE POLICY gate ON obj_dir_gated USING (worker_gate(id))")
+    holder = cluster.connect()
+    exporter = psycopg.connect(cluster.dsn(user="obj_rls"), autocommit=True)
+    try:
+        holder.execute("SELECT pg_advisory_lock(4300)")
+        exporter.execute("SET pg_stream_export.object_part_size = '5MB'")
+        thread, result = run_in_thread(lambda: exporter.execute(
+            "SELECT * FROM stream_export_to_directory('obj_dir_gated', 's3://exports/terminated/', 'id', 2)"
+        ).fetchall())
+        wait_until(lambda: holder.execute(
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4300 AND NOT granted").fetchone())
+        wait_until(lambda: [k for k in part_objects(store, "terminated/") if "/part-" in k])
+        holder.execute("SELECT pg_terminate_backend(%s)", [exporter.info.backend_pid])
+        thread.join()
+        assert isinstance(result.get("error"), psycopg.OperationalError), result
+        holder.execute("SELECT pg_advisory_unlock(4300)")
+        wait_until(lambda: lease_of(store, "terminated/") is None)
+        wait_until(lambda: not holder.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'pg_stream_export'").fetchone())
+        assert [k for k in part_objects(store, "terminated/") if "/part-" in k]  # left behind
+        conn.execute("SELECT * FROM stream_export_to_directory('obj_src', 's3://exports/terminated/', 'id', 2)")
+        manifest = json.loads(get(store, "terminated/manifest.json"))
+        assert part_objects(store, "terminated/") == sorted(
+            ["terminated/manifest.json"] + [f"terminated/{p['file']}" for p in manifest["parts"]])
+        assert [u for u in open_uploads(store) if u["Key"].startswith("terminated/")] == []
+    finally:
+        holder.execute("SELECT pg_advisory_unlock_all()")
+        stop_sessions_of(holder, "obj_rls")
+        holder.close()
+        exporter.close()
+        conn.execute("DROP TABLE obj_dir_gated")
+        conn.execute("DROP ROLE obj_rls")

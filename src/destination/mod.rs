@@ -122,9 +122,12 @@ pub enum ExportDirectory {
 pub enum ManifestClaim {
     /// The locked `manifest.json.partial`: one export per directory.
     Server(crate::destination::file::PartialFile),
-    /// Object storage has no locks: the parts the manifest there lists now,
-    /// removed once the new manifest replaced it.
-    Prefix { replaced_parts: Vec<String> },
+    /// The prefix's lease (one export at a time), and the parts the
+    /// manifest there lists now, removed once the new manifest replaced it.
+    Prefix {
+        replaced_parts: Vec<String>,
+        lease: object::Lease,
+    },
 }
 
 impl ExportDirectory {
@@ -150,10 +153,13 @@ impl ExportDirectory {
         }
     }
 
-    /// Claim the manifest: `58P02` if a finished export is there and not
-    /// `overwrite`. In a server directory, part files that exports which
-    /// died left behind are removed.
-    pub fn claim_manifest(&self, overwrite: bool) -> ManifestClaim {
+    /// Claim the manifest for the export `export_id`: `58P02` if a finished
+    /// export is there and not `overwrite`, `55006` (object prefix) while
+    /// another export holds the prefix's lease. Part files that exports
+    /// which died left behind are removed (under a prefix also their
+    /// multipart uploads), but not those of the finished export, nor those
+    /// of an unfinished chunked export there.
+    pub fn claim_manifest(&self, overwrite: bool, export_id: &str) -> ManifestClaim {
         match self {
             ExportDirectory::Server(dir) => {
                 let partial = crate::destination::file::PartialFile::create(
@@ -164,9 +170,24 @@ impl ExportDirectory {
                 crate::layout::remove_stale_parts(dir);
                 ManifestClaim::Server(partial)
             }
-            ExportDirectory::Prefix(prefix) => ManifestClaim::Prefix {
-                replaced_parts: object::claim_manifest(prefix, overwrite),
-            },
+            ExportDirectory::Prefix(prefix) => {
+                let client = object::session_client();
+                let lease = object::acquire_lease(&client, prefix, export_id);
+                let replaced_parts = object::claim_manifest(prefix, overwrite);
+                let chunked =
+                    object::read_small_json(&client, &prefix.join(crate::layout::PROGRESS_HEADER))
+                        .and_then(|header| header["export_id"].as_str().map(str::to_owned));
+                object::remove_leftovers(&client, prefix, &|name| {
+                    replaced_parts.iter().any(|p| p == name)
+                        || chunked.as_deref().is_some_and(|id| {
+                            crate::layout::export_id_of_part(name.as_bytes()) == Some(id.as_bytes())
+                        })
+                });
+                ManifestClaim::Prefix {
+                    replaced_parts,
+                    lease,
+                }
+            }
         }
     }
 
@@ -189,8 +210,16 @@ impl ExportDirectory {
                     overwrite,
                 )
             }
-            (ExportDirectory::Prefix(prefix), ManifestClaim::Prefix { replaced_parts }) => {
-                object::commit_manifest(prefix, listing, overwrite, &replaced_parts)
+            (
+                ExportDirectory::Prefix(prefix),
+                ManifestClaim::Prefix {
+                    replaced_parts,
+                    lease,
+                },
+            ) => {
+                object::check_lease(&lease, prefix);
+                object::commit_manifest(prefix, listing, overwrite, &replaced_parts);
+                drop(lease);
             }
             _ => unreachable!("a manifest claim belongs to its own kind of directory"),
         }

@@ -113,6 +113,15 @@ pub fn classify(status: u16, code: &str) -> Failure {
 /// Retries for answers that say "try again" and for lost connections.
 const ATTEMPTS: u32 = 3;
 
+/// What a conditional write needs to find.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// No object at the key (`If-None-Match: *`).
+    Absent,
+    /// The object with this ETag (`If-Match`).
+    Matches(String),
+}
+
 /// How long the store may keep a request waiting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
@@ -421,6 +430,71 @@ impl Client {
             vec![]
         } else {
             vec![("if-none-match", "*")]
+        }
+    }
+
+    /// One PUT of a whole object on a condition the store checks
+    /// atomically (`Failure::Exists` when it does not hold); its ETag.
+    pub fn put_if(
+        &self,
+        uri: &ObjectUri,
+        body: &[u8],
+        condition: &Condition,
+    ) -> Result<Option<String>, StoreError> {
+        let header = match condition {
+            Condition::Absent => vec![("if-none-match", "*")],
+            Condition::Matches(etag) => vec![("if-match", etag.as_str())],
+        };
+        self.send("PUT", uri, &[], &header, body)
+            .map(|answer| answer.etag)
+    }
+
+    /// A small object's text and ETag; `None` when there is none.
+    pub fn get_small(
+        &self,
+        uri: &ObjectUri,
+    ) -> Result<Option<(String, Option<String>)>, StoreError> {
+        let mut answer = match self.send("GET", uri, &[], &[], b"") {
+            Ok(answer) => answer,
+            Err(e) if e.failure == Failure::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let etag = answer.etag.clone();
+        let text = read_small(&mut answer).map_err(|e| self.read_failure(e))?;
+        Ok(Some((text, etag)))
+    }
+
+    /// The multipart uploads in progress under `prefix`: (key, upload id).
+    pub fn list_uploads(&self, prefix: &ObjectUri) -> Result<Vec<(String, String)>, StoreError> {
+        let bucket = ObjectUri {
+            bucket: prefix.bucket.clone(),
+            key: String::new(),
+        };
+        let mut uploads = Vec::new();
+        let (mut key_marker, mut id_marker) = (String::new(), String::new());
+        loop {
+            let mut query = vec![("uploads", ""), ("prefix", prefix.key.as_str())];
+            if !key_marker.is_empty() {
+                query.push(("key-marker", key_marker.as_str()));
+                query.push(("upload-id-marker", id_marker.as_str()));
+            }
+            let mut answer = self.send("GET", &bucket, &query, &[], b"")?;
+            let text = read_small(&mut answer).map_err(|e| self.read_failure(e))?;
+            for upload in xml_all(&text, "Upload") {
+                if let (Some(key), Some(id)) =
+                    (xml_text(&upload, "Key"), xml_text(&upload, "UploadId"))
+                {
+                    uploads.push((key, id));
+                }
+            }
+            if xml_text(&text, "IsTruncated").as_deref() != Some("true") {
+                return Ok(uploads);
+            }
+            key_marker = xml_text(&text, "NextKeyMarker").unwrap_or_default();
+            id_marker = xml_text(&text, "NextUploadIdMarker").unwrap_or_default();
+            if key_marker.is_empty() {
+                return Ok(uploads);
+            }
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod config;
+pub mod lease;
 pub mod sigv4;
 pub mod upload;
 pub mod uri;
@@ -17,6 +18,7 @@ use crate::error::raise;
 use client::{Client, Failure, StoreError};
 use uri::{ObjectUri, UriError};
 
+pub use lease::Lease;
 pub use upload::ObjectUpload;
 
 pub const WRITE_ROLE: &str = "stream_export_object_store_write";
@@ -295,6 +297,76 @@ fn register_exit_callback() {
 /// PostgreSQL and never panics.
 unsafe extern "C-unwind" fn abort_uploads_on_exit(_code: libc::c_int, _arg: pg_sys::Datum) {
     let _ = std::panic::catch_unwind(upload::abort_live_uploads);
+    let _ = std::panic::catch_unwind(lease::release_live_leases);
+}
+
+/// Take the lease of `prefix` for an export (see [`lease`]): `55006` when
+/// another export holds it.
+pub fn acquire_lease(client: &Arc<Client>, prefix: &ObjectUri, export_id: &str) -> Lease {
+    register_exit_callback();
+    // SAFETY: reads this backend's pid.
+    let pid = unsafe { pg_sys::MyProcPid };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let ttl = std::time::Duration::from_secs(crate::gucs::OBJECT_LEASE_TTL_S.get().max(2) as u64);
+    match Lease::acquire(client.clone(), prefix, export_id, &format!("pid {pid} on {host}"), ttl) {
+        Ok(lease) => lease,
+        Err(lease::LeaseError::Store(e)) => raise_store_error(&e, "lease", Some(&prefix.join(lease::LEASE))),
+        Err(lease::LeaseError::Held {
+            holder,
+            export_id,
+            expires_at,
+        }) => raise(
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            format!("\"{prefix}\" is being exported to by another export ({holder}, export {export_id})"),
+            Some(&if expires_at > 0 {
+                format!("Wait for it to finish. A lease its holder stopped renewing expires {} seconds after its last renewal (pg_stream_export.object_lease_ttl); it said {expires_at} (Unix time).", ttl.as_secs())
+            } else {
+                "Wait for it to finish.".to_string()
+            }),
+        ),
+    }
+}
+
+/// `55006` when `lease` was lost (taken over after it could not be renewed
+/// in time): nothing more may be committed under the prefix.
+pub fn check_lease(lease: &Lease, prefix: &ObjectUri) {
+    if !lease.is_held() {
+        raise(
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            format!("the export lost its lease on \"{prefix}\""),
+            Some("It could not be renewed in time (pg_stream_export.object_lease_ttl), and another export may have taken the prefix over; export again."),
+        );
+    }
+}
+
+/// With the lease held, remove what exports that died left under `prefix`:
+/// the part objects `keep` does not name, and every multipart upload in
+/// progress. Logs each removal; returns nothing, a failure raises.
+pub fn remove_leftovers(client: &Client, prefix: &ObjectUri, keep: &dyn Fn(&str) -> bool) {
+    let removed = delete_under(client, prefix, "part-", |name| {
+        crate::layout::is_part_file_name(name) && !keep(name)
+    })
+    .unwrap_or_else(|e| raise_store_error(&e, "list", Some(prefix)));
+    for name in removed {
+        pgrx::log!(
+            "pg_stream_export: removed \"{}\" left by an export that did not finish",
+            prefix.join(&name)
+        );
+    }
+    let uploads = client
+        .list_uploads(prefix)
+        .unwrap_or_else(|e| raise_store_error(&e, "list uploads of", Some(prefix)));
+    for (key, upload_id) in uploads {
+        let uri = ObjectUri {
+            bucket: prefix.bucket.clone(),
+            key,
+        };
+        if client.abort_multipart(&uri, &upload_id).is_ok() {
+            pgrx::log!("pg_stream_export: aborted the upload of \"{uri}\" left by an export that did not finish");
+        }
+    }
 }
 
 /// Export `source` to the object `uri`: streamed up in parts, the object
@@ -342,6 +414,15 @@ pub fn raise_upload_error(error: std::io::Error, uri: &ObjectUri) -> ! {
 pub fn raise_if_upload_error(error: &std::io::Error) {
     if let Some(e) = upload::store_error_of(error) {
         raise_store_error(e, "upload", None)
+    }
+}
+
+/// A small JSON object's value; `None` when there is none (or it does not
+/// parse). Other failures raise.
+pub fn read_small_json(client: &Client, uri: &ObjectUri) -> Option<serde_json::Value> {
+    match client.get_small(uri) {
+        Ok(found) => found.and_then(|(text, _)| serde_json::from_str(&text).ok()),
+        Err(e) => raise_store_error(&e, "read", Some(uri)),
     }
 }
 
