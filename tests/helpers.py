@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import threading
 import time
 from pathlib import Path
@@ -78,3 +79,13 @@ def run_in_thread(target):
     thread = threading.Thread(target=wrapper)
     thread.start()
     return thread, result
+
+
+def part_lines(path: Path) -> list[str]:
+    """The record lines of a part file with a footer (gzip or plain)."""
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    lines = data.decode().splitlines()
+    assert lines[-1].startswith('{"_stream_export":')
+    return lines[:-1]

@@ -9,7 +9,6 @@ between two locks, so the test can let exactly one chunk through)."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import pytest
 from psycopg import errors
 
 from conftest import start_cluster, stop_cluster
-from helpers import PeakSampler, run_in_thread, wait_until
+from helpers import PeakSampler, part_lines, run_in_thread, wait_until
 
 GATE_LOCKS = (4200, 4201)
 
@@ -38,15 +37,6 @@ BEGIN
   RETURN true;
 END $$;
 """
-
-
-def part_lines(path: Path) -> list[str]:
-    data = path.read_bytes()
-    if path.name.endswith(".gz"):
-        data = gzip.decompress(data)
-    lines = data.decode().splitlines()
-    assert lines[-1].startswith('{"_stream_export":')
-    return lines[:-1]
 
 
 def exported_lines(directory: Path) -> list[str]:

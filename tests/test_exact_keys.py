@@ -6,13 +6,14 @@ checked: stream_export, the directory export and the chunked export."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
 
 import psycopg
 import pytest
+
+from helpers import part_lines
 
 
 def lines_of(conn, source: str, **options) -> list[str]:
@@ -23,15 +24,6 @@ def lines_of(conn, source: str, **options) -> list[str]:
 
 def expected(conn, source: str) -> list[str]:
     return [r[0] for r in conn.execute(f"SELECT row_to_json(s)::text FROM {source} s ORDER BY id")]
-
-
-def part_lines(path: Path) -> list[str]:
-    data = path.read_bytes()
-    if path.name.endswith(".gz"):
-        data = gzip.decompress(data)
-    lines = data.decode().splitlines()
-    assert lines[-1].startswith('{"_stream_export":')
-    return lines[:-1]
 
 
 def manifest_lines(directory: Path) -> list[str]:

@@ -309,6 +309,24 @@ def test_verify_finds_damaged_objects(conn, store):
         conn.execute("SELECT * FROM stream_export_verify('s3://exports/damage/none.ndjson')")
 
 
+def make_gated_copy(conn, table: str, gate: str) -> None:
+    """A copy of obj_src that the role obj_rls (which may write to object
+    storage) reads through a row security policy calling `gate`."""
+    conn.execute(f"DROP TABLE IF EXISTS {table}; DROP ROLE IF EXISTS obj_rls")
+    conn.execute(f"CREATE TABLE {table} AS SELECT * FROM obj_src")
+    conn.execute(f"ALTER TABLE {table} ADD PRIMARY KEY (id)")
+    conn.execute(f"ANALYZE {table}")
+    conn.execute("CREATE ROLE obj_rls LOGIN IN ROLE stream_export_object_store_write")
+    conn.execute(f"GRANT SELECT ON {table} TO obj_rls")
+    conn.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+    conn.execute(f"CREATE POLICY gate ON {table} USING ({gate}(id))")
+
+
+def drop_gated_copy(conn, table: str) -> None:
+    conn.execute(f"DROP TABLE {table}")
+    conn.execute("DROP ROLE obj_rls")
+
+
 class GatedExport:
     """An export of obj_src that stops at row 150,000 (after several parts
     went up) on an advisory lock the test holds."""
@@ -443,14 +461,7 @@ def test_a_failed_directory_export_leaves_no_objects(cluster, conn, store):
     """One partition done and uploaded, the other stopped at a gate (a row
     security policy, so the workers meet it too): a cancel of the leader
     removes the finished part and aborts the unfinished upload."""
-    conn.execute("DROP TABLE IF EXISTS obj_gated; DROP ROLE IF EXISTS obj_rls")
-    conn.execute("CREATE TABLE obj_gated AS SELECT * FROM obj_src")
-    conn.execute("ALTER TABLE obj_gated ADD PRIMARY KEY (id)")
-    conn.execute("ANALYZE obj_gated")
-    conn.execute("CREATE ROLE obj_rls LOGIN IN ROLE stream_export_object_store_write")
-    conn.execute("GRANT SELECT ON obj_gated TO obj_rls")
-    conn.execute("ALTER TABLE obj_gated ENABLE ROW LEVEL SECURITY")
-    conn.execute("CREATE POLICY gate ON obj_gated USING (worker_gate(id))")
+    make_gated_copy(conn, "obj_gated", "worker_gate")
     holder = cluster.connect()
     exporter = psycopg.connect(cluster.dsn(user="obj_rls"), autocommit=True)
     try:
@@ -469,8 +480,7 @@ def test_a_failed_directory_export_leaves_no_objects(cluster, conn, store):
         stop_sessions_of(holder, "obj_rls")
         holder.close()
         exporter.close()
-        conn.execute("DROP TABLE obj_gated")
-        conn.execute("DROP ROLE obj_rls")
+        drop_gated_copy(conn, "obj_gated")
 
 
 def chunk_lines(store: Store, prefix: str) -> list[str]:
@@ -505,13 +515,7 @@ def test_chunked_export_to_a_prefix_resumes_after_a_cancel(cluster, conn, store)
     """Chunks of 60,000 rows; a row security policy stops the export at
     row 150,000 (chunk 2). After a cancel the journal objects list chunks 0
     and 1; the next CALL does the rest."""
-    conn.execute("DROP TABLE IF EXISTS obj_chunks; DROP ROLE IF EXISTS obj_rls")
-    conn.execute("CREATE TABLE obj_chunks AS SELECT * FROM obj_src")
-    conn.execute("ALTER TABLE obj_chunks ADD PRIMARY KEY (id)")
-    conn.execute("CREATE ROLE obj_rls LOGIN IN ROLE stream_export_object_store_write")
-    conn.execute("GRANT SELECT ON obj_chunks TO obj_rls")
-    conn.execute("ALTER TABLE obj_chunks ENABLE ROW LEVEL SECURITY")
-    conn.execute("CREATE POLICY gate ON obj_chunks USING (upload_gate(id))")
+    make_gated_copy(conn, "obj_chunks", "upload_gate")
     holder = cluster.connect()
     exporter = psycopg.connect(cluster.dsn(user="obj_rls"), autocommit=True)
     call = "CALL stream_export_chunked('obj_chunks', 's3://exports/resume/', 'id', chunk_rows => 60000)"
@@ -545,8 +549,7 @@ def test_chunked_export_to_a_prefix_resumes_after_a_cancel(cluster, conn, store)
         stop_sessions_of(holder, "obj_rls")
         holder.close()
         exporter.close()
-        conn.execute("DROP TABLE obj_chunks")
-        conn.execute("DROP ROLE obj_rls")
+        drop_gated_copy(conn, "obj_chunks")
 
 
 def test_errors_have_their_sqlstates(conn, store, aws_dir):
@@ -899,13 +902,7 @@ def test_one_export_per_prefix_and_leftovers_are_removed(cluster, conn, store):
     here every second); a second chunked or directory export to the prefix
     gets 55006 and writes nothing. The next export to hold the lease removes
     what dead exports left: a stray part object and a multipart upload."""
-    conn.execute("DROP TABLE IF EXISTS obj_leased; DROP ROLE IF EXISTS obj_rls")
-    conn.execute("CREATE TABLE obj_leased AS SELECT * FROM obj_src")
-    conn.execute("ALTER TABLE obj_leased ADD PRIMARY KEY (id)")
-    conn.execute("CREATE ROLE obj_rls LOGIN IN ROLE stream_export_object_store_write")
-    conn.execute("GRANT SELECT ON obj_leased TO obj_rls")
-    conn.execute("ALTER TABLE obj_leased ENABLE ROW LEVEL SECURITY")
-    conn.execute("CREATE POLICY gate ON obj_leased USING (upload_gate(id))")
+    make_gated_copy(conn, "obj_leased", "upload_gate")
     holder = cluster.connect()
     exporter = psycopg.connect(cluster.dsn(user="obj_rls"), autocommit=True)
     call = "CALL stream_export_chunked('obj_leased', 's3://exports/leased/', 'id', chunk_rows => 60000)"
@@ -949,22 +946,14 @@ def test_one_export_per_prefix_and_leftovers_are_removed(cluster, conn, store):
         stop_sessions_of(holder, "obj_rls")
         holder.close()
         exporter.close()
-        conn.execute("DROP TABLE obj_leased")
-        conn.execute("DROP ROLE obj_rls")
+        drop_gated_copy(conn, "obj_leased")
 
 
 def test_a_terminated_directory_export_leaves_nothing_for_long(cluster, conn, store):
     """A directory export whose leader is terminated (no destructor runs)
     releases its lease at exit; the part its workers had put is removed by
     the next export to the prefix."""
-    conn.execute("DROP TABLE IF EXISTS obj_dir_gated; DROP ROLE IF EXISTS obj_rls")
-    conn.execute("CREATE TABLE obj_dir_gated AS SELECT * FROM obj_src")
-    conn.execute("ALTER TABLE obj_dir_gated ADD PRIMARY KEY (id)")
-    conn.execute("ANALYZE obj_dir_gated")
-    conn.execute("CREATE ROLE obj_rls LOGIN IN ROLE stream_export_object_store_write")
-    conn.execute("GRANT SELECT ON obj_dir_gated TO obj_rls")
-    conn.execute("ALTER TABLE obj_dir_gated ENABLE ROW LEVEL SECURITY")
-    conn.execute("CREATE POLICY gate ON obj_dir_gated USING (worker_gate(id))")
+    make_gated_copy(conn, "obj_dir_gated", "worker_gate")
     holder = cluster.connect()
     exporter = psycopg.connect(cluster.dsn(user="obj_rls"), autocommit=True)
     try:
@@ -994,5 +983,4 @@ def test_a_terminated_directory_export_leaves_nothing_for_long(cluster, conn, st
         stop_sessions_of(holder, "obj_rls")
         holder.close()
         exporter.close()
-        conn.execute("DROP TABLE obj_dir_gated")
-        conn.execute("DROP ROLE obj_rls")
+        drop_gated_copy(conn, "obj_dir_gated")

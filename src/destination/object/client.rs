@@ -655,6 +655,16 @@ mod unit_tests {
         (endpoint, listener)
     }
 
+    /// Accept one connection and keep it open, unanswered, for a while
+    /// (longer than any test waits for a stop).
+    fn hold_one_connection(listener: std::net::TcpListener) -> JoinHandle<()> {
+        std::thread::spawn(move || {
+            let (socket, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(5));
+            drop(socket);
+        })
+    }
+
     fn client_of(endpoint: &str, timeouts: Timeouts) -> Client {
         Client::new(
             StoreConfig {
@@ -684,11 +694,7 @@ mod unit_tests {
     #[test]
     fn a_stop_ends_a_stalled_request_at_once() {
         let (endpoint, listener) = silent_store();
-        let hold = std::thread::spawn(move || {
-            let (socket, _) = listener.accept().unwrap();
-            std::thread::sleep(Duration::from_secs(5));
-            drop(socket);
-        });
+        let hold = hold_one_connection(listener);
         let long = Timeouts {
             connect: Duration::from_secs(60),
             io: Duration::from_secs(60),
@@ -747,11 +753,7 @@ mod unit_tests {
         use std::sync::atomic::AtomicBool;
         static WANTED: AtomicBool = AtomicBool::new(false);
         let (endpoint, listener) = silent_store();
-        let hold = std::thread::spawn(move || {
-            let (socket, _) = listener.accept().unwrap();
-            std::thread::sleep(Duration::from_secs(5));
-            drop(socket);
-        });
+        let hold = hold_one_connection(listener);
         let long = Timeouts {
             connect: Duration::from_secs(60),
             io: Duration::from_secs(60),
