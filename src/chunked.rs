@@ -734,10 +734,21 @@ pub fn export_chunked(
             client: object::session_client(),
         },
     };
-    // The claim (under a prefix: its lease) comes first, so that nothing
-    // here is read or removed while another export writes.
-    let claim = place.claim(overwrite);
-    place.refuse_finished(overwrite);
+    // Under a prefix the claim (its lease) comes first, so that nothing
+    // there is read or removed while another export writes; a server
+    // directory's finished export is named (and its stale journal
+    // removed) before the claim on its manifest.
+    let claim = match place {
+        Place::Prefix { .. } => {
+            let claim = place.claim(overwrite);
+            place.refuse_finished(overwrite);
+            claim
+        }
+        Place::Server(_) => {
+            place.refuse_finished(overwrite);
+            place.claim(overwrite)
+        }
+    };
     let mut tally = Tally::default();
     let mut missing: Option<String> = None;
     let present = place.parts_present();
