@@ -309,6 +309,14 @@ def test_verify_finds_damaged_objects(conn, store):
         conn.execute("SELECT * FROM stream_export_verify('s3://exports/damage/none.ndjson')")
 
 
+def wait_at_gate(holder, pid: int | None = None) -> None:
+    """Wait until an exporter (`pid`, or any backend) waits at the gate
+    (upload_gate or worker_gate: advisory lock 4300, which `holder` holds)."""
+    wait_until(lambda: holder.execute(
+        "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4300 AND NOT granted"
+        " AND (%s::int IS NULL OR pid = %s)", [pid, pid]).fetchone())
+
+
 def make_gated_copy(conn, table: str, gate: str) -> None:
     """A copy of obj_src that the role obj_rls (which may write to object
     storage) reads through a row security policy calling `gate`."""
@@ -342,9 +350,7 @@ class GatedExport:
         self.thread, self.result = run_in_thread(lambda: self.exporter.execute(
             "SELECT * FROM stream_export_to_file("
             "'SELECT * FROM obj_src WHERE upload_gate(id)', %s)", [uri]).fetchall())
-        wait_until(lambda: self.holder.execute(
-            "SELECT 1 FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND objid = 4300 AND NOT granted",
-            [self.pid]).fetchone())
+        wait_at_gate(self.holder, self.pid)
 
     def release(self) -> None:
         self.holder.execute("SELECT pg_advisory_unlock(4300)")
@@ -469,8 +475,7 @@ def test_a_failed_directory_export_leaves_no_objects(cluster, conn, store):
         exporter.execute("SET pg_stream_export.object_part_size = '5MB'")
         thread, result = run_in_thread(lambda: exporter.execute(
             "SELECT * FROM stream_export_to_directory('obj_gated', 's3://exports/failed/', 'id', 2)").fetchall())
-        wait_until(lambda: holder.execute(
-            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4300 AND NOT granted").fetchone())
+        wait_at_gate(holder)
         wait_until(lambda: [k for k in part_objects(store, "failed/") if "/part-" in k])
         holder.execute("SELECT pg_cancel_backend(%s)", [exporter.info.backend_pid])
         thread.join()
@@ -526,8 +531,7 @@ def test_chunked_export_to_a_prefix_resumes_after_a_cancel(cluster, conn, store)
     try:
         holder.execute("SELECT pg_advisory_lock(4300)")
         thread, result = run_in_thread(lambda: exporter.execute(call))
-        wait_until(lambda: holder.execute(
-            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4300 AND NOT granted").fetchone())
+        wait_at_gate(holder)
         holder.execute("SELECT pg_cancel_backend(%s)", [exporter.info.backend_pid])
         thread.join()
         assert isinstance(result.get("error"), errors.QueryCanceled), result
@@ -912,8 +916,7 @@ def test_one_export_per_prefix_and_leftovers_are_removed(cluster, conn, store):
     try:
         holder.execute("SELECT pg_advisory_lock(4300)")
         thread, result = run_in_thread(lambda: exporter.execute(call))
-        wait_until(lambda: holder.execute(
-            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4300 AND NOT granted").fetchone())
+        wait_at_gate(holder)
         lease, etag = lease_of(store, "leased/")
         assert f"pid {exporter.info.backend_pid} " in lease["holder"]
         # Renewed while it runs: the lease object changes, twice.
@@ -962,8 +965,7 @@ def test_a_terminated_directory_export_leaves_nothing_for_long(cluster, conn, st
         thread, result = run_in_thread(lambda: exporter.execute(
             "SELECT * FROM stream_export_to_directory('obj_dir_gated', 's3://exports/terminated/', 'id', 2)"
         ).fetchall())
-        wait_until(lambda: holder.execute(
-            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4300 AND NOT granted").fetchone())
+        wait_at_gate(holder)
         wait_until(lambda: [k for k in part_objects(store, "terminated/") if "/part-" in k])
         holder.execute("SELECT pg_terminate_backend(%s)", [exporter.info.backend_pid])
         thread.join()
