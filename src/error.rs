@@ -12,3 +12,200 @@ pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: Option<&str
     report.report(PgLogLevel::ERROR);
     unreachable!("an ERROR report does not return")
 }
+
+/// The fields of an error that the SQL layer passes on: what a directory
+/// worker carries back to its leader.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+    pub context: Option<String>,
+}
+
+/// Raise an ERROR with every field of `fields`, CONTEXT included.
+pub fn raise_with_fields(code: PgSqlErrorCode, fields: ErrorFields) -> ! {
+    let mut report = ErrorReport::new(code, fields.message.clone(), "pg_stream_export");
+    if let Some(detail) = &fields.detail {
+        report = report.set_detail(detail.clone());
+    }
+    if let Some(hint) = &fields.hint {
+        report = report.set_hint(hint.clone());
+    }
+    if let Some(context) = fields.context.filter(|context| !context.is_empty()) {
+        context_lines::attach(code as i32, fields.message, context);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("an ERROR report does not return")
+}
+
+/// PostgreSQL's CONTEXT lines for errors raised inside the source query.
+///
+/// PostgreSQL builds CONTEXT while it raises an error, from the callbacks
+/// on `error_context_stack` (PL/pgSQL's "function f() line 3", SQL
+/// functions, ...). pgrx turns every error it traps into a Rust panic that
+/// keeps the message, DETAIL and HINT but not CONTEXT, and raises it again
+/// where the SQL function returns. A [`Keeper`] puts one callback of ours
+/// under the source's callbacks while the source runs: on the first raise
+/// it records the CONTEXT built so far (with the error's code and message);
+/// when pgrx raises the same error again it is still on the stack (it is
+/// left there while the error unwinds) and adds those lines back.
+pub mod context_lines {
+    use pgrx::pg_sys;
+    use std::cell::RefCell;
+    use std::ffi::{c_char, c_int, CStr};
+
+    struct Recorded {
+        code: i32,
+        message: String,
+        context: String,
+    }
+
+    thread_local! {
+        /// The last ERROR seen with CONTEXT under a keeper (backends run
+        /// one thread: this is per backend).
+        static RECORDED: RefCell<Option<Recorded>> = const { RefCell::new(None) };
+    }
+
+    unsafe extern "C-unwind" {
+        // Variadic, so not in pgrx's bindings.
+        fn errcontext_msg(fmt: *const c_char, ...) -> c_int;
+    }
+
+    /// Keeps the source's CONTEXT while it lives (see the module).
+    pub struct Keeper {
+        callback: *mut pg_sys::ErrorContextCallback,
+    }
+
+    /// Start keeping CONTEXT for errors raised until the keeper drops.
+    pub fn keep() -> Keeper {
+        Keeper { callback: push() }
+    }
+
+    /// Record `context` for the next raise of (`code`, `message`) and make
+    /// sure a callback will add it.
+    pub fn attach(code: i32, message: String, context: String) {
+        RECORDED.with(|recorded| {
+            *recorded.borrow_mut() = Some(Recorded {
+                code,
+                message,
+                context,
+            })
+        });
+        // Left on the stack: the raise that follows unwinds past it.
+        let _ = push();
+    }
+
+    /// The CONTEXT recorded for the error (`code`, `message`), if any: for
+    /// a caller that catches the error and reports it elsewhere.
+    pub fn recorded_for(code: i32, message: &str) -> Option<String> {
+        RECORDED.with(|recorded| {
+            recorded
+                .borrow()
+                .as_ref()
+                .filter(|r| r.code == code && r.message == message)
+                .map(|r| r.context.clone())
+        })
+    }
+
+    fn push() -> *mut pg_sys::ErrorContextCallback {
+        // SAFETY: backends are single-threaded and this runs on the main
+        // thread; the callback is heap-allocated, so it stays valid
+        // wherever the stack is restored to.
+        unsafe {
+            let callback = Box::into_raw(Box::new(pg_sys::ErrorContextCallback {
+                previous: pg_sys::error_context_stack,
+                callback: Some(add_or_record),
+                arg: std::ptr::null_mut(),
+            }));
+            pg_sys::error_context_stack = callback;
+            callback
+        }
+    }
+
+    impl Drop for Keeper {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                // An error is unwinding: pgrx raises it again above us and
+                // the callback must still be there. It is not freed (a few
+                // bytes per error): a saved stack may still point at it.
+                return;
+            }
+            // SAFETY: main thread; the callback is ours, popped the way
+            // PostgreSQL pops one (by its `previous`) only while it is on
+            // the current stack, then freed: nothing else points at it,
+            // since no stack saved after the push outlives this frame.
+            unsafe {
+                let mut entry = pg_sys::error_context_stack;
+                while !entry.is_null() && entry != self.callback {
+                    entry = (*entry).previous;
+                }
+                if entry == self.callback {
+                    pg_sys::error_context_stack = (*self.callback).previous;
+                }
+                drop(Box::from_raw(self.callback));
+            }
+        }
+    }
+
+    /// The callback: called by PostgreSQL for every report while it is on
+    /// the stack, with the report being built on top of the error data stack.
+    unsafe extern "C-unwind" fn add_or_record(_arg: *mut std::ffi::c_void) {
+        // SAFETY: called from errfinish with a report in progress, so
+        // CopyErrorData copies it (into a context other than ErrorContext,
+        // as it requires); errcontext_msg appends to that same report.
+        unsafe {
+            let previous = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+            let data = pg_sys::CopyErrorData();
+            pg_sys::MemoryContextSwitchTo(previous);
+            if (*data).elevel >= pgrx::PgLogLevel::ERROR as c_int {
+                let text = |ptr: *const c_char| {
+                    (!ptr.is_null()).then(|| CStr::from_ptr(ptr).to_string_lossy().into_owned())
+                };
+                let code = (*data).sqlerrcode;
+                let message = text((*data).message).unwrap_or_default();
+                let context = text((*data).context);
+                let context = context.filter(|context| !context.is_empty());
+                let same_error = |r: &Recorded| r.code == code && r.message == message;
+                match context {
+                    // pgrx raising it again: nothing above us has added a
+                    // line, so add what PostgreSQL first built.
+                    None => {
+                        let lines = RECORDED.with(|recorded| {
+                            recorded
+                                .borrow()
+                                .as_ref()
+                                .filter(|r| same_error(r))
+                                .map(|r| {
+                                    std::ffi::CString::new(r.context.as_str()).unwrap_or_default()
+                                })
+                        });
+                        if let Some(lines) = lines {
+                            errcontext_msg(c"%s".as_ptr(), lines.as_ptr());
+                        }
+                    }
+                    // A raise with its CONTEXT built (or our lines already
+                    // added by a keeper above): record it, replacing an
+                    // earlier error's. Errors without CONTEXT leave the
+                    // record alone, so one raised while another unwinds does
+                    // not lose it.
+                    Some(context) => RECORDED.with(|recorded| {
+                        let mut recorded = recorded.borrow_mut();
+                        let known = recorded
+                            .as_ref()
+                            .is_some_and(|r| same_error(r) && context.contains(&r.context));
+                        if !known {
+                            let message = message.clone();
+                            *recorded = Some(Recorded {
+                                code,
+                                message,
+                                context,
+                            });
+                        }
+                    }),
+                }
+            }
+            pg_sys::FreeErrorData(data);
+        }
+    }
+}

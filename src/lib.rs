@@ -2,7 +2,7 @@
 //!
 //! The `#[pg_extern]` layer lives in [`api`]; everything it calls is either
 //! pure Rust (unit-tested without a server) or one of the few modules that
-//! talk to PostgreSQL through `pg_sys` ([`scan`], [`source`]).
+//! talk to PostgreSQL through `pg_sys` ([`scan`], [`source`], [`error`]).
 
 mod activity;
 mod api;

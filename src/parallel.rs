@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use crate::activity::{Description, Tracked};
 use crate::destination::file::{Directory, Written};
 use crate::destination::{ExportDirectory, ManifestClaim};
-use crate::error::raise;
+use crate::error::{context_lines, raise, raise_with_fields, ErrorFields};
 use crate::layout::{new_export_id, part_name};
 use crate::options::{BatchSize, Compression, ExportOptions, RawOptions};
 use crate::source::Source;
@@ -41,6 +41,7 @@ const RUNNING: u32 = 1;
 const DONE: u32 = 2;
 const FAILED: u32 = 3;
 const MESSAGE_BYTES: usize = 480;
+const CONTEXT_BYTES: usize = 1024;
 
 /// The fixed start of the shared segment.
 #[repr(C)]
@@ -54,27 +55,59 @@ struct Header {
     guc_len: u64,
 }
 
-/// An error: SQLSTATE and message.
+/// One text field of an error, truncated to `N` bytes (empty is none).
+#[repr(C)]
+struct SlotText<const N: usize> {
+    len: u32,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> SlotText<N> {
+    fn set(&mut self, text: &[u8]) {
+        let len = text.len().min(N);
+        self.bytes[..len].copy_from_slice(&text[..len]);
+        self.len = len as u32;
+    }
+
+    fn get(&self) -> Option<String> {
+        let len = (self.len as usize).min(N);
+        (len > 0).then(|| String::from_utf8_lossy(&self.bytes[..len]).into_owned())
+    }
+}
+
+fn optional_bytes(text: &Option<String>) -> &[u8] {
+    text.as_deref().unwrap_or("").as_bytes()
+}
+
+/// An error: SQLSTATE, message, DETAIL, HINT and CONTEXT, so the leader
+/// raises what the worker saw.
 #[repr(C)]
 struct ErrorSlot {
     sqlstate: i32,
-    message_len: u32,
-    message: [u8; MESSAGE_BYTES],
+    message: SlotText<MESSAGE_BYTES>,
+    detail: SlotText<MESSAGE_BYTES>,
+    hint: SlotText<MESSAGE_BYTES>,
+    context: SlotText<CONTEXT_BYTES>,
 }
 
 impl ErrorSlot {
-    fn set(&mut self, code: i32, message: &[u8]) {
-        let len = message.len().min(MESSAGE_BYTES);
-        self.message[..len].copy_from_slice(&message[..len]);
-        self.message_len = len as u32;
+    fn set(&mut self, code: i32, fields: &ErrorFields) {
+        self.message.set(fields.message.as_bytes());
+        self.detail.set(optional_bytes(&fields.detail));
+        self.hint.set(optional_bytes(&fields.hint));
+        self.context.set(optional_bytes(&fields.context));
         self.sqlstate = code;
     }
 
-    fn get(&self) -> (PgSqlErrorCode, String) {
-        let len = (self.message_len as usize).min(MESSAGE_BYTES);
+    fn get(&self) -> (PgSqlErrorCode, ErrorFields) {
         (
             PgSqlErrorCode::from(self.sqlstate),
-            String::from_utf8_lossy(&self.message[..len]).into_owned(),
+            ErrorFields {
+                message: self.message.get().unwrap_or_default(),
+                detail: self.detail.get(),
+                hint: self.hint.get(),
+                context: self.context.get(),
+            },
         )
     }
 }
@@ -186,12 +219,17 @@ unsafe extern "C-unwind" fn capture_worker_error(edata: *mut pg_sys::ErrorData) 
             && (*edata).elevel >= pgrx::PgLogLevel::ERROR as i32
             && (*slot).has_error.load(Ordering::Acquire) == 0
         {
-            let message = if (*edata).message.is_null() {
-                &b"unknown error"[..]
-            } else {
-                std::ffi::CStr::from_ptr((*edata).message).to_bytes()
+            let text = |ptr: *const std::ffi::c_char| {
+                (!ptr.is_null())
+                    .then(|| std::ffi::CStr::from_ptr(ptr).to_string_lossy().into_owned())
             };
-            (*slot).error.set((*edata).sqlerrcode, message);
+            let fields = ErrorFields {
+                message: text((*edata).message).unwrap_or_else(|| "unknown error".into()),
+                detail: text((*edata).detail),
+                hint: text((*edata).hint),
+                context: text((*edata).context),
+            };
+            (*slot).error.set((*edata).sqlerrcode, &fields);
             (*slot).has_error.store(1, Ordering::Release);
         }
         if let Some(previous) = PREVIOUS_EMIT_LOG_HOOK {
@@ -405,16 +443,27 @@ fn run_partition(config: &Value, index: usize, slot: *mut Slot) -> bool {
         Ok(written)
     })
     .catch_others(|error| {
-        let (code, message) = match &error {
+        let (code, fields) = match &error {
             pgrx::pg_sys::panic::CaughtError::PostgresError(report)
             | pgrx::pg_sys::panic::CaughtError::ErrorReport(report)
             | pgrx::pg_sys::panic::CaughtError::RustPanic {
                 ereport: report, ..
-            } => (report.sql_error_code(), report.message().to_string()),
+            } => (
+                report.sql_error_code(),
+                ErrorFields {
+                    message: report.message().to_string(),
+                    detail: report.detail().map(str::to_string),
+                    hint: report.hint().map(str::to_string),
+                    context: context_lines::recorded_for(
+                        report.sql_error_code() as i32,
+                        report.message(),
+                    ),
+                },
+            ),
         };
         // SAFETY: clean up the failed transaction before recording.
         unsafe { pg_sys::AbortCurrentTransaction() };
-        Err((code, message))
+        Err((code, fields))
     })
     .execute();
     // SAFETY: this worker owns the slot; the state is published last.
@@ -434,13 +483,20 @@ fn run_partition(config: &Value, index: usize, slot: *mut Slot) -> bool {
                 (*slot).state.store(DONE, Ordering::Release);
                 true
             }
-            Err((code, message)) => {
-                (*slot).error.set(code as i32, message.as_bytes());
+            Err((code, fields)) => {
+                (*slot).error.set(code as i32, &fields);
                 (*slot).state.store(FAILED, Ordering::Release);
                 false
             }
         }
     }
+}
+
+/// Raise a worker's error in the leader, its message prefixed by `what`,
+/// with the worker's DETAIL, HINT and CONTEXT.
+fn raise_worker_error(code: PgSqlErrorCode, fields: ErrorFields, what: &str) -> ! {
+    let message = format!("{what}: {}", fields.message);
+    raise_with_fields(code, ErrorFields { message, ..fields })
 }
 
 /// What the leader returns.
@@ -824,8 +880,8 @@ fn wait_for_partitions(leader: &Leader, partitions: usize, started: usize, track
                 DONE => done += 1,
                 FAILED => {
                     // SAFETY: a FAILED slot's error is published.
-                    let (code, message) = unsafe { (*slot).error.get() };
-                    raise(code, format!("partition {index} failed: {message}"), None);
+                    let (code, fields) = unsafe { (*slot).error.get() };
+                    raise_worker_error(code, fields, &format!("partition {index} failed"));
                 }
                 _ => {}
             }
@@ -853,23 +909,18 @@ fn wait_for_partitions(leader: &Leader, partitions: usize, started: usize, track
                 && unsafe { (*shared.slot(partition as usize)).state.load(Ordering::Acquire) }
                     == RUNNING;
             if unfinished {
-                let (code, message) = error.unwrap_or((
+                let (code, fields) = error.unwrap_or((
                     PgSqlErrorCode::ERRCODE_SYSTEM_ERROR,
-                    "its worker exited without reporting an error".into(),
+                    ErrorFields {
+                        message: "its worker exited without reporting an error".into(),
+                        ..ErrorFields::default()
+                    },
                 ));
-                raise(
-                    code,
-                    format!("partition {partition} failed: {message}"),
-                    None,
-                );
+                raise_worker_error(code, fields, &format!("partition {partition} failed"));
             }
-            if let Some((code, message)) = error {
+            if let Some((code, fields)) = error {
                 if partition < 0 {
-                    raise(
-                        code,
-                        format!("a partition worker could not start: {message}"),
-                        None,
-                    );
+                    raise_worker_error(code, fields, "a partition worker could not start");
                 }
             }
         }

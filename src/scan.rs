@@ -85,6 +85,8 @@ pub fn row_context() -> pg_sys::MemoryContext {
 
 /// Run `body` inside an SPI connection.
 pub fn with_spi<R>(body: impl FnOnce() -> R) -> R {
+    // The body's queries may run the source's functions.
+    let _context = crate::error::context_lines::keep();
     // SAFETY: SPI_connect/SPI_finish bracket the body; an ERROR raised in the
     // body aborts the transaction, whose cleanup (AtEOXact_SPI) closes the
     // connection, so no unbalanced state survives.
@@ -197,6 +199,7 @@ impl Cursor {
                 Some("an export source query must be a single read-only statement"),
             )
         };
+        let _context = crate::error::context_lines::keep();
         // SAFETY: the raw tree and text belong to the running statement;
         // the tree is copied before analysis (which may scribble on it).
         // Analysis, rewriting and planning raise their own errors; the plan
@@ -311,6 +314,8 @@ impl Cursor {
             on_row: (&mut on_row as *mut &mut RowCallback).cast(),
             row_cxt: self.row_cxt,
         };
+        // Errors raised by the source keep their CONTEXT.
+        let _context = crate::error::context_lines::keep();
         // SAFETY: the portal is a live, ready SELECT portal of this
         // transaction; PortalRunFetch runs it forward into our receiver,
         // which lives on this stack frame for the whole call. Errors unwind
@@ -395,6 +400,8 @@ pub fn select_first_row<T>(
     args: &[pgrx::datum::DatumWithOid<'_>],
     read: impl FnOnce(pgrx::spi::SpiHeapTupleData<'_>) -> pgrx::spi::SpiResult<T>,
 ) -> Option<T> {
+    // The query may run the source (the NULL-key probe, plan bounds).
+    let _context = crate::error::context_lines::keep();
     pgrx::spi::Spi::connect(|client| {
         let table = client.select(sql, Some(1), args)?;
         if table.is_empty() {

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -278,6 +279,87 @@ def test_errors_of_the_source_carry_no_rust_backtrace(alone):
     assert "division by zero" in log
     for mark in ("stack backtrace", "std::backtrace", "rust_begin_unwind", "pgrx_pg_sys::"):
         assert mark not in log, log[-3000:]
+
+
+CHECKING_FUNCTION = """
+CREATE OR REPLACE FUNCTION pse_check_row(g int) RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+    -- pse.leader: a backend that does not raise (a directory export's leader).
+    IF g = 1500 AND pg_backend_pid() <> coalesce(nullif(current_setting('pse.leader', true), ''), '0')::int THEN
+        RAISE EXCEPTION 'row % is bad', g
+            USING ERRCODE = 'check_violation', DETAIL = 'found by the check',
+                  HINT = 'fix row ' || g;
+    END IF;
+    RETURN g;
+END $$
+"""
+CHECKED_QUERY = "SELECT g AS id, pse_check_row(g) AS v FROM generate_series(1, 2000) g"
+
+
+def all_fields(err: psycopg.Error):
+    d = err.diag
+    return (d.sqlstate, d.message_primary, d.message_detail, d.message_hint, d.context)
+
+
+def test_errors_of_the_source_keep_every_field_postgresql_gives(alone, server_dir):
+    # A PL/pgSQL function in the source raises past the first batch: every
+    # entry point reports the SQLSTATE, message, DETAIL, HINT and CONTEXT
+    # PostgreSQL itself reports for the same query, whatever the server's
+    # RUST_BACKTRACE says.
+    with alone.connect() as c:
+        c.execute(CHECKING_FUNCTION)
+        with pytest.raises(psycopg.errors.CheckViolation) as err:
+            c.execute(CHECKED_QUERY).fetchall()
+        expected = all_fields(err.value)
+        assert "PL/pgSQL function pse_check_row(integer)" in (expected[4] or ""), expected
+        q = CHECKED_QUERY.replace("'", "''")
+        statements = [
+            f"SELECT count(*) FROM stream_export('{q}')",
+            f"SELECT length(stream_export_bytes('{q}'))",
+            f"SELECT * FROM stream_export_to_file('{q}', '{server_dir}/one.ndjson')",
+            f"SELECT * FROM stream_export_to_file('{q}', '{server_dir}/one.ndjson.gz', compression => 'gzip')",
+            f"COPY ({CHECKED_QUERY}) TO STDOUT (FORMAT ndjson)",
+            f"SELECT * FROM stream_export('{q}', key => 'id', batch_size => 100)",
+        ]
+        for sql in statements:
+            with pytest.raises(psycopg.Error) as err:
+                if sql.startswith("COPY"):
+                    with c.cursor().copy(sql) as copy:
+                        for _ in copy:
+                            pass
+                else:
+                    c.execute(sql).fetchall()
+            assert all_fields(err.value) == expected, sql
+        # A directory export raises its worker's error in the leader, naming
+        # the partition, with the same fields.
+        target = server_dir / "dir"
+        target.mkdir()
+        shutil.chown(target, "postgres", "postgres")
+        directory = f"SELECT * FROM stream_export_to_directory('{q}', '{target}', 'id', 2)"
+        c.execute("SELECT set_config('pse.leader', pg_backend_pid()::text, false)")
+        with pytest.raises(psycopg.errors.CheckViolation) as err:
+            c.execute(directory)
+        code, message, detail, hint, context = all_fields(err.value)
+        assert (code, detail, hint, context) == (expected[0], expected[2], expected[3], expected[4])
+        assert message.startswith("partition ") and message.endswith(": " + expected[1]), message
+        assert list(target.iterdir()) == []
+        # Raised in the leader (by the query that plans the partitions), the
+        # CONTEXT goes on with the statement SPI ran, as PostgreSQL reports it.
+        c.execute("RESET pse.leader")
+        with pytest.raises(psycopg.errors.CheckViolation) as err:
+            c.execute(directory)
+        code, message, detail, hint, context = all_fields(err.value)
+        assert (code, message, detail, hint) == expected[:4]
+        assert context.startswith(expected[4] + "\nSQL statement "), context
+        assert list(target.iterdir()) == []
+        # The backend goes on; neither an error of our own nor the same error
+        # raised elsewhere carries the CONTEXT recorded for an earlier one.
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as err:
+            c.execute(f"SELECT count(*) FROM stream_export('{q}', batch_size => -1)")
+        assert err.value.diag.context is None
+        with pytest.raises(psycopg.errors.CheckViolation) as err:
+            c.execute(f"SELECT count(*) FROM stream_export('{q}')")
+        assert all_fields(err.value) == expected
 
 
 # --- NULL arguments and limits ------------------------------------------------
