@@ -315,8 +315,9 @@ fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
                             )
                         })
             }
-            // SAFETY: defGetInt32 raises on bad values.
             "compression_level" => {
+                // SAFETY: `def` is a DefElem of the parsed statement;
+                // defGetInt32 raises on bad values.
                 options.compression_level = Some(unsafe { pg_sys::defGetInt32(def) })
             }
             "footer" => options.footer = option_bool(def),

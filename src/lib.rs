@@ -4,6 +4,8 @@
 //! pure Rust (unit-tested without a server) or one of the few modules that
 //! talk to PostgreSQL through `pg_sys` ([`scan`], [`source`], [`error`]).
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod activity;
 mod api;
 mod chunked;

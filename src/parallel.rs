@@ -259,8 +259,8 @@ pub extern "C-unwind" fn pg_stream_export_part_worker(argument: pg_sys::Datum) {
         // The leader is gone already.
         return;
     }
-    // SAFETY: an attached segment's address stays valid until detach.
     let shared = Shared {
+        // SAFETY: an attached segment's address stays valid until detach.
         base: unsafe { pg_sys::dsm_segment_address(segment) }.cast(),
     };
     if worker_index >= shared.header().workers as usize {

@@ -306,6 +306,7 @@ impl Directory {
     /// Flush the directory entry changes, when the server flushes files.
     pub fn sync(&self) -> io::Result<()> {
         if flush_enabled() {
+            // SAFETY: fsync of a descriptor this value owns.
             cvt(unsafe { libc::fsync(self.fd()) })?;
         }
         Ok(())
