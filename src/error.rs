@@ -55,6 +55,7 @@ pub mod context_lines {
     use std::cell::RefCell;
     use std::ffi::{c_char, c_int, CStr};
 
+    #[derive(Clone)]
     struct Recorded {
         code: i32,
         message: String,
@@ -62,9 +63,9 @@ pub mod context_lines {
     }
 
     thread_local! {
-        /// The last ERROR seen with CONTEXT under a keeper (backends run
-        /// one thread: this is per backend).
-        static RECORDED: RefCell<Option<Recorded>> = const { RefCell::new(None) };
+        /// The last ERROR seen with CONTEXT under any keeper (backends run
+        /// one thread: this is per backend), for [`recorded_for`].
+        static LAST: RefCell<Option<Recorded>> = const { RefCell::new(None) };
     }
 
     unsafe extern "C-unwind" {
@@ -72,54 +73,65 @@ pub mod context_lines {
         fn errcontext_msg(fmt: *const c_char, ...) -> c_int;
     }
 
+    /// One callback on `error_context_stack` with what it saw. Each keeps
+    /// its own record: with exports nested (a source that calls a function
+    /// that runs another export) the inner keeper must add back only the
+    /// lines built above it, not the ones the outer keeper saw.
+    #[repr(C)]
+    struct Hook {
+        // First, so a pointer to the hook is a pointer to the callback.
+        callback: pg_sys::ErrorContextCallback,
+        recorded: Option<Recorded>,
+    }
+
     /// Keeps the source's CONTEXT while it lives (see the module).
     pub struct Keeper {
-        callback: *mut pg_sys::ErrorContextCallback,
+        hook: *mut Hook,
     }
 
     /// Start keeping CONTEXT for errors raised until the keeper drops.
     pub fn keep() -> Keeper {
-        Keeper { callback: push() }
+        Keeper { hook: push(None) }
     }
 
     /// Record `context` for the next raise of (`code`, `message`) and make
     /// sure a callback will add it.
     pub fn attach(code: i32, message: String, context: String) {
-        RECORDED.with(|recorded| {
-            *recorded.borrow_mut() = Some(Recorded {
-                code,
-                message,
-                context,
-            })
-        });
         // Left on the stack: the raise that follows unwinds past it.
-        let _ = push();
+        let _ = push(Some(Recorded {
+            code,
+            message,
+            context,
+        }));
     }
 
-    /// The CONTEXT recorded for the error (`code`, `message`), if any: for
-    /// a caller that catches the error and reports it elsewhere.
+    /// The CONTEXT last recorded for the error (`code`, `message`), if any:
+    /// for a caller that catches the error and reports it elsewhere.
     pub fn recorded_for(code: i32, message: &str) -> Option<String> {
-        RECORDED.with(|recorded| {
-            recorded
-                .borrow()
+        LAST.with(|last| {
+            last.borrow()
                 .as_ref()
                 .filter(|r| r.code == code && r.message == message)
                 .map(|r| r.context.clone())
         })
     }
 
-    fn push() -> *mut pg_sys::ErrorContextCallback {
+    fn push(recorded: Option<Recorded>) -> *mut Hook {
         // SAFETY: backends are single-threaded and this runs on the main
-        // thread; the callback is heap-allocated, so it stays valid
-        // wherever the stack is restored to.
+        // thread; the hook is heap-allocated, so it stays valid wherever
+        // the stack is restored to, and its callback is its first field.
         unsafe {
-            let callback = Box::into_raw(Box::new(pg_sys::ErrorContextCallback {
-                previous: pg_sys::error_context_stack,
-                callback: Some(add_or_record),
-                arg: std::ptr::null_mut(),
+            let hook = Box::into_raw(Box::new(Hook {
+                callback: pg_sys::ErrorContextCallback {
+                    previous: pg_sys::error_context_stack,
+                    callback: Some(add_or_record),
+                    arg: std::ptr::null_mut(),
+                },
+                recorded,
             }));
-            pg_sys::error_context_stack = callback;
-            callback
+            (*hook).callback.arg = hook.cast();
+            pg_sys::error_context_stack = hook.cast();
+            hook
         }
     }
 
@@ -131,30 +143,40 @@ pub mod context_lines {
                 // bytes per error): a saved stack may still point at it.
                 return;
             }
-            // SAFETY: main thread; the callback is ours, popped the way
-            // PostgreSQL pops one (by its `previous`) only while it is on
-            // the current stack, then freed: nothing else points at it,
-            // since no stack saved after the push outlives this frame.
+            // SAFETY: main thread; the hook is ours, popped the way
+            // PostgreSQL pops a callback (by its `previous`) only while it
+            // is on the current stack, then freed: nothing else points at
+            // it, since no stack saved after the push outlives this frame.
             unsafe {
+                let callback: *mut pg_sys::ErrorContextCallback = self.hook.cast();
                 let mut entry = pg_sys::error_context_stack;
-                while !entry.is_null() && entry != self.callback {
+                while !entry.is_null() && entry != callback {
                     entry = (*entry).previous;
                 }
-                if entry == self.callback {
-                    pg_sys::error_context_stack = (*self.callback).previous;
+                if entry == callback {
+                    pg_sys::error_context_stack = (*callback).previous;
                 }
-                drop(Box::from_raw(self.callback));
+                drop(Box::from_raw(self.hook));
             }
         }
     }
 
     /// The callback: called by PostgreSQL for every report while it is on
-    /// the stack, with the report being built on top of the error data stack.
-    unsafe extern "C-unwind" fn add_or_record(_arg: *mut std::ffi::c_void) {
-        // SAFETY: called from errfinish with a report in progress, so
-        // CopyErrorData copies it (into a context other than ErrorContext,
-        // as it requires); errcontext_msg appends to that same report.
+    /// the stack, with the report being built on top of the error data
+    /// stack; `arg` is its [`Hook`].
+    ///
+    /// # Safety
+    ///
+    /// Only as the callback of a [`Hook`] made by `push`, with that hook as
+    /// `arg`, while PostgreSQL builds a report.
+    unsafe extern "C-unwind" fn add_or_record(arg: *mut std::ffi::c_void) {
+        // SAFETY: `arg` is the live hook `push` made (hooks are freed only
+        // once off the stack). Called from errfinish with a report in
+        // progress, so CopyErrorData copies it (into a context other than
+        // ErrorContext, as it requires); errcontext_msg appends to that
+        // same report.
         unsafe {
+            let hook = &mut *arg.cast::<Hook>();
             let previous = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
             let data = pg_sys::CopyErrorData();
             pg_sys::MemoryContextSwitchTo(previous);
@@ -166,43 +188,34 @@ pub mod context_lines {
                 let message = text((*data).message).unwrap_or_default();
                 let context = text((*data).context);
                 let context = context.filter(|context| !context.is_empty());
-                let same_error = |r: &Recorded| r.code == code && r.message == message;
                 match context {
                     // pgrx raising it again: nothing above us has added a
-                    // line, so add what PostgreSQL first built.
+                    // line, so add what was built above us the first time.
                     None => {
-                        let lines = RECORDED.with(|recorded| {
-                            recorded
-                                .borrow()
-                                .as_ref()
-                                .filter(|r| same_error(r))
-                                .map(|r| {
-                                    std::ffi::CString::new(r.context.as_str()).unwrap_or_default()
-                                })
-                        });
+                        let lines = hook
+                            .recorded
+                            .as_ref()
+                            .filter(|r| r.code == code && r.message == message)
+                            .map(|r| {
+                                std::ffi::CString::new(r.context.as_str()).unwrap_or_default()
+                            });
                         if let Some(lines) = lines {
                             errcontext_msg(c"%s".as_ptr(), lines.as_ptr());
                         }
                     }
-                    // A raise with its CONTEXT built (or our lines already
-                    // added by a keeper above): record it, replacing an
-                    // earlier error's. Errors without CONTEXT leave the
-                    // record alone, so one raised while another unwinds does
-                    // not lose it.
-                    Some(context) => RECORDED.with(|recorded| {
-                        let mut recorded = recorded.borrow_mut();
-                        let known = recorded
-                            .as_ref()
-                            .is_some_and(|r| same_error(r) && context.contains(&r.context));
-                        if !known {
-                            let message = message.clone();
-                            *recorded = Some(Recorded {
-                                code,
-                                message,
-                                context,
-                            });
-                        }
-                    }),
+                    // A raise with its CONTEXT built above us (or added back
+                    // by a keeper above): record it, replacing what came
+                    // before. Errors without CONTEXT leave the record alone,
+                    // so one raised while another unwinds does not lose it.
+                    Some(context) => {
+                        let recorded = Recorded {
+                            code,
+                            message,
+                            context,
+                        };
+                        LAST.with(|last| *last.borrow_mut() = Some(recorded.clone()));
+                        hook.recorded = Some(recorded);
+                    }
                 }
             }
             pg_sys::FreeErrorData(data);

@@ -360,6 +360,29 @@ def test_errors_of_the_source_keep_every_field_postgresql_gives(alone, server_di
         with pytest.raises(psycopg.errors.CheckViolation) as err:
             c.execute(f"SELECT count(*) FROM stream_export('{q}')")
         assert all_fields(err.value) == expected
+        # Caught by PL/pgSQL exception blocks, again and again: nothing
+        # piles up.
+        for _ in range(3):
+            c.execute(
+                f"DO $d$ BEGIN PERFORM count(*) FROM stream_export('{q}'); "
+                "EXCEPTION WHEN check_violation THEN NULL; END $d$"
+            )
+        with pytest.raises(psycopg.errors.CheckViolation) as err:
+            c.execute(f"SELECT count(*) FROM stream_export('{q}')")
+        assert all_fields(err.value) == expected
+        # An export whose source runs another export (in a SQL function):
+        # the CONTEXT that function reports when called on its own.
+        c.execute(
+            "CREATE OR REPLACE FUNCTION pse_inner_count() RETURNS bigint LANGUAGE sql "
+            f"AS $f$ SELECT count(*) FROM stream_export('{q}') $f$"
+        )
+        with pytest.raises(psycopg.errors.CheckViolation) as err:
+            c.execute("SELECT pse_inner_count()")
+        alone_fields = all_fields(err.value)
+        assert alone_fields[4] == expected[4] + '\nSQL function "pse_inner_count" statement 1'
+        with pytest.raises(psycopg.errors.CheckViolation) as err:
+            c.execute("SELECT count(*) FROM stream_export('SELECT pse_inner_count()')")
+        assert all_fields(err.value) == alone_fields
 
 
 # --- NULL arguments and limits ------------------------------------------------
@@ -435,3 +458,4 @@ def test_chunk_size_is_bounded(conn, size):
     with pytest.raises(psycopg.errors.InvalidParameterValue) as err:
         conn.execute("SELECT * FROM stream_export_bytes('pg_am', chunk_size => %s)", [size])
     assert "chunk_size" in str(err.value)
+
