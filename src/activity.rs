@@ -14,55 +14,7 @@
 use std::ffi::{c_void, CStr};
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
-use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PgSqlErrorCode};
-
-pub static MAX_TRACKED_EXPORTS: GucSetting<i32> = GucSetting::<i32>::new(64);
-pub static PROGRESS_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
-pub static LOG_EXPORTS: GucSetting<bool> = GucSetting::<bool>::new(true);
-
-pub fn define_settings() {
-    // A server-start setting can only be defined while preloading (and only
-    // means something then), as pg_stat_statements.max.
-    // SAFETY: reads a flag PostgreSQL sets while loading preloaded libraries.
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        define_table_size();
-    }
-    define_session_settings();
-}
-
-fn define_table_size() {
-    GucRegistry::define_int_guc(
-        c"pg_stream_export.max_tracked_exports",
-        c"Running exports that stream_export_activity can show (shared memory, set at server start).",
-        c"Exports beyond this number run normally but do not show in the view. Needs the library in shared_preload_libraries.",
-        &MAX_TRACKED_EXPORTS,
-        1,
-        10_000,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
-}
-
-fn define_session_settings() {
-    GucRegistry::define_int_guc(
-        c"pg_stream_export.progress",
-        c"Interval between progress NOTICEs of a running export (0: none).",
-        c"Each NOTICE gives rows, size, rate and, when the total is estimated, percent done and ETA. psql prints them on stderr.",
-        &PROGRESS_INTERVAL_MS,
-        0,
-        i32::MAX,
-        GucContext::Userset,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_bool_guc(
-        c"pg_stream_export.log_exports",
-        c"Write one LOG line (server log only) when an export ends, whatever the outcome.",
-        c"Role, database, source, destination, output options, rows, bytes, CRC-32, duration and outcome.",
-        &LOG_EXPORTS,
-        GucContext::Suset,
-        GucFlags::default(),
-    );
-}
+use pgrx::{pg_sys, PgSqlErrorCode};
 
 const TEXT_BYTES: usize = 256;
 
@@ -102,8 +54,7 @@ static ERRORS_SEEN: AtomicU64 = AtomicU64::new(0);
 static LAST_ERROR_CODE: AtomicI32 = AtomicI32::new(0);
 
 fn table_bytes() -> usize {
-    std::mem::size_of::<Table>()
-        + std::mem::size_of::<Slot>() * MAX_TRACKED_EXPORTS.get().max(1) as usize
+    std::mem::size_of::<Table>() + std::mem::size_of::<Slot>() * crate::gucs::max_tracked_exports()
 }
 
 /// From `_PG_init`: the shared table when preloaded, and the error hook.
@@ -122,6 +73,9 @@ pub fn install() {
     }
 }
 
+/// # Safety
+///
+/// Only as `shmem_request_hook`, while shared memory is being sized.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn request_shmem() {
     // SAFETY: called by the postmaster at the time shared memory is sized.
@@ -133,6 +87,9 @@ unsafe extern "C-unwind" fn request_shmem() {
     }
 }
 
+/// # Safety
+///
+/// Only as `shmem_startup_hook`, at shared memory initialisation.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn startup_shmem() {
     // SAFETY: called at shared memory initialisation (postmaster start and
@@ -153,7 +110,7 @@ unsafe extern "C-unwind" fn startup_shmem() {
         .cast::<Table>();
         if !found {
             std::ptr::write_bytes(table.cast::<u8>(), 0, table_bytes());
-            (*table).slots = MAX_TRACKED_EXPORTS.get().max(1) as usize;
+            (*table).slots = crate::gucs::max_tracked_exports();
         }
         TABLE = table;
         pg_sys::LWLockRelease(init_lock);
@@ -161,6 +118,10 @@ unsafe extern "C-unwind" fn startup_shmem() {
 }
 
 /// Count errors (for the audit line's outcome); never raises.
+///
+/// # Safety
+///
+/// Only as `emit_log_hook`: `edata` is the report being emitted (or null).
 unsafe extern "C-unwind" fn note_error(edata: *mut pg_sys::ErrorData) {
     // SAFETY: PostgreSQL passes the error being reported.
     unsafe {
@@ -373,6 +334,10 @@ fn release_slot(slot: *const Slot) {
 
 /// A process that exits on FATAL releases the slots it holds (no memory
 /// context callback runs then).
+///
+/// # Safety
+///
+/// Only as an exit callback of this process.
 unsafe extern "C-unwind" fn release_on_exit(_code: i32, _arg: pg_sys::Datum) {
     let Some(slots) = slots() else { return };
     // SAFETY: reads this process's pid.
@@ -414,7 +379,7 @@ impl Tracked {
                     },
                     slot,
                     done: false,
-                    audit: !in_worker() && LOG_EXPORTS.get(),
+                    audit: !in_worker() && crate::gucs::log_exports(),
                     errors_at_start: ERRORS_SEEN.load(Ordering::Relaxed),
                     started: now,
                     rows: 0,
@@ -473,10 +438,10 @@ impl Tracked {
 
     fn maybe_notice(&mut self) {
         let record = self.record();
-        let interval = PROGRESS_INTERVAL_MS.get();
-        if interval > 0 && !in_worker() {
+        let interval = crate::gucs::progress_interval();
+        if let Some(interval) = interval.filter(|_| !in_worker()) {
             let now = std::time::Instant::now();
-            if now.duration_since(record.last_notice).as_millis() >= interval as u128 {
+            if now.duration_since(record.last_notice) >= interval {
                 record.last_notice = now;
                 pgrx::notice!("{}", progress_line(record));
             }
@@ -512,6 +477,11 @@ fn log_server_only(message: String) {
 /// statement, or because its transaction aborted. An export that did not
 /// complete failed (an error was raised since it started) or was stopped
 /// by its caller (a LIMIT, a closed cursor).
+///
+/// # Safety
+///
+/// Only as a memory context reset callback whose `arg` is the [`Record`]
+/// registered with it, which lives until the callback returns.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn context_gone(arg: *mut c_void) {
     // SAFETY: `arg` is the record registered with this callback; its

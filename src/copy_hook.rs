@@ -61,6 +61,11 @@ extern "C-unwind" {
 /// The hook. It holds no value that needs dropping and catches nothing:
 /// a statement that is not ours is passed on as if the hook were not
 /// there (its errors unwind through this frame as PostgreSQL errors).
+///
+/// # Safety
+///
+/// Only as `ProcessUtility_hook`, with PostgreSQL's arguments for the statement
+/// being run.
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -434,6 +439,12 @@ unsafe fn copy_source(
 
 /// Run an ndjson or json COPY. Our own errors are raised from here, inside the
 /// guard; only this path runs Rust code that can fail.
+///
+/// # Safety
+///
+/// `pstmt` must be a utility statement holding a CopyStmt, `query_string` its
+/// source text, and `qc` PostgreSQL's completion (or null), as the hook passes
+/// them.
 #[pg_guard]
 unsafe extern "C-unwind" fn run_ndjson_copy(
     pstmt: *mut pg_sys::PlannedStmt,

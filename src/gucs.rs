@@ -1,37 +1,128 @@
-//! The extension's settings, all prefixed `pg_stream_export.`.
+//! The extension's settings, all prefixed `pg_stream_export.`: every one is
+//! defined here and read through a typed getter. The prefix is reserved, so
+//! a misspelt `pg_stream_export.*` name is an error rather than a setting
+//! that silently does nothing.
 
 use std::ffi::CString;
+use std::time::Duration;
 
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
+
+static ALLOWED_DIRECTORY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static OBJECT_STORE_PROFILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static OBJECT_PART_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
+static OBJECT_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+static OBJECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
+static OBJECT_LEASE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+static MAX_TRACKED_EXPORTS: GucSetting<i32> = GucSetting::<i32>::new(64);
+static PROGRESS_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+static LOG_EXPORTS: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+/// The smallest part S3 accepts (but the last), in kB.
+const MIN_PART_SIZE_KB: i32 = 5 * 1024;
+/// The shortest lease: it is renewed every third of it.
+const MIN_LEASE_TTL_S: i32 = 2;
+
+/// A text setting, `None` when unset or empty.
+fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting
+        .get()
+        .map(|value| value.to_string_lossy().into_owned())
+        .filter(|value| !value.is_empty())
+}
 
 /// `pg_stream_export.allowed_directory`: when set, server files must lie
 /// inside it. Only superusers can change it.
-pub static ALLOWED_DIRECTORY: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(None);
+pub fn allowed_directory() -> Option<String> {
+    text(&ALLOWED_DIRECTORY)
+}
 
 /// `pg_stream_export.object_store_profile`: the AWS profile (of the server
-/// OS user's shared config and credentials files) object exports use; empty:
-/// the environment, then `AWS_PROFILE` or `default`. Names a profile, never
-/// holds a secret.
-pub static OBJECT_STORE_PROFILE: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(None);
+/// OS user's shared config and credentials files) object exports use;
+/// `None`: the environment, then `AWS_PROFILE` or `default`. Names a
+/// profile, never holds a secret.
+pub fn object_store_profile() -> Option<String> {
+    text(&OBJECT_STORE_PROFILE)
+}
 
-/// `pg_stream_export.object_part_size`: the size of an upload's parts, in kB.
-pub static OBJECT_PART_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
+/// `pg_stream_export.object_part_size`: the base size of an upload's
+/// parts, in bytes.
+pub fn object_part_size() -> usize {
+    (OBJECT_PART_SIZE_KB.get().max(MIN_PART_SIZE_KB) as usize) << 10
+}
 
 /// `pg_stream_export.object_connect_timeout`: the longest wait to connect to
-/// the object store, in milliseconds.
-pub static OBJECT_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// the object store.
+pub fn object_connect_timeout() -> Duration {
+    Duration::from_millis(OBJECT_CONNECT_TIMEOUT_MS.get().max(1) as u64)
+}
 
 /// `pg_stream_export.object_timeout`: the longest the store may take to
-/// accept or answer any one read or write of a request, in milliseconds.
-pub static OBJECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
+/// accept or answer any one read or write of a request.
+pub fn object_timeout() -> Duration {
+    Duration::from_millis(OBJECT_TIMEOUT_MS.get().max(1) as u64)
+}
 
 /// `pg_stream_export.object_lease_ttl`: how long a prefix's lease lasts
-/// after its last renewal, in seconds.
-pub static OBJECT_LEASE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+/// after its last renewal.
+pub fn object_lease_ttl() -> Duration {
+    Duration::from_secs(OBJECT_LEASE_TTL_S.get().max(MIN_LEASE_TTL_S) as u64)
+}
 
+/// `pg_stream_export.max_tracked_exports`: slots of the shared activity
+/// table (a server-start setting; its default when not preloaded).
+pub fn max_tracked_exports() -> usize {
+    MAX_TRACKED_EXPORTS.get().max(1) as usize
+}
+
+/// `pg_stream_export.progress`: the interval between progress NOTICEs,
+/// `None` for none.
+pub fn progress_interval() -> Option<Duration> {
+    let millis = PROGRESS_INTERVAL_MS.get();
+    (millis > 0).then(|| Duration::from_millis(millis as u64))
+}
+
+/// `pg_stream_export.log_exports`: whether an export's end writes an audit
+/// LOG line.
+pub fn log_exports() -> bool {
+    LOG_EXPORTS.get()
+}
+
+/// From `_PG_init`: define every setting, then reserve the prefix.
 pub fn define() {
+    // A server-start setting can only be defined while preloading (and only
+    // means something then), as pg_stat_statements.max.
+    // SAFETY: reads a flag PostgreSQL sets while loading preloaded libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        GucRegistry::define_int_guc(
+            c"pg_stream_export.max_tracked_exports",
+            c"Running exports that stream_export_activity can show (shared memory, set at server start).",
+            c"Exports beyond this number run normally but do not show in the view. Needs the library in shared_preload_libraries.",
+            &MAX_TRACKED_EXPORTS,
+            1,
+            10_000,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
+    GucRegistry::define_int_guc(
+        c"pg_stream_export.progress",
+        c"Interval between progress NOTICEs of a running export (0: none).",
+        c"Each NOTICE gives rows, size, rate and, when the total is estimated, percent done and ETA. psql prints them on stderr.",
+        &PROGRESS_INTERVAL_MS,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_stream_export.log_exports",
+        c"Write one LOG line (server log only) when an export ends, whatever the outcome.",
+        c"Role, database, source, destination, output options, rows, bytes, CRC-32, duration and outcome.",
+        &LOG_EXPORTS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"pg_stream_export.object_store_profile",
         c"AWS profile that object storage exports and reads use (empty: the environment, then AWS_PROFILE or default).",
@@ -45,7 +136,7 @@ pub fn define() {
         c"Size of the parts of a multipart upload to object storage.",
         c"At least 5MB (the S3 minimum). Parts double in size after 3,334 and 6,667 parts to stay under the 10,000-part ceiling; a few parts are held in memory at once.",
         &OBJECT_PART_SIZE_KB,
-        5 * 1024,
+        MIN_PART_SIZE_KB,
         1024 * 1024,
         GucContext::Userset,
         GucFlags::UNIT_KB,
@@ -75,7 +166,7 @@ pub fn define() {
         c"How long the lease of an object prefix lasts after its last renewal.",
         c"A directory or chunked export to an s3:// prefix holds its lease and renews it every third of this; a lease whose holder died (kill -9, a lost server) can be taken over this long after its last renewal.",
         &OBJECT_LEASE_TTL_S,
-        2,
+        MIN_LEASE_TTL_S,
         86_400,
         GucContext::Userset,
         GucFlags::UNIT_S,
@@ -88,6 +179,11 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // Names under the prefix that are not defined above are now an error
+    // (42602) when set, and placeholders set before the library loaded are
+    // removed with a WARNING, as pg_stat_statements and plrust do.
+    // SAFETY: called from _PG_init on the main thread with a static name.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_stream_export".as_ptr()) };
 }
 
 /// Settings under which key values are turned into text and back for

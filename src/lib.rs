@@ -37,7 +37,6 @@ mod verify;
 pub extern "C-unwind" fn _PG_init() {
     keep_rust_backtraces_out_of_errors();
     gucs::define();
-    activity::define_settings();
     activity::install();
     copy_hook::install();
 }

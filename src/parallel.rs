@@ -210,6 +210,11 @@ static mut PREVIOUS_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
 
 /// Records the first ERROR or FATAL this worker reports (a FATAL never
 /// returns to Rust: the process exits right after this hook).
+///
+/// # Safety
+///
+/// Only as `emit_log_hook` of a directory worker: `edata` is the report being
+/// emitted, and `WORKER_SLOT` is null or in the attached segment.
 unsafe extern "C-unwind" fn capture_worker_error(edata: *mut pg_sys::ErrorData) {
     // SAFETY: called by PostgreSQL with a valid ErrorData; the slot is in
     // the attached segment; nothing here can raise.
@@ -553,6 +558,11 @@ unsafe fn signal_workers_to_stop(handles: *mut WorkerHandles) {
 
 /// Detach callback of the leader's segment: runs on every exit path,
 /// ERROR, FATAL (`pg_terminate_backend`, shutdown) and normal end alike.
+///
+/// # Safety
+///
+/// Only as the detach callback of the leader's segment, with `arg` the
+/// WorkerHandles registered with it; it runs once.
 unsafe extern "C-unwind" fn stop_workers_on_detach(
     _segment: *mut pg_sys::dsm_segment,
     arg: pg_sys::Datum,

@@ -32,6 +32,10 @@ struct RowReceiver {
     row_cxt: pg_sys::MemoryContext,
 }
 
+/// # Safety
+///
+/// Only as the `receiveSlot` of a [`RowReceiver`]'s `base` that outlives the
+/// fetch, with `slot` the executor's current row.
 #[pg_guard]
 unsafe extern "C-unwind" fn receive_slot(
     slot: *mut pg_sys::TupleTableSlot,
@@ -55,6 +59,9 @@ unsafe extern "C-unwind" fn receive_slot(
     true
 }
 
+/// # Safety
+///
+/// Only as a DestReceiver callback; it touches nothing.
 #[pg_guard]
 unsafe extern "C-unwind" fn receiver_noop_startup(
     _receiver: *mut pg_sys::DestReceiver,
@@ -63,6 +70,9 @@ unsafe extern "C-unwind" fn receiver_noop_startup(
 ) {
 }
 
+/// # Safety
+///
+/// Only as a DestReceiver callback; it touches nothing.
 #[pg_guard]
 unsafe extern "C-unwind" fn receiver_noop(_receiver: *mut pg_sys::DestReceiver) {}
 

@@ -314,7 +314,11 @@ fn check_single_read_only_query(query: &str) {
     }
 }
 
-/// SAFETY: `with_clause` is NULL or a WithClause node from the raw parser.
+/// Whether a WITH clause holds a data-modifying statement.
+///
+/// # Safety
+///
+/// `with_clause` must be NULL or a WithClause node from the raw parser.
 unsafe fn has_modifying_cte(with_clause: *mut pg_sys::WithClause) -> bool {
     if with_clause.is_null() {
         return false;

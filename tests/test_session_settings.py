@@ -459,3 +459,27 @@ def test_chunk_size_is_bounded(conn, size):
         conn.execute("SELECT * FROM stream_export_bytes('pg_am', chunk_size => %s)", [size])
     assert "chunk_size" in str(err.value)
 
+
+def test_a_misspelt_setting_of_ours_is_an_error(server):
+    """The pg_stream_export. prefix is reserved: a misspelt name is refused
+    once the library is loaded (and one set before it loaded is removed with
+    a WARNING), instead of being kept as a setting nothing reads."""
+    with server.connect() as c:
+        warnings: list[str] = []
+        c.add_notice_handler(lambda d: warnings.append(d.message_primary or ""))
+        # Before the library is loaded PostgreSQL keeps any name as a
+        # placeholder; loading it removes ours.
+        c.execute("SET pg_stream_export.progres = '1s'")
+        c.execute("LOAD 'pg_stream_export'")
+        assert any("pg_stream_export.progres" in w for w in warnings), warnings
+        with pytest.raises(psycopg.errors.UndefinedObject):
+            c.execute("SHOW pg_stream_export.progres")
+        for statement in ("SET pg_stream_export.progres = '1s'",
+                          "SELECT set_config('pg_stream_export.log_export', 'off', false)"):
+            with pytest.raises(psycopg.errors.InvalidName) as err:
+                c.execute(statement)
+            assert "reserved prefix" in (err.value.diag.message_detail or ""), err.value
+        # The settings that exist are untouched.
+        c.execute("SET pg_stream_export.progress = '1s'")
+        assert c.execute("SHOW pg_stream_export.progress").fetchone() == ("1s",)
+        assert c.execute("SHOW pg_stream_export.object_part_size").fetchone() == ("8MB",)

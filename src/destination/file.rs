@@ -23,7 +23,6 @@ use std::rc::Rc;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::error::raise;
-use crate::gucs::ALLOWED_DIRECTORY;
 
 fn insufficient(message: impl Into<String>, hint: &str) -> ! {
     raise(
@@ -221,13 +220,9 @@ impl Directory {
     /// With `pg_stream_export.allowed_directory` set, the directory itself
     /// (not just the name it was reached by) must be inside it.
     fn check_allowed(&self, given: &str) {
-        let Some(allowed) = ALLOWED_DIRECTORY.get() else {
+        let Some(allowed) = crate::gucs::allowed_directory() else {
             return;
         };
-        let allowed = allowed.to_string_lossy().into_owned();
-        if allowed.is_empty() {
-            return;
-        }
         let inside = match (Path::new(&allowed).canonicalize(), self.real_path()) {
             (Ok(root), Ok(real)) => real.starts_with(&root),
             _ => false,
@@ -612,6 +607,10 @@ fn unregister_live_partial(serial: u64) {
 /// was still writing, if their names still mean those files. Never calls
 /// into PostgreSQL and never panics. A process killed outright leaves its
 /// partial files; the next export to the same name replaces them.
+///
+/// # Safety
+///
+/// Only as an exit callback of this process; it touches no PostgreSQL state.
 unsafe extern "C-unwind" fn remove_partials_on_exit(_code: libc::c_int, _arg: pg_sys::Datum) {
     let Ok(live) = LIVE_PARTIALS.try_lock() else {
         return;

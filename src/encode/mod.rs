@@ -139,6 +139,10 @@ impl RowEncoder {
         unsafe { Self::with_settings(tupdesc, cxt, settings) }
     }
 
+    /// # Safety
+    ///
+    /// `tupdesc` must be a valid tuple descriptor and `cxt` a memory context
+    /// that outlives the encoder.
     unsafe fn with_settings(
         tupdesc: pg_sys::TupleDesc,
         cxt: pg_sys::MemoryContext,
@@ -588,12 +592,21 @@ unsafe fn varlena_payload<'a>(datum: pg_sys::Datum) -> &'a [u8] {
 }
 
 /// VARSIZE of a varlena known to have a 4-byte header.
+///
+/// # Safety
+///
+/// `ptr` must point to a varlena with a 4-byte header.
 unsafe fn varsize_4b(ptr: *const pg_sys::varlena) -> usize {
     // SAFETY: the caller guarantees a 4-byte header.
     unsafe { pgrx::varlena::varsize_4b(ptr) }
 }
 
 /// `fmgr_info_cxt` into a boxed FmgrInfo whose cache lives in `cxt`.
+///
+/// # Safety
+///
+/// `func` must be the OID of a function and `cxt` a memory context that
+/// outlives every call through the result.
 unsafe fn fmgr_info(func: pg_sys::Oid, cxt: pg_sys::MemoryContext) -> Box<pg_sys::FmgrInfo> {
     let mut info = Box::new(pg_sys::FmgrInfo::default());
     // SAFETY: fills the struct we own; its fn_extra caches go into `cxt`.
@@ -602,6 +615,10 @@ unsafe fn fmgr_info(func: pg_sys::Oid, cxt: pg_sys::MemoryContext) -> Box<pg_sys
 }
 
 impl ArrayEncoder {
+    /// # Safety
+    ///
+    /// Catalog lookups, so in a transaction; `cxt` must be a memory context
+    /// that outlives the encoder.
     unsafe fn plan(
         element_type: pg_sys::Oid,
         cxt: pg_sys::MemoryContext,
@@ -628,6 +645,10 @@ impl ArrayEncoder {
         }
     }
 
+    /// # Safety
+    ///
+    /// `datum` must be a (possibly toasted) array of the element type this
+    /// encoder was planned for, and `cxt` a live memory context.
     unsafe fn encode(
         &mut self,
         out: &mut Vec<u8>,
@@ -652,6 +673,10 @@ impl ArrayEncoder {
         }
     }
 
+    /// # Safety
+    ///
+    /// `items` must walk the elements of an array of the planned element type
+    /// whose dimensions are `dims`; `cxt` must be a live memory context.
     unsafe fn encode_dim(
         &mut self,
         out: &mut Vec<u8>,
@@ -685,6 +710,10 @@ impl ArrayEncoder {
 }
 
 impl CompositeEncoder {
+    /// # Safety
+    ///
+    /// `datum` must be a (possibly toasted) composite of the type this encoder
+    /// was planned for, and `cxt` a live memory context.
     unsafe fn encode(
         &mut self,
         out: &mut Vec<u8>,

@@ -149,19 +149,11 @@ impl config::Environment for ServerEnvironment {
     }
 }
 
-/// `pg_stream_export.object_store_profile`, if set.
-fn chosen_profile() -> Option<String> {
-    crate::gucs::OBJECT_STORE_PROFILE
-        .get()
-        .map(|p| p.to_string_lossy().into_owned())
-        .filter(|p| !p.is_empty())
-}
-
 /// A client configured for this session: the server's AWS configuration,
 /// with `pg_stream_export.object_store_profile` if set. Read for every
 /// export, so rotated credentials take effect at once.
 pub fn session_client() -> Arc<Client> {
-    let config = config::resolve(&ServerEnvironment, chosen_profile().as_deref()).unwrap_or_else(|e| {
+    let config = config::resolve(&ServerEnvironment, crate::gucs::object_store_profile().as_deref()).unwrap_or_else(|e| {
         let code = match e {
             config::ConfigError::NoCredentials(_) => {
                 PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION
@@ -186,12 +178,9 @@ pub fn session_client() -> Arc<Client> {
 
 /// `pg_stream_export.object_connect_timeout` and `object_timeout`.
 fn timeouts() -> client::Timeouts {
-    let millis = |setting: &pgrx::GucSetting<i32>| {
-        std::time::Duration::from_millis(setting.get().max(1) as u64)
-    };
     client::Timeouts {
-        connect: millis(&crate::gucs::OBJECT_CONNECT_TIMEOUT_MS),
-        io: millis(&crate::gucs::OBJECT_TIMEOUT_MS),
+        connect: crate::gucs::object_connect_timeout(),
+        io: crate::gucs::object_timeout(),
     }
 }
 
@@ -211,7 +200,7 @@ fn cancel_or_exit_pending() -> bool {
 
 /// The configured base part size in bytes.
 pub fn part_size() -> usize {
-    (crate::gucs::OBJECT_PART_SIZE_KB.get().max(5 * 1024) as usize) << 10
+    crate::gucs::object_part_size()
 }
 
 fn check_interrupts() {
@@ -295,6 +284,10 @@ fn register_exit_callback() {
 /// Runs as the process exits on FATAL or shutdown, where no destructor
 /// runs: aborts the multipart uploads still open. Never calls into
 /// PostgreSQL and never panics.
+///
+/// # Safety
+///
+/// Only as an exit callback of this process; it touches no PostgreSQL state.
 unsafe extern "C-unwind" fn abort_uploads_on_exit(_code: libc::c_int, _arg: pg_sys::Datum) {
     let _ = std::panic::catch_unwind(upload::abort_live_uploads);
     let _ = std::panic::catch_unwind(lease::release_live_leases);
@@ -309,7 +302,7 @@ pub fn acquire_lease(client: &Arc<Client>, prefix: &ObjectUri, export_id: &str) 
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_default();
-    let ttl = std::time::Duration::from_secs(crate::gucs::OBJECT_LEASE_TTL_S.get().max(2) as u64);
+    let ttl = crate::gucs::object_lease_ttl();
     match Lease::acquire(client.clone(), prefix, export_id, &format!("pid {pid} on {host}"), ttl) {
         Ok(lease) => lease,
         Err(lease::LeaseError::Store(e)) => raise_store_error(&e, "lease", Some(&prefix.join(lease::LEASE))),
@@ -497,7 +490,10 @@ pub fn delete_under(
 /// Remove the part objects of the export `export_id` under `prefix`. Best
 /// effort and never raises: it runs when a directory export failed.
 pub fn remove_parts_of(prefix: &ObjectUri, export_id: &str) {
-    let config = config::resolve(&ServerEnvironment, chosen_profile().as_deref());
+    let config = config::resolve(
+        &ServerEnvironment,
+        crate::gucs::object_store_profile().as_deref(),
+    );
     let Some(client) = config
         .ok()
         .and_then(|c| Client::new(c, client::Timeouts::CLEANUP).ok())
