@@ -5,11 +5,11 @@
 use pgrx::prelude::*;
 
 use crate::destination::bytea::ChunkBuffer;
-use crate::destination::file::raise_io;
 use crate::error::raise;
-use crate::export::{Export, LineSink, WriterSink};
+use crate::export::{Export, LineSink};
 use crate::options::{parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions};
 use crate::progress::Destination;
+use crate::run;
 use crate::sink::{ExportWriter, RecordStats};
 use crate::source::Source;
 
@@ -45,10 +45,6 @@ fn option_error(err: OptionError) -> ! {
 /// Validate the common options or raise `22023`.
 fn export_options(raw: RawOptions<'_>) -> ExportOptions {
     ExportOptions::parse(&raw).unwrap_or_else(|e| option_error(e))
-}
-
-fn io_error(err: std::io::Error) -> ! {
-    raise_io(err, "export output")
 }
 
 /// One NDJSON line per row of `source`; the footer, if asked, comes last.
@@ -274,23 +270,18 @@ fn stream_export_bytes_v2(
         omit_nulls,
     });
     let chunk_size = parse_chunk_size(chunk_size).unwrap_or_else(|e| option_error(e));
-    let writer = ExportWriter::new(
-        ChunkBuffer::default(),
-        options.compression,
-        options.compression_level,
-    )
-    .writing_array(options.force_array);
     let mut export = Export::open(
         Source::resolve(required(source, "source")),
         options,
         Destination::Callback,
     );
     export.track("client (stream_export_bytes)");
+    let writer = run::writer_for(&export, ChunkBuffer::default());
     SetOfIterator::new(ChunkStream {
         export,
         writer,
         chunk_size,
-        finished: false,
+        finished: None,
     })
 }
 
@@ -298,7 +289,8 @@ struct ChunkStream {
     export: Export,
     writer: ExportWriter<ChunkBuffer>,
     chunk_size: usize,
-    finished: bool,
+    /// What was written, once the export has no row left.
+    finished: Option<run::Counts>,
 }
 
 impl Iterator for ChunkStream {
@@ -306,25 +298,19 @@ impl Iterator for ChunkStream {
 
     fn next(&mut self) -> Option<Vec<u8>> {
         loop {
-            if let Some(chunk) = self.writer.output().take(self.chunk_size, self.finished) {
+            if let Some(chunk) = self
+                .writer
+                .output()
+                .take(self.chunk_size, self.finished.is_some())
+            {
                 return Some(chunk);
             }
-            if self.finished {
-                let crc32 = self.writer.stats().crc32();
-                self.export
-                    .complete(self.writer.output_bytes(), Some(crc32));
+            if let Some(counts) = self.finished {
+                self.export.complete(counts.file_bytes, Some(counts.crc32));
                 return None;
             }
-            let rows = self.export.next_fetch_rows();
-            if self.export.fetch(rows, &mut WriterSink(&mut self.writer)) == 0 {
-                self.finished = true;
-                if let Err(e) = self.export.finish_writer(&mut self.writer) {
-                    io_error(e);
-                }
-            } else if let Err(e) = self.writer.drain() {
-                io_error(e);
-            } else {
-                self.export.note_written(self.writer.output_bytes());
+            if run::step(&mut self.export, &mut self.writer, u64::MAX) == 0 {
+                self.finished = Some(run::finish(&self.export, &mut self.writer));
             }
         }
     }
@@ -406,7 +392,7 @@ fn stream_export_to_file_v2(
         omit_nulls,
     });
     let (source, path) = (required(source, "source"), required(path, "path"));
-    let written = crate::destination::export_to_target(
+    let written = run::to_target(
         path,
         || Source::resolve(source),
         options,

@@ -23,7 +23,7 @@ use pgrx::{pg_sys, PgMemoryContexts, PgSqlErrorCode};
 use serde_json::{json, Value};
 
 use crate::activity::{Description, Tracked};
-use crate::destination::file::{raise_io, write_partial, Directory, PartWritten, PartialFile};
+use crate::destination::file::{raise_io, Directory, PartialFile};
 use crate::destination::object::client::{Client, Failure};
 use crate::destination::object::uri::ObjectUri;
 use crate::destination::object::{self, raise_store_error, raise_upload_error};
@@ -37,6 +37,7 @@ use crate::layout::{
 };
 use crate::options::{BatchSize, Compression, ExportOptions};
 use crate::progress::Destination;
+use crate::run::{self, Counts};
 use crate::source::Source;
 
 /// Rows per chunk unless asked otherwise: about a second of export on
@@ -374,11 +375,21 @@ impl Place<'_> {
 
     /// Run `export` (at most `limit` rows) into the part file `name`; in
     /// place when it returns, `None` (and nothing written) without rows.
-    fn write_part(&self, export: &mut Export, name: &str, limit: u64) -> Option<PartWritten> {
+    fn write_part(&self, export: &mut Export, name: &str, limit: u64) -> Option<Counts> {
         match self {
             Place::Server(directory) => {
                 let mut partial = PartialFile::create(directory, OsStr::new(name), false);
-                let (file, counts) = write_partial(export, &mut partial, limit);
+                let file = partial
+                    .take_file()
+                    .unwrap_or_else(|e| raise_io(e, "export output"));
+                let (writer, counts) = run::pump(
+                    export,
+                    crate::sink::background::BackgroundWriter::new(file),
+                    limit,
+                );
+                let file = writer
+                    .finish()
+                    .unwrap_or_else(|e| raise_io(e, "export output"));
                 if counts.rows == 0 {
                     // The partial file is removed when dropped.
                     return None;
@@ -391,7 +402,7 @@ impl Place<'_> {
                 // put but not recorded before a crash: it is rewritten.
                 let uri = prefix.join(name);
                 let upload = object::upload_with(client, &uri, true);
-                let (upload, counts) = crate::destination::write_export_into(export, upload, limit);
+                let (upload, counts) = run::pump(export, upload, limit);
                 if counts.rows == 0 {
                     // Dropping the upload leaves nothing.
                     return None;

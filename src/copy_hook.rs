@@ -18,11 +18,10 @@ use pgrx::{is_a, pg_guard, pg_sys, PgList, PgSqlErrorCode};
 
 use crate::destination::client::CopyOut;
 use crate::error::raise;
-use crate::export::{write_whole_export, Export};
 use crate::ident::quote_identifier;
 use crate::options::{Compression, ExportOptions, RawOptions};
 use crate::progress::Destination;
-use crate::sink::ExportWriter;
+use crate::run;
 use crate::source::{qualified_relation_name, ParsedQuery, Source};
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
@@ -497,26 +496,23 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
         }
         // SAFETY: the hook's own arguments.
         let source = unsafe { copy_source(pstmt, query_string, copy) };
-        let (compression, level, array) = (
-            options.compression,
-            options.compression_level,
-            options.force_array,
+        let compressed = options.compression != Compression::None;
+        let single = run::Single::open(
+            source,
+            options,
+            Destination::Pipe,
+            "client (COPY TO STDOUT)",
         );
-        let mut export = Export::open(source, options, Destination::Pipe);
-        export.track("client (COPY TO STDOUT)");
-        let client = CopyOut::begin(compression == Compression::Gzip);
-        let mut writer = ExportWriter::new(client, compression, level).writing_array(array);
-        let rows = write_whole_export(&mut export, &mut writer);
-        export.complete(writer.output_bytes(), Some(writer.stats().crc32()));
-        writer.into_output().end();
-        rows
+        let client = CopyOut::begin(compressed);
+        let ((), counts, _) = single.run(client, CopyOut::end);
+        counts.rows
     } else {
         // SAFETY: the file name is a C string of the statement.
         let target = unsafe { CStr::from_ptr(filename) }
             .to_string_lossy()
             .into_owned();
         // COPY TO 'file' replaces an existing file (or object); atomically here.
-        crate::destination::export_to_target(
+        run::to_target(
             &target,
             // SAFETY: the hook's own arguments.
             || unsafe { copy_source(pstmt, query_string, copy) },

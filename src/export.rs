@@ -8,7 +8,6 @@ use std::ffi::CStr;
 use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::activity::{Description, Tracked};
-use crate::destination::file::raise_io;
 use crate::encode::RowEncoder;
 use crate::error::raise;
 use crate::footer::Footer;
@@ -28,56 +27,6 @@ pub trait LineSink {
     fn buffer(&mut self) -> &mut Vec<u8>;
     /// `start` is where the line (including its newline) begins in the buffer.
     fn line_done(&mut self, start: usize);
-}
-
-/// Lets the engine append lines straight into an [`ExportWriter`]'s block.
-pub struct WriterSink<'a, W: std::io::Write>(pub &'a mut ExportWriter<W>);
-
-impl<W: std::io::Write> LineSink for WriterSink<'_, W> {
-    fn buffer(&mut self) -> &mut Vec<u8> {
-        self.0.start_record()
-    }
-
-    fn line_done(&mut self, _start: usize) {
-        if let Err(e) = self.0.end_record() {
-            raise_io(e, "export output");
-        }
-    }
-}
-
-/// Run the whole export into `writer`, footer included when asked, and
-/// finish it; returns the record rows written.
-pub fn write_whole_export<W: std::io::Write>(
-    export: &mut Export,
-    writer: &mut ExportWriter<W>,
-) -> u64 {
-    write_export(export, writer, u64::MAX)
-}
-
-/// As [`write_whole_export`], but stop after `limit` rows (the footer's
-/// resume token then continues after the last of them).
-pub fn write_export<W: std::io::Write>(
-    export: &mut Export,
-    writer: &mut ExportWriter<W>,
-    limit: u64,
-) -> u64 {
-    let mut written = 0;
-    while written < limit {
-        let rows = export.next_fetch_rows().min(limit - written);
-        let fetched = export.fetch(rows, &mut WriterSink(writer));
-        if fetched == 0 {
-            break;
-        }
-        written += fetched;
-        writer
-            .drain()
-            .unwrap_or_else(|e| raise_io(e, "export output"));
-        export.note_written(writer.output_bytes());
-    }
-    export
-        .finish_writer(writer)
-        .unwrap_or_else(|e| raise_io(e, "export output"));
-    writer.stats().rows
 }
 
 /// A key value copied out of a row: by value, or the bytes of a by-reference

@@ -23,6 +23,7 @@ mod options;
 mod parallel;
 mod plan;
 mod progress;
+mod run;
 mod scan;
 mod sink;
 mod source;

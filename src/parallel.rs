@@ -29,11 +29,12 @@ use pgrx::{pg_guard, pg_sys, PgSqlErrorCode, PgTryBuilder};
 use serde_json::{json, Value};
 
 use crate::activity::{Description, Tracked};
-use crate::destination::file::{Directory, Written};
+use crate::destination::file::Directory;
 use crate::destination::{ExportDirectory, ManifestClaim};
 use crate::error::{context_lines, raise, raise_with_fields, ErrorFields};
 use crate::layout::{new_export_id, part_name};
 use crate::options::{BatchSize, Compression, ExportOptions, RawOptions};
+use crate::run::{self, Written};
 use crate::source::Source;
 
 // A slot's state starts at 0 (pending): the segment is zeroed.
@@ -439,7 +440,7 @@ fn run_partition(config: &Value, index: usize, slot: *mut Slot) -> bool {
         let leader_pid = unsafe { (*pg_sys::MyBgworkerEntry).bgw_notify_pid };
         crate::activity::set_worker_of(leader_pid, index as i32);
         let (source, options, directory, name) = partition_export(config, index);
-        let written = directory.export_part(source, options, &name);
+        let written = run::to_part(&directory, source, options, &name);
         // SAFETY: ends the transaction started above.
         unsafe {
             pg_sys::PopActiveSnapshot();

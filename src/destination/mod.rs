@@ -1,6 +1,6 @@
 //! Where an export goes: every destination lives here, one module each.
 //!
-//! The engine ([`crate::export`]) writes record lines into an
+//! The engine writes record lines into an
 //! [`crate::sink::ExportWriter`], which counts, checksums and compresses
 //! them and writes the finished bytes to a destination through
 //! [`std::io::Write`]; that is the one interface every destination
@@ -16,8 +16,10 @@
 //! Server-side targets are given as text: a path, or an object URI.
 //! [`Target::parse`] tells them apart; each kind keeps its privilege
 //! checks, path or URI rules and error codes in its module, and
-//! [`export_to_target`] and [`ExportDirectory`] are what the SQL entry
-//! points call, so a new kind of target touches this module only.
+//! [`ExportDirectory`] dispatches a directory export's storage steps to
+//! either kind, so a new kind of target touches this module only. Running
+//! an export into a destination is `crate::run`'s: nothing here names the
+//! export.
 
 pub mod bytea;
 pub mod client;
@@ -40,59 +42,6 @@ impl<'a> Target<'a> {
             Target::Object(object::parse_uri(text, prefix))
         } else {
             Target::Path(text)
-        }
-    }
-}
-
-/// Run `export`, at most `limit` rows (footer included when asked), through
-/// the export pipeline into `out`; returns `out`, not finished, for the
-/// destination to commit (or to drop), and what was written.
-pub fn write_export_into<W: std::io::Write>(
-    export: &mut crate::export::Export,
-    out: W,
-    limit: u64,
-) -> (W, file::PartWritten) {
-    let options = export.options();
-    let mut writer =
-        crate::sink::ExportWriter::new(out, options.compression, options.compression_level)
-            .writing_array(options.force_array);
-    let rows = crate::export::write_export(export, &mut writer, limit);
-    let stats = writer.stats();
-    let counts = file::PartWritten {
-        rows,
-        bytes: stats.bytes,
-        file_bytes: writer.output_bytes(),
-        crc32: stats.crc32(),
-    };
-    (writer.into_output(), counts)
-}
-
-/// Export to a server-side target, atomically: a file (written as a
-/// `.partial` file and renamed) or an object (a multipart upload completed
-/// at the end). Privilege checks come first, then the target, then
-/// `source()`; `overwrite` says whether an existing file or object may be
-/// replaced.
-pub fn export_to_target(
-    target: &str,
-    source: impl FnOnce() -> crate::source::Source,
-    options: crate::options::ExportOptions,
-    overwrite: bool,
-) -> crate::destination::file::Written {
-    match Target::parse(target, false) {
-        Target::Object(uri) => {
-            object::check_write_privilege();
-            object::export_to_object(source(), options, &uri, overwrite)
-        }
-        Target::Path(path) => {
-            crate::destination::file::check_write_privilege();
-            let (directory, name) = crate::destination::file::resolve_target(path);
-            crate::destination::file::export_to_file(
-                source(),
-                options,
-                &directory,
-                &name,
-                overwrite,
-            )
         }
     }
 }
@@ -222,27 +171,6 @@ impl ExportDirectory {
                 drop(lease);
             }
             _ => unreachable!("a manifest claim belongs to its own kind of directory"),
-        }
-    }
-
-    /// Export one part file `name` (never replacing one).
-    pub fn export_part(
-        &self,
-        source: crate::source::Source,
-        options: crate::options::ExportOptions,
-        name: &str,
-    ) -> crate::destination::file::Written {
-        match self {
-            ExportDirectory::Server(dir) => crate::destination::file::export_to_file(
-                source,
-                options,
-                dir,
-                std::ffi::OsStr::new(name),
-                false,
-            ),
-            ExportDirectory::Prefix(prefix) => {
-                object::export_to_object(source, options, &prefix.join(name), false)
-            }
         }
     }
 

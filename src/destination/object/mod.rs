@@ -362,35 +362,6 @@ pub fn remove_leftovers(client: &Client, prefix: &ObjectUri, keep: &dyn Fn(&str)
     }
 }
 
-/// Export `source` to the object `uri`: streamed up in parts, the object
-/// appearing only when the whole export succeeded. Same bytes as
-/// [`crate::destination::file::export_to_file`] writes with the same options.
-pub fn export_to_object(
-    source: crate::source::Source,
-    options: crate::options::ExportOptions,
-    uri: &ObjectUri,
-    overwrite: bool,
-) -> crate::destination::file::Written {
-    let upload = open_upload(uri, overwrite);
-    let mut export =
-        crate::export::Export::open(source, options, crate::progress::Destination::File);
-    export.track(&uri.to_string());
-    let (upload, counts) = crate::destination::write_export_into(&mut export, upload, u64::MAX);
-    let resume_token = export.resume_token();
-    upload
-        .finish()
-        .unwrap_or_else(|e| raise_upload_error(e, uri));
-    export.complete(counts.file_bytes, Some(counts.crc32));
-    crate::destination::file::Written {
-        path: std::path::PathBuf::from(uri.to_string()),
-        rows: counts.rows,
-        bytes: counts.bytes,
-        file_bytes: counts.file_bytes,
-        crc32: counts.crc32,
-        resume_token,
-    }
-}
-
 /// Raise an error of an upload's writer.
 pub fn raise_upload_error(error: std::io::Error, uri: &ObjectUri) -> ! {
     match upload::store_error_of(&error) {

@@ -1,0 +1,238 @@
+//! Running an export into a destination: the only layer that names both
+//! an [`Export`] (the engine) and where its bytes go (`crate::destination`).
+//!
+//! Every export that writes bytes goes through [`pump`]: the engine's
+//! batches are encoded into an [`ExportWriter`] (framing, footer, CRC,
+//! compression), which writes into the destination's `io::Write`. A
+//! single-target export ([`to_target`], [`to_file`], [`to_object`], COPY TO
+//! STDOUT) is one [`Single`] run: open the export, show it in the activity
+//! view, pump it whole, let the destination commit, then mark it complete.
+//! Directory workers ([`to_part`]) and chunked exports use the same pieces.
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::destination::file::{raise_io, Directory, PartialFile};
+use crate::destination::object::{self, uri::ObjectUri};
+use crate::destination::{ExportDirectory, Target};
+use crate::export::{Export, LineSink};
+use crate::options::ExportOptions;
+use crate::progress::Destination;
+use crate::sink::ExportWriter;
+use crate::source::Source;
+
+/// What a run wrote into its output.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counts {
+    /// Record rows.
+    pub rows: u64,
+    /// Uncompressed bytes (framing and footer included).
+    pub bytes: u64,
+    /// Bytes written to the destination (compressed when compressed).
+    pub file_bytes: u64,
+    /// CRC-32 of the uncompressed bytes.
+    pub crc32: u32,
+}
+
+/// What a single-target export wrote, once in place.
+pub struct Written {
+    /// The file's path, or the object's URI.
+    pub path: PathBuf,
+    pub rows: u64,
+    pub bytes: u64,
+    pub file_bytes: u64,
+    pub crc32: u32,
+    pub resume_token: Option<String>,
+}
+
+/// Lets the engine append lines straight into an [`ExportWriter`]'s block.
+pub struct WriterSink<'a, W: Write>(pub &'a mut ExportWriter<W>);
+
+impl<W: Write> LineSink for WriterSink<'_, W> {
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        self.0.start_record()
+    }
+
+    fn line_done(&mut self, _start: usize) {
+        if let Err(e) = self.0.end_record() {
+            raise_io(e, "export output");
+        }
+    }
+}
+
+/// A writer for `export`'s output options, writing into `out`.
+pub fn writer_for<W: Write>(export: &Export, out: W) -> ExportWriter<W> {
+    let options = export.options();
+    ExportWriter::new(out, options.compression, options.compression_level)
+        .writing_array(options.force_array)
+}
+
+/// One batch of `export` (at most `limit` rows) into `writer`: the rows
+/// written, 0 when the export has no row left.
+pub fn step<W: Write>(export: &mut Export, writer: &mut ExportWriter<W>, limit: u64) -> u64 {
+    let rows = export.next_fetch_rows().min(limit);
+    let fetched = export.fetch(rows, &mut WriterSink(writer));
+    if fetched > 0 {
+        writer
+            .drain()
+            .unwrap_or_else(|e| raise_io(e, "export output"));
+        export.note_written(writer.output_bytes());
+    }
+    fetched
+}
+
+/// Finish `writer` (the footer when asked) and say what it wrote.
+pub fn finish<W: Write>(export: &Export, writer: &mut ExportWriter<W>) -> Counts {
+    export
+        .finish_writer(writer)
+        .unwrap_or_else(|e| raise_io(e, "export output"));
+    let stats = writer.stats();
+    Counts {
+        rows: stats.rows,
+        bytes: stats.bytes,
+        file_bytes: writer.output_bytes(),
+        crc32: stats.crc32(),
+    }
+}
+
+/// The pipeline run: `export`, at most `limit` rows (footer included when
+/// asked), into `out`; returns `out`, not committed, for the destination to
+/// commit (or to drop), and what was written.
+pub fn pump<W: Write>(export: &mut Export, out: W, limit: u64) -> (W, Counts) {
+    let mut writer = writer_for(export, out);
+    let mut written = 0;
+    while written < limit {
+        let fetched = step(export, &mut writer, limit - written);
+        if fetched == 0 {
+            break;
+        }
+        written += fetched;
+    }
+    let counts = finish(export, &mut writer);
+    (writer.into_output(), counts)
+}
+
+/// A single-target export: opened, shown in the activity view, pumped
+/// whole, committed by its destination, then complete.
+pub struct Single {
+    export: Export,
+}
+
+impl Single {
+    /// Open the export of `source`; `shown_as` is its destination in the
+    /// activity view and the audit line.
+    pub fn open(source: Source, options: ExportOptions, kind: Destination, shown_as: &str) -> Self {
+        let mut export = Export::open(source, options, kind);
+        export.track(shown_as);
+        Single { export }
+    }
+
+    /// Pump the whole export into `out`, then `commit` it (the commit point
+    /// of the destination: a rename, an upload's completion, the end of a
+    /// COPY); the export is complete once that returns.
+    pub fn run<W: Write, R>(
+        mut self,
+        out: W,
+        commit: impl FnOnce(W) -> R,
+    ) -> (R, Counts, Option<String>) {
+        let (out, counts) = pump(&mut self.export, out, u64::MAX);
+        let resume_token = self.export.resume_token();
+        let committed = commit(out);
+        self.export.complete(counts.file_bytes, Some(counts.crc32));
+        (committed, counts, resume_token)
+    }
+}
+
+fn written(path: PathBuf, counts: Counts, resume_token: Option<String>) -> Written {
+    Written {
+        path,
+        rows: counts.rows,
+        bytes: counts.bytes,
+        file_bytes: counts.file_bytes,
+        crc32: counts.crc32,
+        resume_token,
+    }
+}
+
+/// Export `source` to `name` in `dir` atomically (a locked `.partial` file
+/// written by a helper thread, renamed at the end); the caller has checked
+/// the privilege.
+pub fn to_file(
+    source: Source,
+    options: ExportOptions,
+    dir: &Directory,
+    name: &OsStr,
+    overwrite: bool,
+) -> Written {
+    let mut partial = PartialFile::create(dir, name, overwrite);
+    let file = partial
+        .take_file()
+        .unwrap_or_else(|e| raise_io(e, "export output"));
+    let single = Single::open(source, options, Destination::File, &dir.display(name));
+    let (path, counts, resume_token) = single.run(
+        crate::sink::background::BackgroundWriter::new(file),
+        |writer| {
+            let file = writer
+                .finish()
+                .unwrap_or_else(|e| raise_io(e, "export output"));
+            partial.commit(file, overwrite)
+        },
+    );
+    written(path, counts, resume_token)
+}
+
+/// Export `source` to the object `uri` (a multipart upload completed at the
+/// end); the caller has checked the privilege.
+pub fn to_object(
+    source: Source,
+    options: ExportOptions,
+    uri: &ObjectUri,
+    overwrite: bool,
+) -> Written {
+    let upload = object::open_upload(uri, overwrite);
+    let single = Single::open(source, options, Destination::File, &uri.to_string());
+    let ((), counts, resume_token) = single.run(upload, |upload| {
+        upload
+            .finish()
+            .unwrap_or_else(|e| object::raise_upload_error(e, uri))
+    });
+    written(PathBuf::from(uri.to_string()), counts, resume_token)
+}
+
+/// Export to a server-side target, atomically: a file (written as a
+/// `.partial` file and renamed) or an object (a multipart upload completed
+/// at the end). Privilege checks come first, then the target, then
+/// `source()`; `overwrite` says whether an existing file or object may be
+/// replaced.
+pub fn to_target(
+    target: &str,
+    source: impl FnOnce() -> Source,
+    options: ExportOptions,
+    overwrite: bool,
+) -> Written {
+    match Target::parse(target, false) {
+        Target::Object(uri) => {
+            object::check_write_privilege();
+            to_object(source(), options, &uri, overwrite)
+        }
+        Target::Path(path) => {
+            crate::destination::file::check_write_privilege();
+            let (directory, name) = crate::destination::file::resolve_target(path);
+            to_file(source(), options, &directory, &name, overwrite)
+        }
+    }
+}
+
+/// Export one part file `name` of a directory export (never replacing one).
+pub fn to_part(
+    directory: &ExportDirectory,
+    source: Source,
+    options: ExportOptions,
+    name: &str,
+) -> Written {
+    match directory {
+        ExportDirectory::Server(dir) => to_file(source, options, dir, OsStr::new(name), false),
+        ExportDirectory::Prefix(prefix) => to_object(source, options, &prefix.join(name), false),
+    }
+}
