@@ -12,6 +12,9 @@ scripts/setup.sh
 echo "==> cargo fmt --check"
 cargo fmt --check
 
+echo "==> layers: every dependency points down (ARCHITECTURE.md)"
+python3 scripts/check_layers.py
+
 echo "==> pure Rust tests"
 cargo test --lib unit_tests
 

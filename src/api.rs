@@ -715,7 +715,7 @@ fn stream_export_verify_manifest(
     ),
 > {
     let directory = crate::destination::ExportDirectory::open_for_verify(directory);
-    TableIterator::once(directory.verify(&mut check_interrupts))
+    TableIterator::once(run::verify_directory(&directory, &mut check_interrupts))
 }
 
 /// The C entry points that version 0.1.0's SQL definitions name, with that

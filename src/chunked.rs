@@ -24,6 +24,9 @@ use serde_json::{json, Value};
 
 use crate::activity::{Description, Tracked};
 use crate::destination::file::{raise_io, Directory, PartialFile};
+use crate::destination::listing::{
+    commit_manifest, read_journal, read_listing, remove_stale_parts,
+};
 use crate::destination::object::client::{Client, Failure};
 use crate::destination::object::uri::ObjectUri;
 use crate::destination::object::{self, raise_store_error, raise_upload_error};
@@ -31,9 +34,8 @@ use crate::destination::ExportDirectory;
 use crate::error::raise;
 use crate::export::{relation_row_estimate, Export};
 use crate::layout::{
-    commit_manifest, export_id_of_part, is_part_file_name, manifest_parts, new_export_id,
-    part_name, read_journal, read_listing, read_manifest, remove_stale_parts, MANIFEST, PROGRESS,
-    PROGRESS_HEADER,
+    export_id_of_part, is_part_file_name, manifest_parts, new_export_id, part_name, read_manifest,
+    MANIFEST, PROGRESS, PROGRESS_HEADER,
 };
 use crate::options::{BatchSize, Compression, ExportOptions};
 use crate::progress::Destination;

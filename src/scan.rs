@@ -12,6 +12,17 @@ use pgrx::{pg_guard, pg_sys, PgSqlErrorCode};
 
 use crate::error::raise;
 
+/// A query PostgreSQL has parsed already: the raw parse tree of
+/// `COPY (query) TO ...` and the statement text it points into. Valid for
+/// the duration of the statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParsedQuery {
+    pub raw: *mut pg_sys::Node,
+    pub source_text: *const std::ffi::c_char,
+    pub location: i32,
+    pub len: i32,
+}
+
 /// An open, read-only SPI cursor, identified by its portal name.
 pub struct Cursor {
     portal_name: CString,
@@ -198,10 +209,7 @@ impl Cursor {
     /// Analyse, rewrite and plan a query PostgreSQL has parsed (the query of
     /// a COPY statement), as COPY itself does, and open it as a portal. Only
     /// a read-only SELECT is accepted.
-    pub fn open_parsed(
-        query: &crate::source::ParsedQuery,
-        row_cxt: pg_sys::MemoryContext,
-    ) -> Cursor {
+    pub fn open_parsed(query: &ParsedQuery, row_cxt: pg_sys::MemoryContext) -> Cursor {
         let refuse = |problem: &str| -> ! {
             raise(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,

@@ -33,16 +33,7 @@ pub enum Source {
     Parsed(ParsedQuery),
 }
 
-/// A query PostgreSQL has parsed already: the raw parse tree of
-/// `COPY (query) TO ...` and the statement text it points into. Valid for
-/// the duration of the statement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ParsedQuery {
-    pub raw: *mut pg_sys::Node,
-    pub source_text: *const std::ffi::c_char,
-    pub location: i32,
-    pub len: i32,
-}
+pub use crate::scan::ParsedQuery;
 
 impl Source {
     /// Resolve `source` as the specification says: a relation if it names

@@ -7,6 +7,7 @@
 use std::io::{self, BufRead, BufReader, Read};
 
 use crate::footer::{FOOTER_PREFIX, FOOTER_VERSION};
+use crate::layout::{is_part_file_name, read_manifest, MANIFEST};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -334,6 +335,77 @@ impl Scanner {
             )
         }
     }
+}
+
+/// A reader of the file (or object) `name` of a directory export.
+pub type OpenListed<'a> = dyn FnMut(&str) -> std::io::Result<Box<dyn std::io::Read>> + 'a;
+
+/// Check every part of a directory export against the manifest and its own
+/// footer, reading each file with `open`. Returns (ok, parts, rows,
+/// detail); never raises for bad contents.
+pub fn verify_directory(
+    open: &mut OpenListed<'_>,
+    interrupt: &mut dyn FnMut(),
+) -> (bool, i32, i64, String) {
+    let manifest = match open(MANIFEST) {
+        Ok(file) => match read_manifest(file) {
+            Some(value) => value,
+            None => return (false, 0, 0, "manifest.json is not valid JSON".into()),
+        },
+        Err(e) => return (false, 0, 0, format!("cannot read manifest.json: {e}")),
+    };
+    let Some(parts) = manifest["parts"].as_array() else {
+        return (false, 0, 0, "manifest.json has no parts".into());
+    };
+    let count = parts.len() as i32;
+    let mut rows = 0i64;
+    for part in parts {
+        let name = part["file"].as_str().unwrap_or("");
+        if !is_part_file_name(name) {
+            return (
+                false,
+                count,
+                rows,
+                format!("\"{name}\" is not a part file name"),
+            );
+        }
+        let verdict = match open(name).and_then(|file| verify(file, interrupt)) {
+            Ok(verdict) => verdict,
+            Err(e) => return (false, count, rows, format!("{name}: cannot be read: {e}")),
+        };
+        if !verdict.ok {
+            return (false, count, rows, format!("{name}: {}", verdict.detail));
+        }
+        let expected = (part["rows"].as_u64(), part["crc32"].as_str());
+        if expected
+            != (
+                Some(verdict.rows),
+                Some(format!("{:08x}", verdict.crc32).as_str()),
+            )
+        {
+            return (
+                false,
+                count,
+                rows,
+                format!("{name}: does not match the manifest"),
+            );
+        }
+        rows += verdict.rows as i64;
+    }
+    if manifest["totals"]["rows"].as_i64() != Some(rows) {
+        return (
+            false,
+            count,
+            rows,
+            "the parts' rows do not add up to the manifest's total".into(),
+        );
+    }
+    (
+        true,
+        count,
+        rows,
+        format!("{count} parts, {rows} rows: all match the manifest"),
+    )
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
 pub mod bytea;
 pub mod client;
 pub mod file;
+pub mod listing;
 pub mod object;
 
 use object::uri::{looks_like_uri, ObjectUri};
@@ -116,7 +117,7 @@ impl ExportDirectory {
                     std::ffi::OsStr::new(crate::layout::MANIFEST),
                     overwrite,
                 );
-                crate::layout::remove_stale_parts(dir);
+                listing::remove_stale_parts(dir);
                 ManifestClaim::Server(partial)
             }
             ExportDirectory::Prefix(prefix) => {
@@ -151,13 +152,7 @@ impl ExportDirectory {
     ) {
         match (self, claim) {
             (ExportDirectory::Server(dir), ManifestClaim::Server(partial)) => {
-                crate::layout::commit_listing(
-                    dir,
-                    partial,
-                    crate::layout::MANIFEST,
-                    listing,
-                    overwrite,
-                )
+                listing::commit_listing(dir, partial, crate::layout::MANIFEST, listing, overwrite)
             }
             (
                 ExportDirectory::Prefix(prefix),
@@ -192,32 +187,6 @@ impl ExportDirectory {
                 }
             }
             ExportDirectory::Prefix(prefix) => object::remove_parts_of(prefix, export_id),
-        }
-    }
-
-    /// Check a directory export against its manifest (see
-    /// [`crate::layout::verify_directory`]).
-    pub fn verify(&self, interrupt: &mut dyn FnMut()) -> (bool, i32, i64, String) {
-        match self {
-            ExportDirectory::Server(dir) => crate::layout::verify_directory(
-                &mut |name| {
-                    dir.open_regular(std::ffi::OsStr::new(name))
-                        .map(|f| Box::new(f) as Box<dyn std::io::Read>)
-                },
-                interrupt,
-            ),
-            ExportDirectory::Prefix(prefix) => {
-                let client = object::session_client();
-                crate::layout::verify_directory(
-                    &mut |name| {
-                        client
-                            .get(&prefix.join(name))
-                            .map(|r| Box::new(r) as Box<dyn std::io::Read>)
-                            .map_err(std::io::Error::other)
-                    },
-                    interrupt,
-                )
-            }
         }
     }
 

@@ -236,3 +236,32 @@ pub fn to_part(
         ExportDirectory::Prefix(prefix) => to_object(source, options, &prefix.join(name), false),
     }
 }
+
+/// Check a directory export against its manifest (see
+/// [`crate::verify::verify_directory`]), reading its files where they are.
+pub fn verify_directory(
+    directory: &ExportDirectory,
+    interrupt: &mut dyn FnMut(),
+) -> (bool, i32, i64, String) {
+    match directory {
+        ExportDirectory::Server(dir) => crate::verify::verify_directory(
+            &mut |name| {
+                dir.open_regular(OsStr::new(name))
+                    .map(|f| Box::new(f) as Box<dyn std::io::Read>)
+            },
+            interrupt,
+        ),
+        ExportDirectory::Prefix(prefix) => {
+            let client = object::session_client();
+            crate::verify::verify_directory(
+                &mut |name| {
+                    client
+                        .get(&prefix.join(name))
+                        .map(|r| Box::new(r) as Box<dyn std::io::Read>)
+                        .map_err(std::io::Error::other)
+                },
+                interrupt,
+            )
+        }
+    }
+}
