@@ -34,17 +34,9 @@ fn check_interrupts() {
     pgrx::check_for_interrupts!();
 }
 
-fn option_error(err: OptionError) -> ! {
-    raise(
-        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-        err.message,
-        Some(&err.hint),
-    )
-}
-
 /// Validate the common options or raise `22023`.
 fn export_options(raw: RawOptions<'_>) -> ExportOptions {
-    ExportOptions::parse(&raw).unwrap_or_else(|e| option_error(e))
+    ExportOptions::parse(&raw).unwrap_or_else(|e| e.raise())
 }
 
 /// One NDJSON line per row of `source`; the footer, if asked, comes last.
@@ -86,13 +78,14 @@ fn stream_export_v2(
         omit_nulls,
     });
     if options.compression != Compression::None {
-        option_error(OptionError {
+        OptionError {
             message: format!(
                 "stream_export returns text lines; compression '{}' is not available here",
                 options.compression
             ),
             hint: "use stream_export_bytes or stream_export_to_file for compressed output".into(),
-        });
+        }
+        .raise();
     }
     let mut export = Export::open(
         Source::resolve(required(source, "source")),
@@ -269,7 +262,7 @@ fn stream_export_bytes_v2(
         bytea_base64,
         omit_nulls,
     });
-    let chunk_size = parse_chunk_size(chunk_size).unwrap_or_else(|e| option_error(e));
+    let chunk_size = parse_chunk_size(chunk_size).unwrap_or_else(|e| e.raise());
     let mut export = Export::open(
         Source::resolve(required(source, "source")),
         options,

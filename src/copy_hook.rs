@@ -308,16 +308,9 @@ fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
         match name.as_str() {
             "format" => {}
             "compression" => {
-                options.compression =
-                    option_string(def)
-                        .parse()
-                        .unwrap_or_else(|e: crate::options::OptionError| {
-                            raise(
-                                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                                e.message,
-                                Some(&e.hint),
-                            )
-                        })
+                options.compression = option_string(def)
+                    .parse()
+                    .unwrap_or_else(|e: crate::options::OptionError| e.raise())
             }
             "compression_level" => {
                 // SAFETY: `def` is a DefElem of the parsed statement;
@@ -476,13 +469,7 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
         omit_nulls: copy_options.omit_nulls,
         ..Default::default()
     })
-    .unwrap_or_else(|e| {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            e.message,
-            Some(&e.hint),
-        )
-    });
+    .unwrap_or_else(|e| e.raise());
     // SAFETY: plain reads of the statement.
     let filename = unsafe { (*copy).filename };
     let rows = if filename.is_null() {

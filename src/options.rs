@@ -51,6 +51,16 @@ impl OptionError {
             hint: hint.into(),
         }
     }
+
+    /// Raise it: every rejected option value is `22023`
+    /// invalid_parameter_value, wherever it was given.
+    pub fn raise(self) -> ! {
+        crate::error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            self.message,
+            Some(&self.hint),
+        )
+    }
 }
 
 /// Rows per fetch: adaptive, or a fixed number.

@@ -375,13 +375,7 @@ fn partition_export(
         key_to: bounds[1].as_str(),
         ..Default::default()
     };
-    let options = ExportOptions::parse(&raw).unwrap_or_else(|e| {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            e.message,
-            Some(&e.hint),
-        )
-    });
+    let options = ExportOptions::parse(&raw).unwrap_or_else(|e| e.raise());
     let directory = match config["object_prefix"].as_str() {
         Some(prefix) => {
             ExportDirectory::Prefix(crate::destination::object::parse_uri(prefix, true))
