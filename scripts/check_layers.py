@@ -13,33 +13,71 @@ from pathlib import Path
 
 # Top to bottom. A top-level module of the crate is in exactly one layer.
 LAYERS = [
-    ("sql", {"api", "copy_hook", "lib"}),
-    ("run", {"run", "chunked", "parallel"}),
-    ("engine", {"export", "source", "scan", "plan"}),
-    ("encode/sink", {"encode", "sink", "verify"}),
+    ("sql", {"sql", "lib"}),
+    ("run", {"run"}),
+    ("engine", {"engine"}),
+    ("encode/sink", {"encode", "sink"}),
     ("destination", {"destination"}),
     ("leaf", {"options", "gucs", "token", "footer", "layout", "error", "ident", "compat",
               "activity", "progress", "pgrx_tests"}),
 ]
-ENTRY_POINTS = {"api", "copy_hook"}
+# The SQL entry points: they do not name each other.
+ENTRY_POINTS = {"sql::api", "sql::copy_hook"}
 # Names the storage layer must never use: running exports is run/'s.
 ABOVE_STORAGE = re.compile(r"\b(Export|ExportWriter|Source)\b")
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-PATH = re.compile(r"\bcrate::([a-z_][a-z0-9_]*)")
+# `crate::a`, `crate::a::b`, and `crate::a::{b, c::d}`.
+PATH = re.compile(r"\bcrate::([a-z_][a-z0-9_]*)(?:::([a-z_][a-z0-9_]*|\{[^;]*?\}))?", re.S)
 GROUP = re.compile(r"\buse\s+crate::\{([^;]*)\}", re.S)
 
 
 def layer_of(module: str) -> int:
+    top = module.split("::")[0]
     for index, (_, modules) in enumerate(LAYERS):
-        if module in modules:
+        if top in modules:
             return index
-    raise SystemExit(f"check_layers: module `{module}` is in no layer: add it to LAYERS")
+    raise SystemExit(f"check_layers: module `{top}` is in no layer: add it to LAYERS")
+
+
+def submodules(top: str) -> set[str]:
+    folder = SRC / top
+    if not folder.is_dir():
+        return set()
+    return {f.stem for f in folder.iterdir() if f.suffix == ".rs" and f.stem != "mod"} | \
+        {d.name for d in folder.iterdir() if d.is_dir()}
+
+
+def unit(top: str, second: str | None) -> str:
+    """The module a path names, to the depth of a folder's files: `run`
+    (its mod.rs) or `run::chunked`."""
+    if second and second in submodules(top):
+        return f"{top}::{second}"
+    return top
 
 
 def module_of(path: Path) -> str:
-    top = path.relative_to(SRC).parts[0]
-    return top[:-3] if top.endswith(".rs") else top
+    parts = path.relative_to(SRC).parts
+    top = parts[0][:-3] if parts[0].endswith(".rs") else parts[0]
+    if len(parts) == 1:
+        return top
+    second = parts[1][:-3] if parts[1].endswith(".rs") else parts[1]
+    return top if second == "mod" else unit(top, second)
+
+
+def named_in(code: str) -> set[str]:
+    named = set()
+    for top, rest in PATH.findall(code):
+        if rest.startswith("{"):
+            inner = [m.split("::")[0].strip() for m in rest[1:-1].split(",") if m.strip()]
+            named |= {unit(top, m) if m != "self" else top for m in inner}
+        else:
+            named.add(unit(top, rest or None))
+    for group in GROUP.findall(code):
+        for item in (m.strip() for m in group.split(",") if m.strip()):
+            first, _, second = item.partition("::")
+            named.add(unit(first, second.split("::")[0] or None))
+    return named
 
 
 def code_of(text: str) -> str:
@@ -56,9 +94,7 @@ def main() -> int:
     for path in sorted(SRC.rglob("*.rs")):
         module = module_of(path)
         code = code_of(path.read_text())
-        named = set(PATH.findall(code))
-        for group in GROUP.findall(code):
-            named |= {m.split("::")[0].strip() for m in group.split(",") if m.strip()}
+        named = named_in(code)
         named.discard(module)
         edges.setdefault(module, set()).update(named)
         for other in sorted(named):
@@ -69,7 +105,7 @@ def main() -> int:
             if module in ENTRY_POINTS and other in ENTRY_POINTS:
                 problems.append(f"{path.relative_to(SRC.parent)}: entry point `{module}` "
                                 f"names entry point `{other}`")
-        if module == "destination":
+        if module.split("::")[0] == "destination":
             for number, line in enumerate(code.splitlines(), 1):
                 if ABOVE_STORAGE.search(line):
                     problems.append(f"{path.relative_to(SRC.parent)}:{number}: storage names "

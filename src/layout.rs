@@ -2,7 +2,7 @@
 //! `manifest.json`, shared by the directory export and the chunked export:
 //! the names of its files and reading a manifest's part list. A leaf: where
 //! the files live (`crate::destination`) and how they are checked
-//! (`crate::verify`) build on it.
+//! (`crate::sink::verify`) build on it.
 
 use pgrx::pg_sys;
 use serde_json::Value;

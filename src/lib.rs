@@ -1,34 +1,29 @@
 //! pg_stream_export: stream exports of any size out of PostgreSQL as NDJSON.
 //!
-//! The `#[pg_extern]` layer lives in [`api`]; everything it calls is either
-//! pure Rust (unit-tested without a server) or one of the few modules that
-//! talk to PostgreSQL through `pg_sys` ([`scan`], [`source`], [`error`]).
+//! The folders follow the path of an export (see `ARCHITECTURE.md`):
+//! [`sql`] (the SQL functions and the COPY hook) calls [`run`] (one
+//! pipeline run into a destination), which drives [`engine`] (what is
+//! read), [`encode`] and [`sink`] (the bytes), and [`destination`] (where
+//! they go); leaf modules serve them all.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod activity;
-mod api;
-mod chunked;
 mod compat;
-mod copy_hook;
 mod destination;
 mod encode;
+mod engine;
 mod error;
-mod export;
 mod footer;
 mod gucs;
 mod ident;
 mod layout;
 mod options;
-mod parallel;
-mod plan;
 mod progress;
 mod run;
-mod scan;
 mod sink;
-mod source;
+mod sql;
 mod token;
-mod verify;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -39,7 +34,7 @@ pub extern "C-unwind" fn _PG_init() {
     keep_rust_backtraces_out_of_errors();
     gucs::define();
     activity::install();
-    copy_hook::install();
+    sql::copy_hook::install();
 }
 
 /// pgrx appends a Rust backtrace to an ERROR's DETAIL whenever the

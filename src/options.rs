@@ -1,11 +1,13 @@
 //! Export options: typed, validated, with the error each bad value gets.
-//! Pure Rust; the SQL layer turns an [`OptionError`] into `22023`.
+//! Pure Rust; [`OptionError::raise`] makes a rejected value `22023`.
 
 use std::fmt;
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
+
 /// Output compression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Compression {
     #[default]
     None,
@@ -64,7 +66,7 @@ impl OptionError {
 }
 
 /// Rows per fetch: adaptive, or a fixed number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BatchSize {
     /// Aim at [`BatchSize::TARGET_BYTES`] per batch from the observed row width.
     Auto,
@@ -95,7 +97,7 @@ impl BatchSize {
 }
 
 /// Everything an export can be asked for, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportOptions {
     pub compression: Compression,
     pub compression_level: u32,
@@ -114,7 +116,7 @@ pub struct ExportOptions {
 /// How values of a few types are written; all off (the default) is
 /// `row_to_json`'s output. They apply inside arrays and composites too;
 /// json and jsonb values are never touched.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JsonStyle {
     /// int8 as a JSON string: `"9007199254740993"`.
     pub bigint_as_string: bool,

@@ -1,13 +1,13 @@
-//! A directory export's listing files in a server directory: the manifest
-//! and a chunked export's journal, committed by rename, and the part files
-//! that exports which died left behind.
+//! A directory export's listing files in a server directory: reading the
+//! manifest and a chunked export's journal, committing a manifest by
+//! rename, and the part files that exports which died left behind.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use serde_json::Value;
 
-use super::file::{raise_io, remove_if_abandoned, Directory, Occupant, PartialFile};
+use super::file::{remove_if_abandoned, Directory, Occupant, PartialFile};
 use crate::layout::{
     export_id_of_part, is_part_file_name, manifest_parts, read_manifest, MANIFEST, PROGRESS,
 };
@@ -87,25 +87,6 @@ pub fn remove_stale_parts(directory: &Directory) {
             );
         }
     }
-}
-
-/// Write `listing` into `partial` and rename it into place (for the
-/// manifest: the commit point). With `overwrite`, the parts of the
-/// manifest it replaced that the new one does not list are removed.
-pub fn commit_listing(
-    directory: &Directory,
-    mut partial: PartialFile,
-    name: &str,
-    listing: &Value,
-    overwrite: bool,
-) {
-    let text = serde_json::to_string_pretty(listing).unwrap_or_default() + "\n";
-    let mut file = partial.take_file().unwrap_or_else(|e| raise_io(e, name));
-    std::io::Write::write_all(&mut file, text.as_bytes()).unwrap_or_else(|e| raise_io(e, name));
-    let new_parts = manifest_parts(listing);
-    commit_manifest(directory, partial, file, overwrite, |part| {
-        new_parts.iter().any(|p| p == part)
-    });
 }
 
 /// Rename a written manifest into place: the commit point. With

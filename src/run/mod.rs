@@ -4,23 +4,27 @@
 //! Every export that writes bytes goes through [`pump`]: the engine's
 //! batches are encoded into an [`ExportWriter`] (framing, footer, CRC,
 //! compression), which writes into the destination's `io::Write`. A
-//! single-target export ([`to_target`], [`to_file`], [`to_object`], COPY TO
-//! STDOUT) is one [`Single`] run: open the export, show it in the activity
+//! single-target export ([`to_target`], [`to_output`], COPY TO STDOUT) is
+//! one [`Single`] run: open the export, show it in the activity
 //! view, pump it whole, let the destination commit, then mark it complete.
 //! Directory workers ([`to_part`]) and chunked exports use the same pieces.
 
-use std::ffi::OsStr;
+pub mod chunked;
+pub mod manifest;
+pub mod parallel;
+
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::destination::file::{raise_io, Directory, PartialFile};
-use crate::destination::object::{self, uri::ObjectUri};
+use crate::destination::file::raise_io;
+use crate::destination::object;
+use crate::destination::output::Output;
 use crate::destination::{ExportDirectory, Target};
-use crate::export::{Export, LineSink};
+use crate::engine::export::{Export, LineSink};
+use crate::engine::source::Source;
 use crate::options::ExportOptions;
 use crate::progress::Destination;
 use crate::sink::ExportWriter;
-use crate::source::Source;
 
 /// What a run wrote into its output.
 #[derive(Clone, Copy, Debug, Default)]
@@ -155,49 +159,12 @@ fn written(path: PathBuf, counts: Counts, resume_token: Option<String>) -> Writt
     }
 }
 
-/// Export `source` to `name` in `dir` atomically (a locked `.partial` file
-/// written by a helper thread, renamed at the end); the caller has checked
-/// the privilege.
-pub fn to_file(
-    source: Source,
-    options: ExportOptions,
-    dir: &Directory,
-    name: &OsStr,
-    overwrite: bool,
-) -> Written {
-    let mut partial = PartialFile::create(dir, name, overwrite);
-    let file = partial
-        .take_file()
-        .unwrap_or_else(|e| raise_io(e, "export output"));
-    let single = Single::open(source, options, Destination::File, &dir.display(name));
-    let (path, counts, resume_token) = single.run(
-        crate::sink::background::BackgroundWriter::new(file),
-        |writer| {
-            let file = writer
-                .finish()
-                .unwrap_or_else(|e| raise_io(e, "export output"));
-            partial.commit(file, overwrite)
-        },
-    );
+/// Export `source` into `output` (a file or an object, see
+/// [`Output`]), committed at the end; the caller has checked the privilege.
+pub fn to_output(source: Source, options: ExportOptions, output: Output) -> Written {
+    let single = Single::open(source, options, Destination::File, &output.describe());
+    let (path, counts, resume_token) = single.run(output, Output::commit);
     written(path, counts, resume_token)
-}
-
-/// Export `source` to the object `uri` (a multipart upload completed at the
-/// end); the caller has checked the privilege.
-pub fn to_object(
-    source: Source,
-    options: ExportOptions,
-    uri: &ObjectUri,
-    overwrite: bool,
-) -> Written {
-    let upload = object::open_upload(uri, overwrite);
-    let single = Single::open(source, options, Destination::File, &uri.to_string());
-    let ((), counts, resume_token) = single.run(upload, |upload| {
-        upload
-            .finish()
-            .unwrap_or_else(|e| object::raise_upload_error(e, uri))
-    });
-    written(PathBuf::from(uri.to_string()), counts, resume_token)
 }
 
 /// Export to a server-side target, atomically: a file (written as a
@@ -214,12 +181,16 @@ pub fn to_target(
     match Target::parse(target, false) {
         Target::Object(uri) => {
             object::check_write_privilege();
-            to_object(source(), options, &uri, overwrite)
+            let source = source();
+            let output = Output::object(&uri, overwrite);
+            to_output(source, options, output)
         }
         Target::Path(path) => {
             crate::destination::file::check_write_privilege();
             let (directory, name) = crate::destination::file::resolve_target(path);
-            to_file(source(), options, &directory, &name, overwrite)
+            let source = source();
+            let output = Output::file(&directory, &name, overwrite);
+            to_output(source, options, output)
         }
     }
 }
@@ -231,37 +202,14 @@ pub fn to_part(
     options: ExportOptions,
     name: &str,
 ) -> Written {
-    match directory {
-        ExportDirectory::Server(dir) => to_file(source, options, dir, OsStr::new(name), false),
-        ExportDirectory::Prefix(prefix) => to_object(source, options, &prefix.join(name), false),
-    }
+    to_output(source, options, directory.create_part(name, false))
 }
 
 /// Check a directory export against its manifest (see
-/// [`crate::verify::verify_directory`]), reading its files where they are.
+/// [`crate::sink::verify::verify_directory`]), reading its files where they are.
 pub fn verify_directory(
     directory: &ExportDirectory,
     interrupt: &mut dyn FnMut(),
 ) -> (bool, i32, i64, String) {
-    match directory {
-        ExportDirectory::Server(dir) => crate::verify::verify_directory(
-            &mut |name| {
-                dir.open_regular(OsStr::new(name))
-                    .map(|f| Box::new(f) as Box<dyn std::io::Read>)
-            },
-            interrupt,
-        ),
-        ExportDirectory::Prefix(prefix) => {
-            let client = object::session_client();
-            crate::verify::verify_directory(
-                &mut |name| {
-                    client
-                        .get(&prefix.join(name))
-                        .map(|r| Box::new(r) as Box<dyn std::io::Read>)
-                        .map_err(std::io::Error::other)
-                },
-                interrupt,
-            )
-        }
-    }
+    crate::sink::verify::verify_directory(&mut |name| directory.open_file(name), interrupt)
 }

@@ -2,8 +2,8 @@
 //! the record bytes, optional gzip compression, and an [`std::io::Write`]
 //! destination (a chunk buffer for `bytea` streams, a file, ...).
 
-pub mod background;
 pub mod gzip;
+pub mod verify;
 
 use std::io::{self, Write};
 

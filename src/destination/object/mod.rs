@@ -381,20 +381,10 @@ pub fn raise_if_upload_error(error: &std::io::Error) {
     }
 }
 
-/// A small JSON object's value; `None` when there is none (or it does not
-/// parse). Other failures raise.
-pub fn read_small_json(client: &Client, uri: &ObjectUri) -> Option<serde_json::Value> {
-    match client.get_small(uri) {
-        Ok(found) => found.and_then(|(text, _)| serde_json::from_str(&text).ok()),
-        Err(e) => raise_store_error(&e, "read", Some(uri)),
-    }
-}
-
 /// Claim a prefix's manifest for a directory export: `58P02` if one is
 /// there and not `overwrite`; else the parts it lists (to remove once the
 /// new manifest replaced it).
-pub fn claim_manifest(prefix: &ObjectUri, overwrite: bool) -> Vec<String> {
-    let client = session_client();
+pub fn claim_manifest(client: &Client, prefix: &ObjectUri, overwrite: bool) -> Vec<String> {
     let manifest = prefix.join(crate::layout::MANIFEST);
     let existing = match client.get(&manifest) {
         Ok(reader) => {
@@ -414,26 +404,6 @@ pub fn claim_manifest(prefix: &ObjectUri, overwrite: bool) -> Vec<String> {
         ),
         Some(old) => crate::layout::manifest_parts(&old),
         None => Vec::new(),
-    }
-}
-
-/// Put the manifest in place (the commit point), then remove the parts of
-/// the export it replaced that it does not list.
-pub fn commit_manifest(
-    prefix: &ObjectUri,
-    listing: &serde_json::Value,
-    overwrite: bool,
-    replaced: &[String],
-) {
-    let client = session_client();
-    let manifest = prefix.join(crate::layout::MANIFEST);
-    let text = serde_json::to_string_pretty(listing).unwrap_or_default() + "\n";
-    client
-        .put(&manifest, text.as_bytes(), overwrite)
-        .unwrap_or_else(|e| raise_store_error(&e, "write", Some(&manifest)));
-    let listed = crate::layout::manifest_parts(listing);
-    for part in replaced.iter().filter(|p| !listed.contains(p)) {
-        let _ = client.delete(&prefix.join(part));
     }
 }
 

@@ -26,16 +26,18 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 use pgrx::bgworkers::BackgroundWorkerBuilder;
 use pgrx::{pg_guard, pg_sys, PgSqlErrorCode, PgTryBuilder};
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::activity::{Description, Tracked};
 use crate::destination::file::Directory;
 use crate::destination::{ExportDirectory, ManifestClaim};
+use crate::engine::source::Source;
 use crate::error::{context_lines, raise, raise_with_fields, ErrorFields};
 use crate::layout::{new_export_id, part_name};
-use crate::options::{BatchSize, Compression, ExportOptions, RawOptions};
+use crate::options::{Compression, ExportOptions};
+use crate::run::manifest::{write_manifest, Consistency, PartitionPart, SnapshotExport, Totals};
 use crate::run::{self, Written};
-use crate::source::Source;
 
 // A slot's state starts at 0 (pending): the segment is zeroed.
 const RUNNING: u32 = 1;
@@ -196,15 +198,53 @@ impl Shared {
         unsafe { self.base.add(self.layout().gucs) }
     }
 
-    fn config(&self) -> Value {
+    /// What the leader wrote for the workers (`None` only if the
+    /// segment does not hold it).
+    fn config(&self) -> Option<WorkerConfig> {
         let at = self.layout().config;
         // SAFETY: the leader wrote config_len bytes of JSON there.
         let bytes = unsafe {
             std::slice::from_raw_parts(self.base.add(at), self.header().config_len as usize)
         };
-        serde_json::from_slice(bytes).unwrap_or(Value::Null)
+        serde_json::from_slice(bytes).ok()
     }
 }
+/// Everything a worker needs from its leader, serialised into the segment.
+#[derive(Serialize, Deserialize)]
+struct WorkerConfig {
+    database: u32,
+    /// The leader's PGPROC (the same address in every backend) and pid,
+    /// for its lock group.
+    leader_proc: u64,
+    leader_pid: i32,
+    session_user: u32,
+    current_user: u32,
+    security_context: i32,
+    snapshot: String,
+    /// The source as shown (a relation's qualified name), or the query.
+    source: String,
+    /// The relation the leader resolved, when the source is one.
+    relation: Option<u32>,
+    directory: WorkerDirectory,
+    export_id: String,
+    /// The options of every partition; each worker adds its key bounds.
+    options: ExportOptions,
+    /// Each partition's key range (after, up to), as key text.
+    bounds: Vec<(Option<String>, Option<String>)>,
+}
+
+/// Where the parts go, as a worker reopens it.
+#[derive(Serialize, Deserialize)]
+enum WorkerDirectory {
+    /// A server directory, reopened only if it is still the same one.
+    Server {
+        path: String,
+        dev: u64,
+        ino: u64,
+    },
+    Prefix(String),
+}
+
 /// This worker's slot, for the log hook (set once the segment is attached).
 static mut WORKER_SLOT: *mut WorkerSlot = std::ptr::null_mut();
 static mut PREVIOUS_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
@@ -279,8 +319,9 @@ pub extern "C-unwind" fn pg_stream_export_part_worker(argument: pg_sys::Datum) {
         PREVIOUS_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
         pg_sys::emit_log_hook = Some(capture_worker_error);
     }
-    let config = shared.config();
-    let oid = |name: &str| pg_sys::Oid::from(config[name].as_u64().unwrap_or(0) as u32);
+    let Some(config) = shared.config() else {
+        return;
+    };
     // Join the leader's lock group before taking any lock, as parallel
     // query's workers do: the group's locks do not conflict with each
     // other, a worker's request goes ahead of a conflicting one queued
@@ -291,12 +332,8 @@ pub extern "C-unwind" fn pg_stream_export_part_worker(argument: pg_sys::Datum) {
     // address in every backend; BecomeLockGroupMember checks under the
     // group's lock that it still belongs to the leader's pid.
     let joined = unsafe {
-        let leader = config["leader_proc"].as_u64().unwrap_or(0) as usize as *mut pg_sys::PGPROC;
-        !leader.is_null()
-            && pg_sys::BecomeLockGroupMember(
-                leader,
-                config["leader_pid"].as_i64().unwrap_or(0) as i32,
-            )
+        let leader = config.leader_proc as usize as *mut pg_sys::PGPROC;
+        !leader.is_null() && pg_sys::BecomeLockGroupMember(leader, config.leader_pid)
     };
     if !joined {
         // The leader is gone already.
@@ -308,13 +345,17 @@ pub extern "C-unwind" fn pg_stream_export_part_worker(argument: pg_sys::Datum) {
     // SAFETY: connection set-up of a background worker; restoring the
     // settings needs a transaction for the check hooks' catalog lookups.
     unsafe {
-        pg_sys::BackgroundWorkerInitializeConnectionByOid(oid("database"), oid("session_user"), 0);
+        pg_sys::BackgroundWorkerInitializeConnectionByOid(
+            pg_sys::Oid::from(config.database),
+            pg_sys::Oid::from(config.session_user),
+            0,
+        );
         pg_sys::StartTransactionCommand();
         pg_sys::RestoreGUCState(shared.gucs().cast());
         pg_sys::CommitTransactionCommand();
         pg_sys::SetUserIdAndSecContext(
-            oid("current_user"),
-            config["security_context"].as_i64().unwrap_or(0) as i32,
+            pg_sys::Oid::from(config.current_user),
+            config.security_context,
         );
     }
     let partitions = shared.header().partitions as usize;
@@ -356,67 +397,49 @@ extern "C-unwind" {
 
 /// What a worker exports: its partition's options and file.
 fn partition_export(
-    config: &Value,
+    config: &WorkerConfig,
     index: usize,
 ) -> (Source, ExportOptions, ExportDirectory, String) {
-    let bounds = &config["bounds"][index];
-    let raw = RawOptions {
-        compression: config["compression"].as_str(),
-        compression_level: config["level"].as_i64().map(|l| l as i32),
-        key: config["key"].as_str(),
-        batch_size: config["batch_size"].as_i64().map(|b| b as i32),
-        bigint_as_string: config["style"]["bigint_as_string"].as_bool(),
-        numeric_as_string: config["style"]["numeric_as_string"].as_bool(),
-        timestamptz_utc: config["style"]["timestamptz_utc"].as_bool(),
-        bytea_base64: config["style"]["bytea_base64"].as_bool(),
-        omit_nulls: config["style"]["omit_nulls"].as_bool(),
-        footer: Some(true),
-        key_from: bounds[0].as_str(),
-        key_to: bounds[1].as_str(),
-        ..Default::default()
-    };
-    let options = ExportOptions::parse(&raw).unwrap_or_else(|e| e.raise());
-    let directory = match config["object_prefix"].as_str() {
-        Some(prefix) => {
-            ExportDirectory::Prefix(crate::destination::object::parse_uri(prefix, true))
-        }
-        None => {
-            let identity = (
-                config["directory_dev"].as_u64().unwrap_or(0),
-                config["directory_ino"].as_u64().unwrap_or(0),
-            );
-            ExportDirectory::Server(Directory::reopen(
-                &PathBuf::from(config["directory"].as_str().unwrap_or("/nonexistent")),
-                identity,
+    let mut options = config.options.clone();
+    let (key_from, key_to) = config.bounds.get(index).cloned().unwrap_or_default();
+    options.key_from = key_from;
+    options.key_to = key_to;
+    let directory = match &config.directory {
+        WorkerDirectory::Prefix(prefix) => {
+            ExportDirectory::Prefix(crate::destination::directory::Prefix::new(
+                crate::destination::object::parse_uri(prefix, true),
             ))
+        }
+        WorkerDirectory::Server { path, dev, ino } => {
+            ExportDirectory::Server(Directory::reopen(&PathBuf::from(path), (*dev, *ino)))
         }
     };
     let name = part_name(
-        config["export_id"].as_str().unwrap_or(""),
+        &config.export_id,
         index,
         options.compression == Compression::Gzip,
     );
     // The relation the leader resolved, never its name again (a temporary
     // table of the leader's shadows a permanent one only there).
-    let source = match config["relation"].as_u64() {
-        Some(oid) => Source::relation(pg_sys::Oid::from(oid as u32)).unwrap_or_else(|| {
+    let source = match config.relation {
+        Some(oid) => Source::relation(pg_sys::Oid::from(oid)).unwrap_or_else(|| {
             raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
                 format!(
                     "relation {} was dropped during the export",
-                    config["source"]
+                    Value::from(config.source.as_str())
                 ),
                 None,
             )
         }),
-        None => Source::checked_query(config["source"].as_str().unwrap_or("")),
+        None => Source::checked_query(&config.source),
     };
     (source, options, directory, name)
 }
 
 /// Export one partition in its own transaction on the shared snapshot;
 /// false when it failed (the slot says why).
-fn run_partition(config: &Value, index: usize, slot: *mut Slot) -> bool {
+fn run_partition(config: &WorkerConfig, index: usize, slot: *mut Slot) -> bool {
     let outcome = PgTryBuilder::new(|| {
         // SAFETY: a fresh transaction in a connected background worker; the
         // isolation level is set before the snapshot import, which must
@@ -425,8 +448,7 @@ fn run_partition(config: &Value, index: usize, slot: *mut Slot) -> bool {
             pg_sys::SetCurrentStatementStartTimestamp();
             pg_sys::StartTransactionCommand();
             pg_sys::XactIsoLevel = pg_sys::XACT_REPEATABLE_READ as i32;
-            let snapshot =
-                CString::new(config["snapshot"].as_str().unwrap_or("")).unwrap_or_default();
+            let snapshot = CString::new(config.snapshot.as_str()).unwrap_or_default();
             pg_sys::ImportSnapshot(snapshot.as_ptr());
             pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         }
@@ -692,16 +714,17 @@ pub fn export_directory(
         source: source.description(),
         destination: directory.describe(),
         format: format!("{} partitions={partitions}", options.describe()),
-        estimated_rows: crate::export::relation_row_estimate(source.relation_oid()),
+        estimated_rows: crate::engine::export::relation_row_estimate(source.relation_oid()),
     });
     // Held until the manifest is in place.
     let export_id = new_export_id();
     let manifest_claim = directory.claim_manifest(overwrite, &export_id);
     // Exporting a snapshot writes nothing: read-only SPI is enough.
     let snapshot: String =
-        crate::scan::select_one("SELECT pg_catalog.pg_export_snapshot()", &[]).unwrap_or_default();
+        crate::engine::scan::select_one("SELECT pg_catalog.pg_export_snapshot()", &[])
+            .unwrap_or_default();
     let snapshot_time: String =
-        crate::scan::select_one("SELECT now()::text", &[]).unwrap_or_default();
+        crate::engine::scan::select_one("SELECT now()::text", &[]).unwrap_or_default();
     let mut current_user = pg_sys::InvalidOid;
     let mut security_context = 0;
     // SAFETY: plain reads of backend globals and this session's identity.
@@ -716,47 +739,47 @@ pub fn export_directory(
         pg_sys::BecomeLockGroupLeader();
         (pg_sys::MyProc as usize as u64, pg_sys::MyProcPid)
     };
-    let (dev, ino, path, object_prefix) = match directory {
-        ExportDirectory::Server(dir) => {
-            let (dev, ino) = dir.identity();
-            (dev, ino, dir.path().to_string_lossy().into_owned(), None)
-        }
-        ExportDirectory::Prefix(uri) => (0, 0, String::new(), Some(uri.to_string())),
-    };
-    let config = json!({
-        "database": database.to_u32(),
-        "leader_proc": leader_proc,
-        "leader_pid": leader_pid,
-        "session_user": session_user.to_u32(),
-        "current_user": current_user.to_u32(),
-        "security_context": security_context,
-        "snapshot": snapshot,
-        "source": match source {
-            Source::Relation { qualified_name, .. } => qualified_name.as_str(),
-            _ => source_text,
+    let config = WorkerConfig {
+        database: database.to_u32(),
+        leader_proc,
+        leader_pid,
+        session_user: session_user.to_u32(),
+        current_user: current_user.to_u32(),
+        security_context,
+        snapshot: snapshot.clone(),
+        source: match source {
+            Source::Relation { qualified_name, .. } => qualified_name.clone(),
+            _ => source_text.to_owned(),
         },
-        "relation": match source {
+        relation: match source {
             Source::Relation { oid, .. } => Some(oid.to_u32()),
             _ => None,
         },
-        "key": key,
-        "directory": path,
-        "object_prefix": object_prefix,
-        "directory_dev": dev,
-        "directory_ino": ino,
-        "export_id": export_id,
-        "compression": options.compression.to_string(),
-        "level": options.compression_level,
-        "batch_size": match options.batch_size { BatchSize::Auto => 0, BatchSize::Fixed(n) => n },
-        "bounds": bounds.iter().map(|(l, u)| json!([l, u])).collect::<Vec<_>>(),
-        "style": {
-            "bigint_as_string": options.style.bigint_as_string,
-            "numeric_as_string": options.style.numeric_as_string,
-            "timestamptz_utc": options.style.timestamptz_utc,
-            "bytea_base64": options.style.bytea_base64,
-            "omit_nulls": options.style.omit_nulls,
+        directory: match directory {
+            ExportDirectory::Server(dir) => {
+                let (dev, ino) = dir.identity();
+                WorkerDirectory::Server {
+                    path: dir.path().to_string_lossy().into_owned(),
+                    dev,
+                    ino,
+                }
+            }
+            ExportDirectory::Prefix(prefix) => WorkerDirectory::Prefix(prefix.uri.to_string()),
         },
-    });
+        export_id: export_id.to_owned(),
+        // Every part ends with its footer; the partition's bounds are the
+        // worker's to add.
+        options: ExportOptions {
+            key: Some(key.to_owned()),
+            footer: true,
+            after: None,
+            key_from: None,
+            key_to: None,
+            force_array: false,
+            ..options.clone()
+        },
+        bounds: bounds.to_vec(),
+    };
     let config_bytes = serde_json::to_vec(&config).unwrap_or_default();
     let workers = workers_wanted.min(partitions);
     let offsets = layout(partitions, workers, config_bytes.len());
@@ -852,7 +875,7 @@ pub fn export_directory(
         );
     }
     wait_for_partitions(&leader, partitions, started, &mut tracked);
-    let totals = write_manifest(
+    let totals = commit_manifest(
         &mut leader,
         manifest_claim,
         source,
@@ -962,7 +985,7 @@ fn wait_for_partitions(leader: &Leader, partitions: usize, started: usize, track
 /// Write the manifest and rename it into place (the commit point), then
 /// remove the parts of the export it replaced.
 #[allow(clippy::too_many_arguments)]
-fn write_manifest(
+fn commit_manifest(
     leader: &mut Leader,
     manifest_claim: ManifestClaim,
     source: &Source,
@@ -975,13 +998,10 @@ fn write_manifest(
     workers: usize,
     overwrite: bool,
 ) -> DirectoryTotals {
-    let mut parts = Vec::new();
-    let mut totals = DirectoryTotals {
-        partitions: bounds.len() as i32,
-        workers: workers as i32,
-        rows: 0,
-        bytes: 0,
-        file_bytes: 0,
+    let mut parts = Vec::with_capacity(bounds.len());
+    let mut totals = Totals {
+        partitions: Some(bounds.len()),
+        ..Totals::default()
     };
     for (index, (lower, upper)) in bounds.iter().enumerate() {
         let slot = leader.shared.slot(index);
@@ -994,31 +1014,41 @@ fn write_manifest(
                 (*slot).crc32,
             )
         };
-        totals.rows += rows as i64;
-        totals.bytes += bytes as i64;
-        totals.file_bytes += file_bytes as i64;
-        parts.push(json!({
-            "partition": index, "file": part_name(&leader.export_id, index, gzip),
-            "key_from": lower, "key_to": upper,
-            "rows": rows, "bytes": bytes, "file_bytes": file_bytes, "crc32": format!("{crc32:08x}"),
-        }));
+        totals.rows += rows;
+        totals.bytes += bytes;
+        totals.file_bytes += file_bytes;
+        parts.push(PartitionPart {
+            partition: index,
+            file: part_name(&leader.export_id, index, gzip),
+            key_from: lower.clone(),
+            key_to: upper.clone(),
+            rows,
+            bytes,
+            file_bytes,
+            crc32: format!("{crc32:08x}"),
+        });
     }
-    let manifest = json!({
-        "pg_stream_export_manifest": 1,
-        "consistency": "snapshot",
-        "export_id": leader.export_id,
-        "source": source.canonical(),
-        "key": key,
-        "compression": options.compression.to_string(),
-        "snapshot": snapshot,
-        "snapshot_time": snapshot_time,
-        "parts": parts,
-        "totals": {"partitions": bounds.len(), "rows": totals.rows, "bytes": totals.bytes, "file_bytes": totals.file_bytes},
-    });
+    let export = SnapshotExport {
+        consistency: Consistency::Snapshot,
+        export_id: leader.export_id.clone(),
+        source: source.canonical().to_owned(),
+        key: key.to_owned(),
+        compression: options.compression.to_string(),
+        snapshot: snapshot.to_owned(),
+        snapshot_time: snapshot_time.to_owned(),
+    };
     leader
         .directory
-        .commit_manifest(manifest_claim, &manifest, overwrite);
+        .commit_manifest(manifest_claim, &leader.export_id, overwrite, &mut |out| {
+            write_manifest(out, &export, &totals, parts.iter().map(Ok))
+        });
     // The new export is in place: from here on nothing may undo it.
     leader.armed = false;
-    totals
+    DirectoryTotals {
+        partitions: bounds.len() as i32,
+        workers: workers as i32,
+        rows: totals.rows as i64,
+        bytes: totals.bytes as i64,
+        file_bytes: totals.file_bytes as i64,
+    }
 }

@@ -2,8 +2,8 @@
 //! about equal row counts, from pg_stats when the key has a histogram, else
 //! from the key values themselves (a sample for large tables).
 
+use crate::engine::source::Source;
 use crate::ident::quote_identifier;
-use crate::source::Source;
 
 /// A nullable SQL text array.
 type TextArray = Option<Vec<Option<String>>>;
@@ -53,7 +53,7 @@ fn boundaries_inner(
 ) -> (Vec<String>, i64) {
     let quoted = quote_identifier(column);
     if let Source::Relation { oid, .. } = source {
-        let stats: (TextArray, Option<f32>) = crate::scan::select_first_row(
+        let stats: (TextArray, Option<f32>) = crate::engine::scan::select_first_row(
             &format!(
                 "SELECT (s.histogram_bounds::text::{type_name}[])::text[], c.reltuples
                  FROM pg_catalog.pg_class c
@@ -84,7 +84,7 @@ fn boundaries_inner(
             qualified_name,
             indexable: true,
         } => {
-            let reltuples: f64 = crate::scan::select_one::<f32>(
+            let reltuples: f64 = crate::engine::scan::select_one::<f32>(
                 "SELECT reltuples FROM pg_catalog.pg_class WHERE oid = $1",
                 &[(*oid).into()],
             )
@@ -134,7 +134,7 @@ fn percentiles(from: &str, quoted_key: &str, partitions: usize) -> (Vec<String>,
         )
     };
     let result: (TextArray, Option<i64>) =
-        crate::scan::select_first_row(&sql, &[], |row| Ok((row.get(1)?, row.get(2)?)))
+        crate::engine::scan::select_first_row(&sql, &[], |row| Ok((row.get(1)?, row.get(2)?)))
             .unwrap_or((None, None));
     let mut values: Vec<String> = result.0.unwrap_or_default().into_iter().flatten().collect();
     values.dedup();

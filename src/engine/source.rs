@@ -33,7 +33,7 @@ pub enum Source {
     Parsed(ParsedQuery),
 }
 
-pub use crate::scan::ParsedQuery;
+pub use crate::engine::scan::ParsedQuery;
 
 impl Source {
     /// Resolve `source` as the specification says: a relation if it names
@@ -125,7 +125,7 @@ impl Source {
 
     /// SQL text usable in a FROM clause (a query comes back parenthesised).
     /// A parsed COPY query has no text of its own: it is only ever walked
-    /// whole, through [`crate::scan::Cursor::open_parsed`].
+    /// whole, through [`crate::engine::scan::Cursor::open_parsed`].
     pub fn sql_from_item(&self) -> String {
         match self {
             Source::Relation { qualified_name, .. } => qualified_name.clone(),
@@ -227,7 +227,7 @@ impl Source {
     pub fn temporary_relation(&self) -> Option<String> {
         let relations = match self {
             Source::Relation { oid, .. } | Source::Select { relation: oid, .. } => vec![*oid],
-            Source::Query(query) => crate::scan::relations_read_by(query),
+            Source::Query(query) => crate::engine::scan::relations_read_by(query),
             Source::Parsed(_) => Vec::new(),
         };
         relations.into_iter().find_map(|oid| {

@@ -9,14 +9,14 @@ use pgrx::{pg_sys, PgSqlErrorCode};
 
 use crate::activity::{Description, Tracked};
 use crate::encode::RowEncoder;
+use crate::engine::scan::{row_context, Cursor};
+use crate::engine::source::Source;
 use crate::error::raise;
 use crate::footer::Footer;
 use crate::ident::quote_identifier;
 use crate::options::{BatchSize, ExportOptions};
 use crate::progress::{Destination, Progress};
-use crate::scan::{row_context, Cursor};
 use crate::sink::{ExportWriter, RecordStats};
-use crate::source::Source;
 use crate::token::{fingerprint, ResumeToken};
 
 const SOURCE_ALIAS: &str = "pg_stream_export_source";
@@ -541,7 +541,7 @@ pub fn relation_row_estimate(relation: pg_sys::Oid) -> Option<i64> {
     if relation == pg_sys::InvalidOid {
         return None;
     }
-    let estimate: Option<i64> = crate::scan::select_one(
+    let estimate: Option<i64> = crate::engine::scan::select_one(
         "SELECT reltuples::int8 FROM pg_catalog.pg_class WHERE oid = $1",
         &[relation.into()],
     );
@@ -707,7 +707,7 @@ fn open_batch(keyset: &mut Keyset, source: &Source, limit: u64) {
 fn refuse_null_keys(source: &Source, key: &Key, row_cxt: pg_sys::MemoryContext) {
     let column = quote_identifier(&key.column);
     let not_null = source.relation_oid() != pg_sys::InvalidOid
-        && crate::scan::select_one::<bool>(
+        && crate::engine::scan::select_one::<bool>(
             "SELECT attnotnull FROM pg_catalog.pg_attribute
              WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
             &[source.relation_oid().into(), key.column.as_str().into()],
@@ -800,7 +800,7 @@ fn find_key(source: &Source, tupdesc: pg_sys::TupleDesc, column: &str) -> Key {
 /// Whether a plain or materialized table has inheritance children (a
 /// partitioned table's partitions are covered by its own unique index).
 fn has_inheritance_children(relation: pg_sys::Oid) -> bool {
-    crate::scan::select_one::<bool>(
+    crate::engine::scan::select_one::<bool>(
         "SELECT c.relkind <> 'p' AND EXISTS (
              SELECT 1 FROM pg_catalog.pg_inherits WHERE inhparent = c.oid)
          FROM pg_catalog.pg_class c WHERE c.oid = $1",
@@ -818,7 +818,7 @@ fn type_name(type_oid: pg_sys::Oid) -> String {
 }
 
 fn has_unique_not_null_index(relation: pg_sys::Oid, column: &str) -> bool {
-    let found: Option<bool> = crate::scan::select_one(
+    let found: Option<bool> = crate::engine::scan::select_one(
         "SELECT a.attnotnull AND EXISTS (
              SELECT 1 FROM pg_catalog.pg_index i
              WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indisvalid AND i.indnkeyatts = 1

@@ -5,13 +5,13 @@
 use pgrx::prelude::*;
 
 use crate::destination::bytea::ChunkBuffer;
+use crate::engine::export::{Export, LineSink};
+use crate::engine::source::Source;
 use crate::error::raise;
-use crate::export::{Export, LineSink};
 use crate::options::{parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions};
 use crate::progress::Destination;
 use crate::run;
 use crate::sink::{ExportWriter, RecordStats};
-use crate::source::Source;
 
 /// A required argument of a function that also takes optional ones (so it
 /// cannot be STRICT): NULL is `22004` naming the argument.
@@ -318,7 +318,7 @@ fn stream_export_resume_token(source: &str, key: &str, last_line: &str) -> Strin
         ..Default::default()
     });
     let export = Export::open(Source::resolve(source), options, Destination::Callback);
-    let key_text: Option<String> = crate::scan::select_one(
+    let key_text: Option<String> = crate::engine::scan::select_one(
         "SELECT ($1::pg_catalog.json) ->> $2",
         &[last_line.into(), key.into()],
     );
@@ -418,7 +418,7 @@ fn stream_export_verify(
     ),
 > {
     let input = crate::destination::open_for_verify(path);
-    let verdict = crate::verify::verify(input, &mut check_interrupts).unwrap_or_else(|e| {
+    let verdict = crate::sink::verify::verify(input, &mut check_interrupts).unwrap_or_else(|e| {
         raise(
             PgSqlErrorCode::ERRCODE_IO_ERROR,
             format!("could not read \"{path}\": {e}"),
@@ -473,7 +473,7 @@ fn stream_export_plan(
         )
     };
     let (boundaries, total) =
-        crate::plan::boundaries(export.source(), &column, &type_name, partitions as usize);
+        crate::engine::plan::boundaries(export.source(), &column, &type_name, partitions as usize);
     let count = boundaries.len() + 1;
     let per_partition = total / count as i64;
     let rows: Vec<_> = (0..count)
@@ -571,7 +571,7 @@ fn stream_export_to_directory_v2(
     };
     let resolved = export.source().clone();
     let (boundaries, _) =
-        crate::plan::boundaries(&resolved, &column, &type_name, partitions as usize);
+        crate::engine::plan::boundaries(&resolved, &column, &type_name, partitions as usize);
     drop(export);
     let mut bounds = Vec::with_capacity(boundaries.len() + 1);
     let mut lower = None;
@@ -580,7 +580,7 @@ fn stream_export_to_directory_v2(
         lower = Some(boundary);
     }
     bounds.push((lower, None));
-    let totals = crate::parallel::export_directory(
+    let totals = crate::run::parallel::export_directory(
         source,
         &resolved,
         &dir,
@@ -603,7 +603,7 @@ fn stream_export_to_directory_v2(
 }
 
 /// `CALL stream_export_chunked(...)`: the source in key order, one
-/// transaction per chunk (see [`crate::chunked`]). A procedure, so its SQL
+/// transaction per chunk (see [`crate::run::chunked`]). A procedure, so its SQL
 /// definition is written by hand below. It returns nothing (OUT or INOUT
 /// parameters would have to be passed in every CALL from PL/pgSQL): a
 /// NOTICE and the manifest say what it did.
@@ -626,10 +626,10 @@ fn stream_export_chunked(
     omit_nulls: Option<bool>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
-    crate::chunked::refuse_atomic_call(fcinfo);
+    crate::run::chunked::refuse_atomic_call(fcinfo);
     let (source, directory) = (required(source, "source"), required(directory, "directory"));
     let key = required(key, "key");
-    let chunk_rows = chunk_rows.unwrap_or(crate::chunked::DEFAULT_CHUNK_ROWS);
+    let chunk_rows = chunk_rows.unwrap_or(crate::run::chunked::DEFAULT_CHUNK_ROWS);
     if chunk_rows < 1 {
         raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
@@ -652,7 +652,7 @@ fn stream_export_chunked(
         ..Default::default()
     });
     let dir = crate::destination::ExportDirectory::open(directory);
-    let totals = crate::chunked::export_chunked(
+    let totals = crate::run::chunked::export_chunked(
         Source::resolve(source),
         &dir,
         options,

@@ -17,12 +17,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pgrx::{is_a, pg_guard, pg_sys, PgList, PgSqlErrorCode};
 
 use crate::destination::client::CopyOut;
+use crate::engine::source::{qualified_relation_name, ParsedQuery, Source};
 use crate::error::raise;
 use crate::ident::quote_identifier;
 use crate::options::{Compression, ExportOptions, RawOptions};
 use crate::progress::Destination;
 use crate::run;
-use crate::source::{qualified_relation_name, ParsedQuery, Source};
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 static mut PREVIOUS_HOOK: pg_sys::ProcessUtility_hook_type = None;

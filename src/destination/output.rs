@@ -1,0 +1,117 @@
+//! One file or object being written by a single-target export (or as one
+//! part of a directory export): an [`std::io::Write`] that is put in place
+//! by [`Output::commit`] and leaves nothing behind when dropped uncommitted.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use super::background::BackgroundWriter;
+use super::file::{raise_io, Directory, PartialFile};
+use super::object::{self, upload::ObjectUpload, uri::ObjectUri};
+
+pub enum Output {
+    /// A locked `.partial` file written by a helper thread, renamed into
+    /// place on commit.
+    File {
+        partial: PartialFile,
+        writer: BackgroundWriter,
+        overwrite: bool,
+    },
+    /// A multipart upload, completed on commit.
+    Object {
+        upload: ObjectUpload,
+        uri: ObjectUri,
+    },
+}
+
+impl Output {
+    /// `name` in `dir` (`58P02` if it exists and not `overwrite`).
+    pub fn file(dir: &Directory, name: &OsStr, overwrite: bool) -> Output {
+        let mut partial = PartialFile::create(dir, name, overwrite);
+        let file: File = partial
+            .take_file()
+            .unwrap_or_else(|e| raise_io(e, "export output"));
+        Output::File {
+            partial,
+            writer: BackgroundWriter::new(file),
+            overwrite,
+        }
+    }
+
+    /// The object `uri`, checked as [`object::open_upload`] checks it.
+    pub fn object(uri: &ObjectUri, overwrite: bool) -> Output {
+        Output::Object {
+            upload: object::open_upload(uri, overwrite),
+            uri: uri.clone(),
+        }
+    }
+
+    /// The object `uri` with `client`, unchecked: for objects an export
+    /// owns (a chunk that may be rewritten).
+    pub fn object_with(
+        client: &std::sync::Arc<object::client::Client>,
+        uri: &ObjectUri,
+        overwrite: bool,
+    ) -> Output {
+        Output::Object {
+            upload: object::upload_with(client, uri, overwrite),
+            uri: uri.clone(),
+        }
+    }
+
+    /// As shown to users: the file's path or the object's URI.
+    pub fn describe(&self) -> String {
+        match self {
+            Output::File { partial, .. } => partial.target_path().display().to_string(),
+            Output::Object { uri, .. } => uri.to_string(),
+        }
+    }
+
+    /// Put what was written in place (the rename, the upload's completion):
+    /// the commit point. Returns the file's path or the object's URI.
+    pub fn commit(self) -> PathBuf {
+        match self {
+            Output::File {
+                partial,
+                writer,
+                overwrite,
+            } => {
+                let file = writer
+                    .finish()
+                    .unwrap_or_else(|e| raise_io(e, "export output"));
+                partial.commit(file, overwrite)
+            }
+            Output::Object { upload, uri } => {
+                upload
+                    .finish()
+                    .unwrap_or_else(|e| object::raise_upload_error(e, &uri));
+                PathBuf::from(uri.to_string())
+            }
+        }
+    }
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Output::File { writer, .. } => writer.write(buf),
+            Output::Object { upload, .. } => upload.write(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Output::File { writer, .. } => writer.write_all(buf),
+            Output::Object { upload, .. } => upload.write_all(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Output::File { writer, .. } => writer.flush(),
+            Output::Object { upload, .. } => upload.flush(),
+        }
+    }
+}
