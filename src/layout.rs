@@ -16,21 +16,24 @@ pub const PROGRESS: &str = "progress.jsonl";
 /// A chunked export's journal header object under an object prefix.
 pub const PROGRESS_HEADER: &str = "progress.json";
 
-/// `part-<id>-NNNNN.ndjson[.gz]`.
-pub fn part_name(export_id: &str, index: usize, gzip: bool) -> String {
-    format!(
-        "part-{export_id}-{index:05}.ndjson{}",
-        if gzip { ".gz" } else { "" }
-    )
+/// `part-<id>-NNNNN.ndjson[.gz|.zst]`: `suffix` is what the compression
+/// adds after `.ndjson` (`Compression::file_suffix`).
+pub fn part_name(export_id: &str, index: usize, suffix: &str) -> String {
+    format!("part-{export_id}-{index:05}.ndjson{suffix}")
+}
+
+/// `name` without its `.ndjson[.gz|.zst]` ending, if it has one.
+fn ndjson_stem(name: &[u8]) -> Option<&[u8]> {
+    [b".ndjson.gz".as_slice(), b".ndjson.zst", b".ndjson"]
+        .iter()
+        .find_map(|ending| name.strip_suffix(*ending))
 }
 
 /// The export id in a part file name of this layout (with `.partial` or
 /// not), or `None` for any other name.
 pub fn export_id_of_part(name: &[u8]) -> Option<&[u8]> {
     let name = name.strip_suffix(b".partial").unwrap_or(name);
-    let name = name
-        .strip_suffix(b".ndjson.gz")
-        .or_else(|| name.strip_suffix(b".ndjson"))?;
+    let name = ndjson_stem(name)?;
     let rest = name.strip_prefix(b"part-")?;
     let (id, number) = (rest.get(..12)?, rest.get(12..)?);
     let number = number.strip_prefix(b"-")?;
@@ -46,11 +49,9 @@ pub fn is_part_file_name(name: &str) -> bool {
     if export_id_of_part(name.as_bytes()).is_some() {
         return true;
     }
-    let stem = name
-        .strip_suffix(".ndjson.gz")
-        .or_else(|| name.strip_suffix(".ndjson"));
-    stem.and_then(|s| s.strip_prefix("part-"))
-        .is_some_and(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
+    ndjson_stem(name.as_bytes())
+        .and_then(|s| s.strip_prefix(b"part-"))
+        .is_some_and(|n| n.len() == 5 && n.iter().all(u8::is_ascii_digit))
 }
 
 /// A random id for this export's file names: 12 hex digits.
@@ -95,8 +96,13 @@ mod unit_tests {
 
     #[test]
     fn part_names_carry_the_export_id() {
-        let name = part_name("0123456789ab", 7, true);
+        let name = part_name("0123456789ab", 7, ".gz");
         assert_eq!(name, "part-0123456789ab-00007.ndjson.gz");
+        let zstd = part_name("0123456789ab", 7, ".zst");
+        assert_eq!(
+            export_id_of_part(zstd.as_bytes()),
+            Some(&b"0123456789ab"[..])
+        );
         assert_eq!(
             export_id_of_part(name.as_bytes()),
             Some(&b"0123456789ab"[..])

@@ -28,7 +28,7 @@ use crate::engine::export::{relation_row_estimate, Export};
 use crate::engine::source::Source;
 use crate::error::raise;
 use crate::layout::{new_export_id, part_name};
-use crate::options::{BatchSize, Compression, ExportOptions, JsonStyle};
+use crate::options::{BatchSize, ExportOptions, JsonStyle};
 use crate::progress::Destination;
 use crate::run::manifest::{
     write_manifest, ChunkPart, ChunkedExport, Consistency, FinishedChunks, JournalHeader, Totals,
@@ -183,7 +183,7 @@ fn write_chunk(
     if let Some(tracked) = tracked.take() {
         export.count_in(tracked, counted);
     }
-    let name = part_name(&job.export_id, index, compression == Compression::Gzip);
+    let name = part_name(&job.export_id, index, compression.file_suffix());
     let written = write_part(job.directory, &mut export, &name, job.chunk_rows);
     *tracked = export.release_tracked();
     let counts = written?;

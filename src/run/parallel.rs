@@ -35,7 +35,7 @@ use crate::destination::{ExportDirectory, ManifestClaim};
 use crate::engine::source::Source;
 use crate::error::{context_lines, raise, raise_with_fields, ErrorFields};
 use crate::layout::{new_export_id, part_name};
-use crate::options::{Compression, ExportOptions};
+use crate::options::ExportOptions;
 use crate::run::manifest::{write_manifest, Consistency, PartitionPart, SnapshotExport, Totals};
 use crate::run::{self, Written};
 
@@ -414,11 +414,7 @@ fn partition_export(
             ExportDirectory::Server(Directory::reopen(&PathBuf::from(path), (*dev, *ino)))
         }
     };
-    let name = part_name(
-        &config.export_id,
-        index,
-        options.compression == Compression::Gzip,
-    );
+    let name = part_name(&config.export_id, index, options.compression.file_suffix());
     // The relation the leader resolved, never its name again (a temporary
     // table of the leader's shadows a permanent one only there).
     let source = match config.relation {
@@ -709,7 +705,6 @@ pub fn export_directory(
         );
     }
     let partitions = bounds.len();
-    let gzip = options.compression == Compression::Gzip;
     let mut tracked = Tracked::start(Description {
         source: source.description(),
         destination: directory.describe(),
@@ -884,7 +879,6 @@ pub fn export_directory(
         &snapshot,
         &snapshot_time,
         &bounds,
-        gzip,
         started,
         overwrite,
     );
@@ -994,7 +988,6 @@ fn commit_manifest(
     snapshot: &str,
     snapshot_time: &str,
     bounds: &[(Option<String>, Option<String>)],
-    gzip: bool,
     workers: usize,
     overwrite: bool,
 ) -> DirectoryTotals {
@@ -1019,7 +1012,7 @@ fn commit_manifest(
         totals.file_bytes += file_bytes;
         parts.push(PartitionPart {
             partition: index,
-            file: part_name(&leader.export_id, index, gzip),
+            file: part_name(&leader.export_id, index, options.compression.file_suffix()),
             key_from: lower.clone(),
             key_to: upper.clone(),
             rows,

@@ -1,18 +1,18 @@
 //! Where encoded bytes go: a pure-Rust pipeline of counting and checksumming
-//! the record bytes, optional gzip compression, and an [`std::io::Write`]
+//! the record bytes, optional gzip or zstd compression, and an [`std::io::Write`]
 //! destination (a chunk buffer for `bytea` streams, a file, ...).
 
-pub mod gzip;
+pub mod compress;
 pub mod verify;
 
 use std::io::{self, Write};
 
 use crate::footer::Footer;
 use crate::options::Compression;
-use gzip::ParallelGzip;
+use compress::{Codec, ParallelCompressor};
 
 /// Input gathered before it is checksummed and handed on; also the size of
-/// the blocks the gzip helpers compress independently.
+/// the blocks the compression helpers compress independently.
 pub const BLOCK_BYTES: usize = 1 << 20;
 
 /// Rows, bytes and CRC-32 of the record lines written so far.
@@ -54,7 +54,16 @@ impl RecordStats {
 
 enum Stage {
     Plain,
-    Gzip(Box<ParallelGzip>),
+    Compressed(Box<ParallelCompressor>),
+}
+
+impl Stage {
+    fn compressed(codec: Codec) -> Stage {
+        Stage::Compressed(Box::new(ParallelCompressor::new(
+            codec,
+            compress::default_workers(),
+        )))
+    }
 }
 
 /// The export pipeline: record lines in, finished output bytes out to `W`.
@@ -88,9 +97,8 @@ impl<W: Write> ExportWriter<W> {
     pub fn new(out: W, compression: Compression, level: u32) -> Self {
         let stage = match compression {
             Compression::None => Stage::Plain,
-            Compression::Gzip => {
-                Stage::Gzip(Box::new(ParallelGzip::new(level, gzip::default_workers())))
-            }
+            Compression::Gzip => Stage::compressed(Codec::Gzip(level)),
+            Compression::Zstd => Stage::compressed(Codec::Zstd(level as i32)),
         };
         ExportWriter {
             block: Vec::with_capacity(BLOCK_BYTES + (64 << 10)),
@@ -156,13 +164,13 @@ impl<W: Write> ExportWriter<W> {
                 self.output_bytes += self.block.len() as u64;
                 self.block.clear();
             }
-            Stage::Gzip(gzip) => {
-                let next = gzip
+            Stage::Compressed(pool) => {
+                let next = pool
                     .spare_input()
                     .unwrap_or_else(|| Vec::with_capacity(BLOCK_BYTES + (64 << 10)));
                 let full = std::mem::replace(&mut self.block, next);
-                gzip.submit(full)?;
-                self.output_bytes += gzip.drain_ready(&mut self.out)?;
+                pool.submit(full)?;
+                self.output_bytes += pool.drain_ready(&mut self.out)?;
             }
         }
         Ok(())
@@ -170,8 +178,8 @@ impl<W: Write> ExportWriter<W> {
 
     /// Move finished compressed output to `W` without waiting.
     pub fn drain(&mut self) -> io::Result<()> {
-        if let Stage::Gzip(gzip) = &mut self.stage {
-            self.output_bytes += gzip.drain_ready(&mut self.out)?;
+        if let Stage::Compressed(pool) = &mut self.stage {
+            self.output_bytes += pool.drain_ready(&mut self.out)?;
         }
         Ok(())
     }
@@ -189,7 +197,7 @@ impl<W: Write> ExportWriter<W> {
         self.out
     }
 
-    /// Output bytes produced so far (compressed size for gzip).
+    /// Output bytes produced so far (the compressed size when compressed).
     pub fn output_bytes(&self) -> u64 {
         self.output_bytes
     }
@@ -213,8 +221,8 @@ impl<W: Write> ExportWriter<W> {
         if !self.block.is_empty() {
             self.pass_on()?;
         }
-        if let Stage::Gzip(gzip) = &mut self.stage {
-            self.output_bytes += gzip.finish(&mut self.out)?;
+        if let Stage::Compressed(pool) = &mut self.stage {
+            self.output_bytes += pool.finish(&mut self.out)?;
         }
         self.out.flush()
     }

@@ -1,6 +1,7 @@
 //! Checking an export file against its footer: rows, bytes and CRC-32 of
 //! the record lines. Pure Rust over any reader; a gzip file (several
-//! members or one) is detected by its magic bytes. Bad contents never
+//! members or one) and a zstd file (a sequence of frames) are detected by
+//! their magic bytes. Bad contents never
 //! raise: they come back as `ok = false` with a detail that names the
 //! problem.
 
@@ -66,16 +67,27 @@ pub const FOOTER_MAX_BYTES: usize = 16 << 20;
 /// Bytes read at a time; `interrupt` is called once per chunk.
 const CHUNK_BYTES: usize = 1 << 20;
 
-/// Verify an export read from `input` (plain or gzip), in constant memory.
+/// The magic bytes that start a zstd frame.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Verify an export read from `input` (plain, gzip or zstd), in constant
+/// memory.
 /// `interrupt` is called between chunks (a cancel or timeout check that
 /// may raise).
 pub fn verify(input: impl Read, interrupt: &mut dyn FnMut()) -> io::Result<Verdict> {
     let mut buffered = BufReader::with_capacity(CHUNK_BYTES, input);
-    let is_gzip = buffered.fill_buf()?.starts_with(&[0x1f, 0x8b]);
-    let mut reader: Box<dyn Read> = if is_gzip {
-        Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
+    let head = buffered.fill_buf()?;
+    let codec = if head.starts_with(&[0x1f, 0x8b]) {
+        Some("gzip")
+    } else if head.starts_with(&ZSTD_MAGIC) {
+        Some("zstd")
     } else {
-        Box::new(buffered)
+        None
+    };
+    let mut reader: Box<dyn Read> = match codec {
+        Some("gzip") => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+        Some(_) => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
+        None => Box::new(buffered),
     };
     let mut scanner = Scanner::default();
     let mut chunk = vec![0u8; CHUNK_BYTES];
@@ -88,12 +100,12 @@ pub fn verify(input: impl Read, interrupt: &mut dyn FnMut()) -> io::Result<Verdi
             Err(e) => {
                 // A read stopped for a cancel is the cancel, not a verdict.
                 interrupt();
-                let what = if e.kind() == io::ErrorKind::UnexpectedEof {
-                    "the gzip stream is truncated"
-                } else if is_gzip {
-                    "the gzip stream is corrupt"
-                } else {
-                    "the file cannot be read"
+                let what = match codec {
+                    Some(codec) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        format!("the {codec} stream is truncated")
+                    }
+                    Some(codec) => format!("the {codec} stream is corrupt"),
+                    None => "the file cannot be read".to_owned(),
                 };
                 return Ok(scanner.verdict(false, format!("{what}: {e}")));
             }
@@ -438,7 +450,7 @@ mod unit_tests {
 
     #[test]
     fn good_files_verify() {
-        for compression in [Compression::None, Compression::Gzip] {
+        for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
             for rows in [0, 1, 50_000] {
                 let verdict = check(&export(rows, compression, true));
                 assert!(verdict.ok, "{compression} {rows}: {}", verdict.detail);
@@ -483,7 +495,7 @@ mod unit_tests {
 
     #[test]
     fn array_exports_verify_and_damage_is_reported() {
-        for compression in [Compression::None, Compression::Gzip] {
+        for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
             for rows in [0, 1, 3, 50_000] {
                 let good = export_shaped(rows, compression, true, true);
                 let verdict = check(&good);
@@ -534,6 +546,27 @@ mod unit_tests {
         let mut garbage = good.clone();
         garbage.extend_from_slice(b"not gzip at all");
         assert!(!check(&garbage).ok);
+    }
+
+    #[test]
+    fn damaged_zstd_files_are_reported() {
+        let good = export(50_000, Compression::Zstd, true);
+        assert!(good.starts_with(&ZSTD_MAGIC));
+        let mut corrupt = good.clone();
+        let mid = corrupt.len() / 2;
+        corrupt[mid] ^= 0xff;
+        let verdict = check(&corrupt);
+        assert!(!verdict.ok, "{}", verdict.detail);
+        let verdict = check(&good[..good.len() - 100]);
+        assert!(
+            !verdict.ok && verdict.detail.contains("zstd stream is truncated"),
+            "{}",
+            verdict.detail
+        );
+        let mut garbage = good.clone();
+        garbage.extend_from_slice(b"not zstd at all");
+        let verdict = check(&garbage);
+        assert!(!verdict.ok, "{}", verdict.detail);
     }
 
     #[test]

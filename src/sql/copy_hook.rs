@@ -227,7 +227,8 @@ fn copy_format(options: &[*mut pg_sys::DefElem]) -> Option<JsonFormat> {
 /// COPY options of an ndjson COPY, validated.
 #[derive(Default)]
 struct CopyOptions {
-    compression: Compression,
+    /// Checked when the options are parsed, as every other option.
+    compression: Option<String>,
     compression_level: Option<i32>,
     footer: bool,
     force_array: bool,
@@ -299,7 +300,7 @@ fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             format!("COPY TO PROGRAM with FORMAT {format_name} is not supported"),
-            Some("use COPY ... TO STDOUT and a pipe, or COMPRESSION gzip"),
+            Some("use COPY ... TO STDOUT and a pipe, or COMPRESSION gzip or zstd"),
         );
     }
     let mut options = CopyOptions::default();
@@ -307,11 +308,7 @@ fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
         let name = option_name(def);
         match name.as_str() {
             "format" => {}
-            "compression" => {
-                options.compression = option_string(def)
-                    .parse()
-                    .unwrap_or_else(|e: crate::options::OptionError| e.raise())
-            }
+            "compression" => options.compression = Some(option_string(def)),
             "compression_level" => {
                 // SAFETY: `def` is a DefElem of the parsed statement;
                 // defGetInt32 raises on bad values.
@@ -449,11 +446,7 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
     };
     let copy_options = json_copy_options(copy);
     let options = ExportOptions::parse(&RawOptions {
-        compression: Some(if copy_options.compression == Compression::Gzip {
-            "gzip"
-        } else {
-            "none"
-        }),
+        compression: copy_options.compression.as_deref(),
         compression_level: copy_options.compression_level,
         footer: Some(copy_options.footer),
         force_array: Some(copy_options.force_array),
