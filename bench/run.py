@@ -31,6 +31,10 @@ import psycopg
 from boto3.s3.transfer import TransferConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from stores import SeaweedStore  # noqa: E402  (the test harness's store launcher)
+
+SUFFIX = {"none": ".ndjson", "gzip": ".ndjson.gz", "zstd": ".ndjson.zst"}
 
 
 def rss_anon_kib(pid: int) -> int:
@@ -74,16 +78,18 @@ class Method:
     name: str
     label: str
     output: str  # file name in the output directory
-    gzip_output: bool
+    codec: str  # "none", "gzip" or "zstd"
     ndjson: bool
     run: object  # callable(ctx) -> None
     times: list = field(default_factory=list)
     peaks: list = field(default_factory=list)
     size: int = 0
     digest: str = ""
-    # Set for exports to object storage: the key in the "bench" bucket; the
-    # object is downloaded to `output` for the byte comparison.
+    # Set for exports to object storage: the store ("moto" or "seaweedfs")
+    # and the key in its "bench" bucket; the object is downloaded to
+    # `output` for the byte comparison.
     object_key: str = ""
+    store: str = ""
 
 
 class Context:
@@ -94,6 +100,9 @@ class Context:
         self.client_dir = Path(args.client_dir)
         self.conn = psycopg.connect(self.dsn, autocommit=True)
         self.observer = psycopg.connect(self.dsn, autocommit=True)
+        # Endpoints by store name; the profile of each in the server's AWS
+        # config files has the same name.
+        self.stores = {"moto": args.store}
 
     def server_path(self, name):
         return str(self.server_dir / name)
@@ -105,11 +114,16 @@ class Context:
 def sql_method(sql_template: str):
     def run(ctx: Context, method: Method):
         sql = sql_template.format(out=ctx.server_path(method.output))
+        if method.store:
+            ctx.conn.execute("SELECT set_config('pg_stream_export.object_store_profile', %s, false)",
+                             [method.store])
         pid = ctx.conn.info.backend_pid
         sampler = Sampler(lambda: pid)
         start = time.perf_counter()
         ctx.conn.execute(sql)
         elapsed = time.perf_counter() - start
+        if method.store:
+            ctx.conn.execute("RESET pg_stream_export.object_store_profile")
         return elapsed, sampler.finish()
     return run
 
@@ -161,7 +175,7 @@ def store_client(endpoint: str):
                         aws_access_key_id="bench", aws_secret_access_key="bench")
 
 
-def file_then_upload_method():
+def file_then_upload_method(store: str, codec: str):
     """What exporting to a file and then uploading it takes: the file
     export, then boto3's upload of the file (two threads and 8 MiB parts,
     as the extension's own uploads)."""
@@ -170,12 +184,32 @@ def file_then_upload_method():
         pid = ctx.conn.info.backend_pid
         sampler = Sampler(lambda: pid)
         start = time.perf_counter()
-        ctx.conn.execute(f"SELECT * FROM stream_export_to_file('events', '{path}', overwrite => true)")
-        store_client(ctx.args.store).upload_file(
-            path, "bench", "uploaded.ndjson", Config=TransferConfig(max_concurrency=2, multipart_chunksize=8 << 20))
+        ctx.conn.execute(f"SELECT * FROM stream_export_to_file('events', '{path}', compression => '{codec}', "
+                         "overwrite => true)")
+        store_client(ctx.stores[store]).upload_file(
+            path, "bench", f"uploaded{SUFFIX[codec]}",
+            Config=TransferConfig(max_concurrency=2, multipart_chunksize=8 << 20))
         elapsed = time.perf_counter() - start
         return elapsed, sampler.finish()
     return run
+
+
+def object_methods(store: str, label: str) -> list[Method]:
+    """An export straight to the store, and a file export then uploaded,
+    for each codec."""
+    found = []
+    for codec in ("none", "gzip", "zstd"):
+        name = f"to_object_{store}" + ("" if codec == "none" else f"_{codec}")
+        what = {"none": "plain", "gzip": "gzip -6", "zstd": "zstd -3"}[codec]
+        key = f"to_object{SUFFIX[codec]}"
+        found.append(Method(
+            name, f"stream_export_to_file, {what}, to S3 ({label})", f"{name}{SUFFIX[codec]}", codec, True,
+            sql_method(f"SELECT * FROM stream_export_to_file('events', 's3://bench/{key}', "
+                       f"compression => '{codec}', overwrite => true)"), object_key=key, store=store))
+        found.append(Method(
+            f"{name}_upload", f"same as a file, then a boto3 upload ({label})", f"{name}_upload{SUFFIX[codec]}",
+            codec, True, file_then_upload_method(store, codec)))
+    return found
 
 
 def copy_ndjson_available(ctx: Context) -> bool:
@@ -193,52 +227,67 @@ def copy_ndjson_available(ctx: Context) -> bool:
 def methods(ctx: Context) -> list[Method]:
     csv_trick = "(FORMAT csv, QUOTE e'\\x01', DELIMITER e'\\x02')"
     rtj = "SELECT row_to_json(e) FROM events e"
+    threads = os.cpu_count()
     found = [
-        Method("copy_csv", "COPY events TO file (FORMAT csv)", "copy.csv", False, False,
+        Method("copy_csv", "COPY events TO file (FORMAT csv)", "copy.csv", "none", False,
                sql_method("COPY events TO '{out}' (FORMAT csv)")),
-        Method("copy_row_to_json", "COPY (row_to_json) TO file, csv trick", "reference.ndjson", False, True,
+        Method("copy_row_to_json", "COPY (row_to_json) TO file, csv trick", "reference.ndjson", "none", True,
                sql_method(f"COPY ({rtj}) TO '{{out}}' {csv_trick}")),
-        Method("copy_row_to_json_gzip", "same TO PROGRAM 'gzip -6'", "reference.ndjson.gz", True, True,
+        Method("copy_row_to_json_gzip", "same TO PROGRAM 'gzip -6'", "reference.ndjson.gz", "gzip", True,
                sql_method(f"COPY ({rtj}) TO PROGRAM 'gzip -6 > {{out}}' {csv_trick}")),
-        Method("to_file", "stream_export_to_file, plain", "to_file.ndjson", False, True,
+        Method("copy_row_to_json_pigz", f"same TO PROGRAM 'pigz -6 -p {threads}'", "pigz.ndjson.gz", "gzip", True,
+               sql_method(f"COPY ({rtj}) TO PROGRAM 'pigz -6 -p {threads} > {{out}}' {csv_trick}")),
+        Method("copy_row_to_json_zstd", f"same TO PROGRAM 'zstd -3 -T{threads}'", "reference.ndjson.zst", "zstd",
+               True, sql_method(f"COPY ({rtj}) TO PROGRAM 'zstd -3 -T{threads} -q -c > {{out}}' {csv_trick}")),
+        Method("to_file", "stream_export_to_file, plain", "to_file.ndjson", "none", True,
                sql_method("SELECT * FROM stream_export_to_file('events', '{out}', overwrite => true)")),
         Method("to_file_javascript", "stream_export_to_file, plain, profile javascript", "to_file_js.ndjson",
-               False, False,
+               "none", False,
                sql_method("SELECT * FROM stream_export_to_file('events', '{out}', profile => 'javascript', "
                           "overwrite => true)")),
-        Method("to_file_gzip", "stream_export_to_file, gzip -6", "to_file.ndjson.gz", True, True,
+        Method("to_file_gzip", "stream_export_to_file, gzip -6", "to_file.ndjson.gz", "gzip", True,
                sql_method("SELECT * FROM stream_export_to_file('events', '{out}', compression => 'gzip', "
                           "compression_level => 6, overwrite => true)")),
-        Method("to_directory_gzip_1", "stream_export_to_directory, gzip -6, 1 partition", "dir1", True, False,
+        Method("to_file_zstd", "stream_export_to_file, zstd -3", "to_file.ndjson.zst", "zstd", True,
+               sql_method("SELECT * FROM stream_export_to_file('events', '{out}', compression => 'zstd', "
+                          "overwrite => true)")),
+        Method("to_file_zstd_1", "stream_export_to_file, zstd -1", "to_file_1.ndjson.zst", "zstd", True,
+               sql_method("SELECT * FROM stream_export_to_file('events', '{out}', compression => 'zstd', "
+                          "compression_level => 1, overwrite => true)")),
+        Method("to_directory_gzip_1", "stream_export_to_directory, gzip -6, 1 partition", "dir1", "gzip", False,
                sql_method("SELECT * FROM stream_export_to_directory('events', '{out}', 'id', 1, "
                           "compression => 'gzip', overwrite => true)")),
-        Method("to_directory_gzip_2", "stream_export_to_directory, gzip -6, 2 partitions", "dir2", True, False,
+        Method("to_directory_gzip_2", "stream_export_to_directory, gzip -6, 2 partitions", "dir2", "gzip", False,
                sql_method("SELECT * FROM stream_export_to_directory('events', '{out}', 'id', 2, "
                           "compression => 'gzip', overwrite => true)")),
-        Method("to_object", "stream_export_to_file, plain, to S3 (local moto)", "to_object.ndjson", False, True,
-               sql_method("SELECT * FROM stream_export_to_file('events', 's3://bench/to_object.ndjson', "
-                          "overwrite => true)"), object_key="to_object.ndjson"),
-        Method("to_object_gzip", "stream_export_to_file, gzip -6, to S3 (local moto)", "to_object.ndjson.gz",
-               True, True,
-               sql_method("SELECT * FROM stream_export_to_file('events', 's3://bench/to_object.ndjson.gz', "
-                          "compression => 'gzip', overwrite => true)"), object_key="to_object.ndjson.gz"),
-        Method("to_file_then_upload", "stream_export_to_file, plain, then a boto3 upload of the file",
-               "to_file_uploaded.ndjson", False, True, file_then_upload_method()),
-        Method("chunked", "CALL stream_export_chunked, plain, default chunk_rows", "chunked", False, False,
+        Method("to_directory_zstd_2", "stream_export_to_directory, zstd -3, 2 partitions", "dirz", "zstd", False,
+               sql_method("SELECT * FROM stream_export_to_directory('events', '{out}', 'id', 2, "
+                          "compression => 'zstd', overwrite => true)")),
+        *object_methods("moto", "local moto"),
+        *object_methods("seaweedfs", "local SeaweedFS"),
+        Method("chunked", "CALL stream_export_chunked, plain, default chunk_rows", "chunked", "none", False,
                sql_method("CALL stream_export_chunked('events', '{out}', 'id', overwrite => true)")),
-        Method("stream_export_psql", "stream_export read by psql into a file", "stream_export.ndjson", False, True,
+        Method("stream_export_psql", "stream_export read by psql into a file", "stream_export.ndjson", "none", True,
                psql_method("SELECT stream_export('events')")),
-        Method("stream_export_bytes", "stream_export_bytes read by a client", "bytes.ndjson", False, True,
+        Method("stream_export_bytes", "stream_export_bytes read by a client", "bytes.ndjson", "none", True,
                bytes_client_method("")),
         Method("stream_export_bytes_gzip", "stream_export_bytes gzip -6 read by a client", "bytes.ndjson.gz",
-               True, True, bytes_client_method(", compression => 'gzip'")),
-        Method("psql_row_to_json", "psql -At FETCH_COUNT=10000 row_to_json", "psql.ndjson", False, True,
+               "gzip", True, bytes_client_method(", compression => 'gzip'")),
+        Method("stream_export_bytes_zstd", "stream_export_bytes zstd -3 read by a client", "bytes.ndjson.zst",
+               "zstd", True, bytes_client_method(", compression => 'zstd'")),
+        Method("psql_row_to_json", "psql -At FETCH_COUNT=10000 row_to_json", "psql.ndjson", "none", True,
                psql_method(rtj)),
     ]
     if copy_ndjson_available(ctx):
-        found.insert(6, Method("copy_ndjson_psql", "COPY events TO STDOUT (FORMAT ndjson) via psql",
-                               "copy_ndjson.ndjson", False, True,
-                               psql_method("COPY events TO STDOUT WITH (FORMAT ndjson)")))
+        at = next(i for i, m in enumerate(found) if m.name == "to_file_gzip")
+        found[at:at] = [
+            Method("copy_ndjson_psql", "COPY events TO STDOUT (FORMAT ndjson) via psql",
+                   "copy_ndjson.ndjson", "none", True,
+                   psql_method("COPY events TO STDOUT WITH (FORMAT ndjson)")),
+            Method("copy_ndjson_zstd_psql", "COPY events TO STDOUT (FORMAT ndjson, COMPRESSION zstd) via psql",
+                   "copy_ndjson.ndjson.zst", "zstd", True,
+                   psql_method("COPY events TO STDOUT WITH (FORMAT ndjson, COMPRESSION zstd)")),
+        ]
     else:
         print("note: COPY ... (FORMAT ndjson) is not available yet; that method is skipped")
     return found
@@ -256,7 +305,16 @@ def sorted_digest(lines: list[bytes]) -> str:
     return h.hexdigest()
 
 
-def digest_of(path: Path, is_gzip: bool) -> tuple[str, int]:
+def open_decompressed(path: Path, codec: str):
+    """A binary reader of the file's NDJSON."""
+    if codec == "gzip":
+        return gzip.open(path, "rb")
+    if codec == "zstd":
+        return subprocess.Popen(["zstd", "-d", "-c", "-q", str(path)], stdout=subprocess.PIPE).stdout
+    return open(path, "rb")
+
+
+def digest_of(path: Path, codec: str) -> tuple[str, int]:
     if path.is_dir():
         # A directory export is in key order, not scan order: compare its
         # parts' lines (footers dropped) with the reference's, both sorted.
@@ -266,12 +324,11 @@ def digest_of(path: Path, is_gzip: bool) -> tuple[str, int]:
         for part in manifest["parts"]:
             part_path = path / part["file"]
             size += part_path.stat().st_size
-            data = gzip.decompress(part_path.read_bytes()) if is_gzip else part_path.read_bytes()
-            lines.extend(data.splitlines(keepends=True)[:-1])
+            with open_decompressed(part_path, codec) as f:
+                lines.extend(f.read().splitlines(keepends=True)[:-1])
         return "sorted:" + sorted_digest(lines), size
     h = hashlib.sha256()
-    opener = gzip.open if is_gzip else open
-    with opener(path, "rb") as f:
+    with open_decompressed(path, codec) as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest(), path.stat().st_size
@@ -286,9 +343,8 @@ def validate_reference(path: Path) -> int:
     return lines
 
 
-def first_difference(a: Path, b: Path, b_gzip: bool) -> str:
-    opener = gzip.open if b_gzip else open
-    with open(a, "rb") as fa, opener(b, "rb") as fb:
+def first_difference(a: Path, b: Path, b_codec: str) -> str:
+    with open(a, "rb") as fa, open_decompressed(b, b_codec) as fb:
         for n, (la, lb) in enumerate(zip(fa, fb), 1):
             if la != lb:
                 return f"line {n}:\n  reference: {la[:300]!r}\n  output:    {lb[:300]!r}"
@@ -306,9 +362,26 @@ def main() -> int:
     parser.add_argument("--client-dir", required=True)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rows", type=int, required=True)
-    parser.add_argument("--store", required=True, help="endpoint of the local S3-compatible server")
+    parser.add_argument("--store", required=True, help="endpoint of the local moto server (profile moto)")
+    parser.add_argument("--aws-dir", required=True, help="the directory of the server's AWS config files")
     args = parser.parse_args()
     ctx = Context(args)
+    aws_dir = Path(args.aws_dir)
+    seaweed = SeaweedStore(aws_dir, "bench", "bench", "bench")
+    try:
+        seaweed.client().create_bucket(Bucket="bench")
+        ctx.stores["seaweedfs"] = seaweed.endpoint
+        for name, endpoint in ctx.stores.items():
+            with open(aws_dir / "config", "a") as f:
+                f.write(f"[profile {name}]\nregion = us-east-1\nendpoint_url = {endpoint}\nallow_http = true\n")
+            with open(aws_dir / "credentials", "a") as f:
+                f.write(f"[{name}]\naws_access_key_id = bench\naws_secret_access_key = bench\n")
+        return measure(ctx, args)
+    finally:
+        seaweed.stop()
+
+
+def measure(ctx: Context, args) -> int:
     rows = ctx.conn.execute("SELECT count(*) FROM events").fetchone()[0]
     found = methods(ctx)
     for r in range(1, args.rounds + 1):
@@ -318,11 +391,11 @@ def main() -> int:
             m.peaks.append(peak)
             print(f"round {r}/{args.rounds}  {m.name:26s} {elapsed:7.2f} s  backend {peak / 1024:6.1f} MiB", flush=True)
 
-    # The objects, downloaded for the comparison.
-    store = store_client(args.store)
+    # The objects, downloaded for the comparison (each store holds the last
+    # export of each key: compare right after that key's method).
     for m in found:
         if m.object_key:
-            store.download_file("bench", m.object_key, str(ctx.server_dir / m.output))
+            store_client(ctx.stores[m.store]).download_file("bench", m.object_key, str(ctx.server_dir / m.output))
     # Correctness: every NDJSON output equals the reference, byte for byte.
     reference = ctx.server_dir / "reference.ndjson"
     ref_lines = validate_reference(reference)
@@ -335,13 +408,13 @@ def main() -> int:
     failed = False
     for m in found:
         path = output_file(ctx, m)
-        m.digest, m.size = digest_of(path, m.gzip_output)
+        m.digest, m.size = digest_of(path, m.codec)
         if path.is_dir() and m.digest != ref_sorted:
             failed = True
             print(f"!!! MISMATCH: the parts of {m.name} differ from the reference's lines")
         elif m.ndjson and m.digest != ref_digest:
             failed = True
-            print(f"!!! MISMATCH: {m.name} differs from the reference: {first_difference(reference, path, m.gzip_output)}")
+            print(f"!!! MISMATCH: {m.name} differs from the reference: {first_difference(reference, path, m.codec)}")
 
     base = statistics.median(next(m for m in found if m.name == "copy_csv").times)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -379,9 +452,22 @@ def main() -> int:
     targets.append(
         f"- stream_export_to_file plain, profile javascript / default: {ratio('to_file_javascript', 'to_file'):.2f} (target <= 1.10)")
     targets.append(
-        f"- to S3 (local moto) / to a file, plain: {ratio('to_object', 'to_file'):.2f}; gzip: "
-        f"{ratio('to_object_gzip', 'to_file_gzip'):.2f}; a file export then a boto3 upload of it / "
-        f"straight to S3, plain: {ratio('to_file_then_upload', 'to_object'):.2f}x")
+        f"- stream_export_to_file gzip -6 / plain: {ratio('to_file_gzip', 'to_file'):.2f}x the time (target <= 2)")
+    targets.append(
+        f"- stream_export_to_file zstd -3 / gzip -6: {ratio('to_file_zstd', 'to_file_gzip'):.2f}x the time "
+        f"(target <= 0.6); / COPY TO PROGRAM 'zstd -3 -T{os.cpu_count()}': "
+        f"{ratio('to_file_zstd', 'copy_row_to_json_zstd'):.2f}x the time (target <= 0.8), "
+        f"{size['to_file_zstd'] / size['copy_row_to_json_zstd']:.3f}x the size (target <= 1.05)")
+    targets.append(
+        f"- COPY TO PROGRAM 'pigz -6 -p {os.cpu_count()}' / stream_export_to_file gzip -6: "
+        f"{ratio('copy_row_to_json_pigz', 'to_file_gzip'):.2f}x the time")
+    for store, label in (("moto", "local moto"), ("seaweedfs", "local SeaweedFS")):
+        for codec, file_method in (("none", "to_file"), ("gzip", "to_file_gzip"), ("zstd", "to_file_zstd")):
+            name = f"to_object_{store}" + ("" if codec == "none" else f"_{codec}")
+            targets.append(
+                f"- to S3 ({label}), {codec}: file export then upload / straight to S3: "
+                f"{ratio(f'{name}_upload', name):.2f}x the time (target >= 1); throughput of a file export / "
+                f"straight to S3: {ratio(file_method, name):.2f} (target >= 0.9 where the store is not the limit)")
     targets.append(
         f"- CALL stream_export_chunked / stream_export_to_file, plain: {ratio('chunked', 'to_file'):.2f} (target <= 1.15)")
     targets.append(
@@ -389,6 +475,9 @@ def main() -> int:
         f"with 2 (target >= 1.7 on 2 cores)")
     if any(m.name == "copy_ndjson_psql" for m in found):
         targets.append(f"- psql row_to_json / COPY (FORMAT ndjson) via psql: {ratio('psql_row_to_json', 'copy_ndjson_psql'):.2f}x faster (target >= 2)")
+        targets.append(
+            f"- COPY (FORMAT ndjson, COMPRESSION zstd) via psql / COPY TO PROGRAM 'zstd -3 -T{os.cpu_count()}': "
+            f"{ratio('copy_ndjson_zstd_psql', 'copy_row_to_json_zstd'):.2f}x the time")
     report = header + "\n" + "\n".join(table) + "\n\nRatios against the targets (same run):\n\n" + "\n".join(targets) + "\n"
     print()
     print(report)

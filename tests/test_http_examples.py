@@ -4,6 +4,7 @@ client that hangs up, and its memory is watched while it streams."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shlex
@@ -15,7 +16,7 @@ import psycopg
 import pytest
 
 from conftest import REPO, _free_port
-from helpers import proc_status_kib, wait_until
+from helpers import proc_status_kib, wait_until, zstd_decompress
 
 EXAMPLES = REPO / "examples"
 
@@ -67,18 +68,59 @@ def kind(request):
     return request.param
 
 
-def curl(url: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["curl", "-sS", "--fail", "--compressed", "-D", "-", *extra, url],
-                          capture_output=True, check=False, timeout=300)
+def curl(url: str, *extra: str, compressed: bool = True) -> subprocess.CompletedProcess:
+    """curl, as a user runs it: --compressed (it then asks for zstd, gzip and
+    more, and decodes), or without it, the body as sent."""
+    return subprocess.run(["curl", "-sS", "--fail", *(["--compressed"] if compressed else []), "-D", "-",
+                           *extra, url], capture_output=True, check=False, timeout=300)
 
 
-def split_response(raw: bytes) -> tuple[dict, list[str]]:
+def split_raw(raw: bytes) -> tuple[dict, bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     headers = {}
     for line in head.decode().split("\r\n")[1:]:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
+    return headers, body
+
+
+def split_response(raw: bytes) -> tuple[dict, list[str]]:
+    headers, body = split_raw(raw)
     return headers, body.decode().splitlines()
+
+
+# (Accept-Encoding, the Content-Encoding the examples answer with).
+NEGOTIATION = [
+    (None, "gzip"),
+    ("gzip", "gzip"),
+    ("zstd", "zstd"),
+    ("gzip, deflate, br, zstd", "zstd"),
+    ("zstd;q=0.5, gzip", "gzip"),
+    ("gzip;q=0.8, zstd", "zstd"),
+    ("zstd;q=0, gzip", "gzip"),
+    ("*", "zstd"),
+    ("br", "gzip"),
+]
+
+
+def test_the_encoding_follows_accept_encoding(server, conn, kind):
+    conn.execute("DROP TABLE IF EXISTS http_tiny")
+    conn.execute("CREATE TABLE http_tiny (id int PRIMARY KEY, t text)")
+    conn.execute("INSERT INTO http_tiny SELECT g, md5(g::text) FROM generate_series(1, 1000) g")
+    want = export_lines(conn, "SELECT stream_export('http_tiny', key => 'id', profile => 'javascript')")
+    example = ExampleServer(kind, server, "http_tiny")
+    try:
+        for accept, encoding in NEGOTIATION:
+            result = curl(example.url(), *(["-H", f"Accept-Encoding: {accept}"] if accept else []),
+                          compressed=False)
+            assert result.returncode == 0, result.stderr
+            headers, body = split_raw(result.stdout)
+            assert headers["content-encoding"] == encoding, (accept, headers)
+            assert headers["vary"] == "Accept-Encoding"
+            text = gzip.decompress(body) if encoding == "gzip" else zstd_decompress(body)
+            assert text.decode().splitlines()[:-1] == want, accept
+    finally:
+        example.stop()
 
 
 def export_lines(conn, sql: str, params=()) -> list[str]:
@@ -89,12 +131,19 @@ def test_curl_gets_the_javascript_profile_export(server, conn, events_small, kin
     example = ExampleServer(kind, server, events_small)
     try:
         result = curl(example.url())
+        # No Accept-Encoding at all: gzip, the default.
+        plain_curl = curl(example.url(), compressed=False)
     finally:
         example.stop()
     assert result.returncode == 0, result.stderr
     headers, lines = split_response(result.stdout)
     assert headers["content-type"] == "application/x-ndjson"
-    assert headers["content-encoding"] == "gzip"
+    # curl --compressed accepts zstd and gzip alike: zstd.
+    assert headers["content-encoding"] == "zstd" and headers["vary"] == "Accept-Encoding"
+    assert plain_curl.returncode == 0, plain_curl.stderr
+    gzip_headers, gzip_body = split_raw(plain_curl.stdout)
+    assert gzip_headers["content-encoding"] == "gzip"
+    assert gzip.decompress(gzip_body).decode().splitlines()[:-1] == lines[:-1]
     want = export_lines(conn, "SELECT stream_export(%s, key => 'id', footer => true, profile => 'javascript')",
                         [events_small])
     assert len(lines) == len(want) == 500_001

@@ -1,5 +1,6 @@
 """Object storage: exports to s3:// URIs against real S3-compatible servers
-(moto) that this module starts on loopback and always stops.
+(moto, and SeaweedFS, which checks SigV4 signatures) that this module starts
+on loopback and always stops. The module runs once against each.
 
 The cluster gets its AWS configuration the way a production server does:
 environment variables of the server process, and shared config and
@@ -13,74 +14,32 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 import threading
 import time
 import zlib
 from pathlib import Path
 
-import boto3
-import botocore.config
 import psycopg
 import pytest
 from psycopg import errors
 
-from conftest import REPO, crashes_in, start_cluster, stop_cluster
-from helpers import run_in_thread, wait_until
+from conftest import crashes_in, start_cluster, stop_cluster
+from helpers import run_in_thread, wait_until, zstd_decompress
+from stores import MotoStore, SeaweedStore, Store, free_port, start_store
 
-MOTO = REPO / ".venv" / "bin" / "moto_server"
 BUCKET = "exports"
 # A secret that must never show up in the log or in pg_stat_activity.
 SECRET = "s3cr3t-" + secrets.token_hex(12)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Store:
-    """A moto S3 server process on a free loopback port."""
-
-    def __init__(self, directory: Path, name: str, environment: dict[str, str] | None = None):
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.log = open(directory / f"moto-{name}.log", "wb")
-        self.process = subprocess.Popen(
-            [str(MOTO), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, **(environment or {})),
-        )
-        wait_until(self._answers, timeout=60)
-
-    def _answers(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError("moto_server exited")
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    def client(self, key_id: str = "testing", secret: str = SECRET, service: str = "s3"):
-        return boto3.client(
-            service, endpoint_url=self.endpoint, region_name="us-east-1",
-            aws_access_key_id=key_id, aws_secret_access_key=secret,
-            config=botocore.config.Config(retries={"max_attempts": 1}),
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.log.close()
+# The stores every test that takes `store` runs against: moto, and
+# SeaweedFS, which checks signatures as a real store does.
+STORE_KINDS = ["moto", "seaweedfs"]
+# For a test about something else than the store (a fake store of its own,
+# a store started and killed by the test): moto only.
+moto_only = pytest.mark.parametrize("store", ["moto"], indirect=True)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +62,9 @@ def add_profile(aws_dir: Path, name: str, *, endpoint: str, key_id: str, secret:
         f.write(f"[{name}]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n")
 
 
-@pytest.fixture(scope="module")
-def store(aws_dir):
-    s = Store(aws_dir, "main")
+@pytest.fixture(scope="module", params=STORE_KINDS)
+def store(aws_dir, request):
+    s = start_store(request.param, aws_dir, "main", "testing", SECRET)
     try:
         s.client().create_bucket(Bucket=BUCKET)
         yield s
@@ -182,9 +141,9 @@ def expected_lines(conn, table: str = "obj_src") -> list[str]:
     return [r[0] for r in conn.execute(f"SELECT row_to_json(r)::text FROM {table} r ORDER BY id")]
 
 
-@pytest.mark.parametrize("compression", ["none", "gzip"])
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
 def test_object_equals_the_file_export_and_round_trips(conn, store, server_dir, compression):
-    suffix = ".ndjson.gz" if compression == "gzip" else ".ndjson"
+    suffix = {"none": ".ndjson", "gzip": ".ndjson.gz", "zstd": ".ndjson.zst"}[compression]
     uri = f"s3://{BUCKET}/round/obj{suffix}"
     path = server_dir / f"obj{suffix}"
     row = conn.execute(
@@ -201,6 +160,8 @@ def test_object_equals_the_file_export_and_round_trips(conn, store, server_dir, 
         d = zlib.decompressobj(31)
         text = d.decompress(data) + d.flush()
         assert d.eof and d.unused_data == b""
+    elif compression == "zstd":
+        text = zstd_decompress(data)
     else:
         text = data
     lines = text.decode().splitlines()
@@ -417,17 +378,17 @@ def test_a_terminated_backend_aborts_its_upload(cluster, store):
     assert open_uploads(store) == [] and not exists(store, "terminate/obj.ndjson")
 
 
-def test_the_store_killed_mid_upload(cluster, aws_dir):
-    doomed = Store(aws_dir, "doomed")
+def test_the_store_killed_mid_upload(cluster, store, aws_dir):
+    doomed = start_store(store.kind, aws_dir, "doomed", "testing", SECRET)
     try:
         doomed.client().create_bucket(Bucket=BUCKET)
-        add_profile(aws_dir, "doomed", endpoint=doomed.endpoint, key_id="testing", secret=SECRET)
+        profile = f"doomed-{store.kind}"
+        add_profile(aws_dir, profile, endpoint=doomed.endpoint, key_id="testing", secret=SECRET)
         gate = GatedExport(cluster, f"s3://{BUCKET}/killed/obj.ndjson",
-                           setup="SET pg_stream_export.object_store_profile = 'doomed'")
+                           setup=f"SET pg_stream_export.object_store_profile = '{profile}'")
         try:
             wait_for_parts(doomed, "killed/obj.ndjson", 1)
-            doomed.process.send_signal(signal.SIGKILL)
-            doomed.process.wait()
+            doomed.kill()
             gate.release()
             result = gate.finish()
             assert isinstance(result.get("error"), errors.ConnectionFailure), result
@@ -571,8 +532,9 @@ def test_errors_have_their_sqlstates(conn, store, aws_dir):
     with pytest.raises(errors.FeatureNotSupported):
         conn.execute("CALL stream_export_chunked('obj_src', 'gs://exports/chunked/', 'id')")
     port = free_port()  # nothing listens there
-    add_profile(aws_dir, "unreachable", endpoint=f"http://127.0.0.1:{port}", key_id="k", secret=SECRET)
-    conn.execute("SET pg_stream_export.object_store_profile = 'unreachable'")
+    add_profile(aws_dir, f"unreachable-{store.kind}", endpoint=f"http://127.0.0.1:{port}", key_id="k",
+                secret=SECRET)
+    conn.execute(f"SET pg_stream_export.object_store_profile = 'unreachable-{store.kind}'")
     with pytest.raises(errors.ConnectionFailure) as raised:
         conn.execute("SELECT stream_export_to_file('SELECT 1', 's3://exports/x.ndjson')")
     assert "s3://exports/x.ndjson" in str(raised.value)
@@ -585,11 +547,13 @@ def test_errors_have_their_sqlstates(conn, store, aws_dir):
 
 
 @pytest.fixture(scope="module")
-def auth_store(aws_dir):
-    """A moto server that checks signatures and IAM policies (after the
-    first 7 requests, which set it up)."""
-    s = Store(aws_dir, "auth", {"INITIAL_NO_AUTH_ACTION_COUNT": "7"})
-    try:
+def auth_store(aws_dir, store):
+    """A store of the same kind with its own users: one that may write, one
+    that may only read. moto checks signatures and IAM policies after the
+    first 7 requests, which set it up; SeaweedFS checks them always."""
+    kind = store.kind
+    if kind == "moto":
+        s = MotoStore(aws_dir, "auth", "testing", SECRET, {"INITIAL_NO_AUTH_ACTION_COUNT": "7"})
         iam = s.client(service="iam")
         keys = {}
         for user, actions in (("writer", ["s3:*"]), ("reader", ["s3:GetObject", "s3:ListBucket"])):
@@ -598,6 +562,15 @@ def auth_store(aws_dir):
             iam.put_user_policy(UserName=user, PolicyName="p", PolicyDocument=json.dumps({
                 "Version": "2012-10-17",
                 "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+    else:
+        keys = {user: {"AccessKeyId": f"AKIA{user.upper():0<16}", "SecretAccessKey": secrets.token_hex(20)}
+                for user in ("writer", "reader")}
+        s = SeaweedStore(aws_dir, "auth", "testing", SECRET, identities=[
+            ("writer", keys["writer"]["AccessKeyId"], keys["writer"]["SecretAccessKey"],
+             ["Read", "Write", "List", "Tagging"]),
+            ("reader", keys["reader"]["AccessKeyId"], keys["reader"]["SecretAccessKey"], ["Read", "List"]),
+        ])
+    try:
         s.client().create_bucket(Bucket=BUCKET)
         for name, key_id, secret in (
             ("writer", keys["writer"]["AccessKeyId"], keys["writer"]["SecretAccessKey"]),
@@ -605,7 +578,7 @@ def auth_store(aws_dir):
             ("wrong-secret", keys["writer"]["AccessKeyId"], SECRET),
             ("unknown-key", "AKIAUNKNOWNUNKNOWN00", SECRET),
         ):
-            add_profile(aws_dir, f"auth-{name}", endpoint=s.endpoint, key_id=key_id, secret=secret)
+            add_profile(aws_dir, f"auth-{kind}-{name}", endpoint=s.endpoint, key_id=key_id, secret=secret)
         yield s, keys
     finally:
         s.stop()
@@ -613,21 +586,22 @@ def auth_store(aws_dir):
 
 def test_credentials_and_access_are_checked_by_the_store(conn, auth_store):
     store, keys = auth_store
+    kind = store.kind
     writer = store.client(keys["writer"]["AccessKeyId"], keys["writer"]["SecretAccessKey"])
     conn.execute("SET pg_stream_export.object_part_size = '5MB'")
     # Signed requests the store accepts: a multipart upload and a read.
-    conn.execute("SET pg_stream_export.object_store_profile = 'auth-writer'")
+    conn.execute(f"SET pg_stream_export.object_store_profile = 'auth-{kind}-writer'")
     conn.execute("SELECT stream_export_to_file('obj_src', 's3://exports/auth/obj.ndjson', footer => true)")
     etag = writer.head_object(Bucket=BUCKET, Key="auth/obj.ndjson")["ETag"]
     assert int(etag.strip('"').rsplit("-", 1)[1]) >= 3
     assert conn.execute("SELECT ok FROM stream_export_verify('s3://exports/auth/obj.ndjson')").fetchone()[0]
     # A user the policy lets read but not write.
-    conn.execute("SET pg_stream_export.object_store_profile = 'auth-reader'")
+    conn.execute(f"SET pg_stream_export.object_store_profile = 'auth-{kind}-reader'")
     with pytest.raises(errors.InsufficientPrivilege) as raised:
         conn.execute("SELECT stream_export_to_file('obj_src', 's3://exports/auth/denied.ndjson')")
     assert "AccessDenied" in str(raised.value)
     assert conn.execute("SELECT ok FROM stream_export_verify('s3://exports/auth/obj.ndjson')").fetchone()[0]
-    for profile in ("auth-wrong-secret", "auth-unknown-key"):
+    for profile in (f"auth-{kind}-wrong-secret", f"auth-{kind}-unknown-key"):
         conn.execute("SELECT set_config('pg_stream_export.object_store_profile', %s, false)", [profile])
         with pytest.raises(errors.InvalidAuthorizationSpecification):
             conn.execute("SELECT stream_export_to_file('obj_src', 's3://exports/auth/bad.ndjson', overwrite => true)")
@@ -811,6 +785,7 @@ def ended_within(thread, seconds: float) -> float:
     return time.monotonic() - started
 
 
+@moto_only  # the stalling store is a fake of its own
 @pytest.mark.parametrize("stalling", ["silent", "parts"], indirect=True)
 def test_cancel_ends_a_stalled_request(cluster, stalling):
     conn, pid, thread, result = start_stalled(cluster, stalling, EXPORT_TO_STALLED)
@@ -828,6 +803,7 @@ def test_cancel_ends_a_stalled_request(cluster, stalling):
         assert any(line.startswith("DELETE ") for line in stalling.seen), stalling.seen  # aborted
 
 
+@moto_only  # the stalling store is a fake of its own
 @pytest.mark.parametrize("stalling", ["silent", "parts"], indirect=True)
 def test_statement_timeout_ends_a_stalled_request(cluster, stalling):
     conn, pid, thread, result = start_stalled(cluster, stalling, EXPORT_TO_STALLED,
@@ -840,6 +816,7 @@ def test_statement_timeout_ends_a_stalled_request(cluster, stalling):
         conn.close()
 
 
+@moto_only  # the stalling store is a fake of its own
 @pytest.mark.parametrize("stalling", ["body"], indirect=True)
 def test_cancel_ends_a_stalled_read(cluster, stalling):
     verify = f"SELECT * FROM stream_export_verify('s3://{BUCKET}/stalled/obj.ndjson')"
@@ -853,6 +830,7 @@ def test_cancel_ends_a_stalled_read(cluster, stalling):
         conn.close()
 
 
+@moto_only  # the stalling store is a fake of its own
 @pytest.mark.parametrize("stalling", ["silent", "parts"], indirect=True)
 def test_terminate_ends_a_stalled_request(cluster, stalling):
     conn, pid, thread, result = start_stalled(cluster, stalling, EXPORT_TO_STALLED)
