@@ -61,13 +61,18 @@ def main() -> int:
     cases = [
         ("stream_export_to_file, plain", f"SELECT * FROM stream_export_to_file('events', '{out}', overwrite => true)", False),
         ("stream_export_to_file, gzip", f"SELECT * FROM stream_export_to_file('events', '{out}.gz', compression => 'gzip', overwrite => true)", False),
+        ("stream_export_to_file, zstd", f"SELECT * FROM stream_export_to_file('events', '{out}.zst', compression => 'zstd', overwrite => true)", False),
         ("stream_export_bytes, read by a client", "SELECT stream_export_bytes('events')", True),
+        ("stream_export_bytes, zstd, read by a client", "SELECT stream_export_bytes('events', compression => 'zstd')", True),
         ("stream_export, read by a client", "SELECT stream_export('events')", True),
         ("stream_export with key => 'id'", "SELECT stream_export('events', key => 'id')", True),
         ("stream_export_to_file, plain, to S3 (local moto)",
          "SELECT * FROM stream_export_to_file('events', 's3://bench/memory.ndjson', overwrite => true)", False),
         ("stream_export_to_file, gzip, to S3 (local moto)",
          "SELECT * FROM stream_export_to_file('events', 's3://bench/memory.ndjson.gz', compression => 'gzip', "
+         "overwrite => true)", False),
+        ("stream_export_to_file, zstd, to S3 (local moto)",
+         "SELECT * FROM stream_export_to_file('events', 's3://bench/memory.ndjson.zst', compression => 'zstd', "
          "overwrite => true)", False),
         # 10 and 100 chunks: what each chunk allocates must go with it.
         ("CALL stream_export_chunked, 100,000-row chunks",
