@@ -9,6 +9,7 @@ use std::io::{self, BufRead, BufReader, Read};
 
 use crate::footer::{FOOTER_PREFIX, FOOTER_VERSION};
 use crate::layout::{is_part_file_name, read_manifest, MANIFEST};
+use crate::options::Compression;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -78,16 +79,16 @@ pub fn verify(input: impl Read, interrupt: &mut dyn FnMut()) -> io::Result<Verdi
     let mut buffered = BufReader::with_capacity(CHUNK_BYTES, input);
     let head = buffered.fill_buf()?;
     let codec = if head.starts_with(&[0x1f, 0x8b]) {
-        Some("gzip")
+        Compression::Gzip
     } else if head.starts_with(&ZSTD_MAGIC) {
-        Some("zstd")
+        Compression::Zstd
     } else {
-        None
+        Compression::None
     };
     let mut reader: Box<dyn Read> = match codec {
-        Some("gzip") => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
-        Some(_) => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
-        None => Box::new(buffered),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
+        Compression::None => Box::new(buffered),
     };
     let mut scanner = Scanner::default();
     let mut chunk = vec![0u8; CHUNK_BYTES];
@@ -101,11 +102,11 @@ pub fn verify(input: impl Read, interrupt: &mut dyn FnMut()) -> io::Result<Verdi
                 // A read stopped for a cancel is the cancel, not a verdict.
                 interrupt();
                 let what = match codec {
-                    Some(codec) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    Compression::None => "the file cannot be read".to_owned(),
+                    _ if e.kind() == io::ErrorKind::UnexpectedEof => {
                         format!("the {codec} stream is truncated")
                     }
-                    Some(codec) => format!("the {codec} stream is corrupt"),
-                    None => "the file cannot be read".to_owned(),
+                    _ => format!("the {codec} stream is corrupt"),
                 };
                 return Ok(scanner.verdict(false, format!("{what}: {e}")));
             }
@@ -423,7 +424,6 @@ pub fn verify_directory(
 #[cfg(test)]
 mod unit_tests {
     use super::*;
-    use crate::options::Compression;
     use crate::sink::{ExportWriter, RecordStats};
 
     fn export(rows: usize, compression: Compression, footer: bool) -> Vec<u8> {
