@@ -82,6 +82,23 @@ def run_in_thread(target):
     return thread, result
 
 
+def function_bytes(conn, source: str, **options) -> bytes:
+    """The whole output of stream_export_bytes with these options."""
+    args = "".join(f", {k} => %({k})s" for k in options)
+    rows = conn.execute(f"SELECT stream_export_bytes(%(src)s{args})", {"src": source, **options}).fetchall()
+    return b"".join(r[0] for r in rows)
+
+
+def copy_out(conn, statement: str) -> tuple[bytes, int]:
+    """A COPY ... TO STDOUT's bytes and row count."""
+    with conn.cursor() as cur:
+        data = bytearray()
+        with cur.copy(statement) as copy:
+            for block in copy:
+                data += block
+        return bytes(data), cur.rowcount
+
+
 def zstd_decompress(data: bytes) -> bytes:
     """Decompressed with the zstd command-line tool (every frame, checksums
     checked); fails on a damaged or truncated stream."""

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from conftest import HAS_PG_STAT_STATEMENTS
-from helpers import run_in_thread, wait_until
+from helpers import copy_out, function_bytes, run_in_thread, wait_until
 
 PRELOAD = "-c session_preload_libraries=pg_stream_export"
 
@@ -22,21 +22,6 @@ PRELOAD = "-c session_preload_libraries=pg_stream_export"
 def loaded(conn):
     conn.execute("LOAD 'pg_stream_export'")
     return conn
-
-
-def function_bytes(conn, source: str, **options) -> bytes:
-    args = "".join(f", {k} => %({k})s" for k in options)
-    rows = conn.execute(f"SELECT stream_export_bytes(%(src)s{args})", {"src": source, **options}).fetchall()
-    return b"".join(r[0] for r in rows)
-
-
-def copy_out(conn, statement: str) -> tuple[bytes, int]:
-    with conn.cursor() as cur:
-        data = bytearray()
-        with cur.copy(statement) as copy:
-            for block in copy:
-                data += block
-        return bytes(data), cur.rowcount
 
 
 def test_copy_to_stdout_equals_the_byte_stream(conn, events_small):
@@ -113,7 +98,7 @@ def test_other_copies_are_untouched_and_hooks_chained(conn, tmp_path):
         ("COPY pg_class TO STDOUT WITH (FORMAT ndjson, FORCE_QUOTE *)", "22023"),
         ("COPY pg_class TO STDOUT WITH (FORMAT ndjson, ENCODING 'LATIN1')", "22023"),
         ("COPY pg_class TO STDOUT WITH (FORMAT ndjson, BOGUS 1)", "42601"),
-        ("COPY pg_class TO STDOUT WITH (FORMAT ndjson, COMPRESSION 'zstd')", "22023"),
+        ("COPY pg_class TO STDOUT WITH (FORMAT ndjson, COMPRESSION 'lz4')", "22023"),
         ("COPY pg_class TO STDOUT WITH (FORMAT ndjson, COMPRESSION_LEVEL 12)", "22023"),
         ("COPY pg_class FROM STDIN WITH (FORMAT ndjson)", "0A000"),
         ("COPY pg_class TO PROGRAM 'cat' WITH (FORMAT ndjson)", "0A000"),

@@ -12,26 +12,16 @@ import duckdb
 import pytest
 from psycopg import errors
 
-from helpers import zstd_decompress
+from helpers import copy_out, function_bytes, zstd_decompress
 
 PRELOAD = "-c session_preload_libraries=pg_stream_export"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def function_bytes(conn, source: str, **options) -> bytes:
-    args = "".join(f", {k} => %({k})s" for k in options)
-    rows = conn.execute(f"SELECT stream_export_bytes(%(src)s{args})", {"src": source, **options}).fetchall()
-    return b"".join(r[0] for r in rows)
-
-
-def copy_out(conn, statement: str) -> bytes:
+def copied(conn, statement: str) -> bytes:
+    """The bytes of a COPY ... TO STDOUT (FORMAT ndjson), library loaded."""
     conn.execute("LOAD 'pg_stream_export'")
-    with conn.cursor() as cur:
-        data = bytearray()
-        with cur.copy(statement) as copy:
-            for block in copy:
-                data += block
-        return bytes(data)
+    return copy_out(conn, statement)[0]
 
 
 def zstd_test(path: Path) -> None:
@@ -111,7 +101,7 @@ def test_verify_finds_a_damaged_or_truncated_zstd_file(conn, events_small, serve
 
 def test_copy_to_stdout_and_to_a_file(server, conn, events_small, server_dir, tmp_path):
     expected = function_bytes(conn, events_small, footer=True, compression="zstd", compression_level=5)
-    assert copy_out(conn, f"COPY {events_small} TO STDOUT WITH (FORMAT ndjson, COMPRESSION zstd, "
+    assert copied(conn, f"COPY {events_small} TO STDOUT WITH (FORMAT ndjson, COMPRESSION zstd, "
                           "COMPRESSION_LEVEL 5, FOOTER true)") == expected
     target = server_dir / "copy.ndjson.zst"
     conn.execute(f"COPY {events_small} TO '{target}' WITH (FORMAT ndjson, COMPRESSION zstd, FOOTER true)")
@@ -195,7 +185,7 @@ def test_bad_levels_are_refused_everywhere(conn, server_dir, level):
             conn.execute(sql, params)
         assert "between 1 and 19" in (raised.value.diag.message_hint or ""), raised.value
     with pytest.raises(errors.InvalidParameterValue):
-        copy_out(conn, f"COPY (SELECT 1) TO STDOUT WITH (FORMAT ndjson, COMPRESSION zstd, "
+        copied(conn, f"COPY (SELECT 1) TO STDOUT WITH (FORMAT ndjson, COMPRESSION zstd, "
                        f"COMPRESSION_LEVEL {level})")
     assert list(server_dir.iterdir()) == []
 
