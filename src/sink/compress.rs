@@ -1,8 +1,10 @@
 //! Parallel compression: the input is cut into blocks that helper threads
 //! compress independently, and the pieces are written in order.
 //!
-//! - gzip: each block's deflate output ends with a full flush, so it depends
-//!   on no other block, and the pieces go inside ONE gzip member: a header,
+//! - gzip: each block is deflated on its own (libdeflate, made into a
+//!   flushed piece by `sink/deflate.rs`; zlib-rs with a full flush if that
+//!   fails), so it depends on no other block and ends on a byte boundary,
+//!   and the pieces go inside ONE gzip member: a header,
 //!   the pieces, an empty final block, and the CRC-32 and length of the
 //!   whole. Any gzip reader takes it, also those that stop after the first
 //!   member (HTTP clients such as curl with `Content-Encoding: gzip`). This
@@ -61,7 +63,14 @@ pub fn default_workers() -> usize {
 
 /// One helper's compressor, kept from block to block.
 enum Compressor {
-    Gzip(Compress),
+    /// libdeflate for speed and size; zlib (made on first need) for a
+    /// block whose libdeflate stream would not walk, which should not
+    /// happen but must not corrupt an export if it does.
+    Gzip {
+        fast: libdeflater::Compressor,
+        fallback: Option<Compress>,
+        level: u32,
+    },
     Zstd(zstd::bulk::Compressor<'static>),
 }
 
@@ -69,7 +78,14 @@ impl Compressor {
     fn new(codec: Codec) -> Result<Compressor, String> {
         Ok(match codec {
             Codec::Gzip(level) => {
-                Compressor::Gzip(Compress::new(flate2::Compression::new(level.min(9)), false))
+                let level = level.min(9);
+                let fast_level = libdeflater::CompressionLvl::new(level as i32)
+                    .map_err(|e| format!("gzip compression failed: {e:?}"))?;
+                Compressor::Gzip {
+                    fast: libdeflater::Compressor::new(fast_level),
+                    fallback: None,
+                    level,
+                }
             }
             Codec::Zstd(level) => {
                 let mut compressor = zstd::bulk::Compressor::new(level)
@@ -86,10 +102,52 @@ impl Compressor {
 
     fn compress(&mut self, input: &[u8], out: Vec<u8>) -> Result<Piece, String> {
         match self {
-            Compressor::Gzip(compressor) => deflate_piece(compressor, input, out),
+            Compressor::Gzip {
+                fast,
+                fallback,
+                level,
+            } => match libdeflate_piece(fast, input, out) {
+                Ok(piece) => Ok(piece),
+                Err(out) => {
+                    let zlib = fallback.get_or_insert_with(|| {
+                        Compress::new(flate2::Compression::new(*level), false)
+                    });
+                    deflate_piece(zlib, input, out)
+                }
+            },
             Compressor::Zstd(compressor) => zstd_frame(compressor, input, out),
         }
     }
+}
+
+/// libdeflate's whole stream for `input`, made into a flushed piece; the
+/// buffer back if it could not be.
+fn libdeflate_piece(
+    compressor: &mut libdeflater::Compressor,
+    input: &[u8],
+    mut out: Vec<u8>,
+) -> Result<Piece, Vec<u8>> {
+    out.clear();
+    // The bound, and room for the empty stored block the flush appends.
+    out.resize(compressor.deflate_compress_bound(input.len()) + 8, 0);
+    let Ok(len) = compressor.deflate_compress(input, &mut out) else {
+        return Err(out);
+    };
+    out.truncate(len);
+    if !super::deflate::into_flushed_piece(&mut out) {
+        return Err(out);
+    }
+    Ok(Piece {
+        crc: Some(crc_of(input)),
+        bytes: out,
+        input_len: input.len() as u64,
+    })
+}
+
+fn crc_of(input: &[u8]) -> crc32fast::Hasher {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(input);
+    crc
 }
 
 /// Deflate `input` into `out` (a reused buffer), ending with a full flush:
@@ -116,11 +174,9 @@ fn deflate_piece(
         }
         out.reserve(out.capacity().max(4096));
     }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(input);
     Ok(Piece {
         bytes: out,
-        crc: Some(crc),
+        crc: Some(crc_of(input)),
         input_len: input.len() as u64,
     })
 }

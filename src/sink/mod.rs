@@ -3,6 +3,7 @@
 //! destination (a chunk buffer for `bytea` streams, a file, ...).
 
 pub mod compress;
+pub mod deflate;
 pub mod verify;
 
 use std::io::{self, Write};
