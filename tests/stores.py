@@ -126,7 +126,7 @@ class SeaweedStore(Store):
             {"name": user, "credentials": [{"accessKey": k, "secretKey": s}], "actions": actions}
             for user, k, s, actions in users]}))
         (self.data / "store").mkdir()
-        ports = {flag: free_port() for flag in (
+        self.ports = ports = {flag: free_port() for flag in (
             "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
             "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")}
         command = [str(WEED), "mini", f"-dir={self.data / 'store'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -146,6 +146,11 @@ class SeaweedStore(Store):
     def stop(self) -> None:
         super().stop()
         shutil.rmtree(self.data, ignore_errors=True)
+        # Killed, it leaves a Unix socket per service in /tmp, named by the
+        # service's port: ours, so ours to remove.
+        for port in (self.port, *self.ports.values()):
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 def start_store(kind: str, directory: Path, name: str, key_id: str, secret: str) -> Store:
