@@ -282,11 +282,18 @@ impl ParallelCompressor {
         self.spare_inputs.pop()
     }
 
-    /// Queue one block; waits when too many are in flight, so memory stays
-    /// bounded by a few blocks.
-    pub fn submit(&mut self, block: Vec<u8>) -> io::Result<()> {
-        while self.next_submit - self.next_write - self.finished.len() as u64 >= self.max_in_flight
-        {
+    /// Queue one block; waits when too many are not yet written, so memory
+    /// stays bounded by a few blocks. Finished pieces count too: while one
+    /// helper is slow on an early block, the others must not run ahead and
+    /// pile up pieces that cannot be written before it.
+    /// Returns the bytes written to `out` while waiting.
+    pub fn submit(&mut self, block: Vec<u8>, out: &mut impl Write) -> io::Result<u64> {
+        let mut written = 0;
+        loop {
+            written += self.write_in_order(out)?;
+            if self.next_submit - self.next_write < self.max_in_flight {
+                break;
+            }
             let result = self.done.recv().map_err(|_| Self::broken())?;
             self.collect(result)?;
         }
@@ -295,7 +302,7 @@ impl ParallelCompressor {
         jobs.send((self.next_submit, block, output))
             .map_err(|_| Self::broken())?;
         self.next_submit += 1;
-        Ok(())
+        Ok(written)
     }
 
     /// Write every piece that is finished and next in order.
@@ -391,7 +398,9 @@ mod unit_tests {
         let mut gzip = ParallelCompressor::new(codec, 2);
         let mut out = Vec::new();
         for block in blocks {
-            gzip.submit(block.clone()).unwrap();
+            gzip.submit(block.clone(), &mut out).unwrap();
+            // Never more than a few blocks held, written or not.
+            assert!(gzip.next_submit - gzip.next_write <= gzip.max_in_flight);
             gzip.drain_ready(&mut out).unwrap();
         }
         gzip.finish(&mut out).unwrap();

@@ -170,7 +170,7 @@ impl<W: Write> ExportWriter<W> {
                     .spare_input()
                     .unwrap_or_else(|| Vec::with_capacity(BLOCK_BYTES + (64 << 10)));
                 let full = std::mem::replace(&mut self.block, next);
-                pool.submit(full)?;
+                self.output_bytes += pool.submit(full, &mut self.out)?;
                 self.output_bytes += pool.drain_ready(&mut self.out)?;
             }
         }
