@@ -6,7 +6,33 @@
 use std::ffi::CString;
 use std::time::Duration;
 
-use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+
+/// `pg_stream_export.file_mode`: the permissions of the files an export
+/// writes on the server.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FileMode {
+    /// Readable by every OS user, as COPY's files (COPY writes under umask
+    /// 022, whatever the server's umask).
+    #[name = c"0644"]
+    World,
+    /// Readable by the server's OS group.
+    #[name = c"0640"]
+    Group,
+    /// The server's OS user only.
+    #[name = c"0600"]
+    Owner,
+}
+
+impl FileMode {
+    pub fn bits(self) -> libc::mode_t {
+        match self {
+            FileMode::World => 0o644,
+            FileMode::Group => 0o640,
+            FileMode::Owner => 0o600,
+        }
+    }
+}
 
 static ALLOWED_DIRECTORY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static OBJECT_STORE_PROFILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -17,6 +43,7 @@ static OBJECT_LEASE_TTL_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 static MAX_TRACKED_EXPORTS: GucSetting<i32> = GucSetting::<i32>::new(64);
 static PROGRESS_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static LOG_EXPORTS: GucSetting<bool> = GucSetting::<bool>::new(true);
+static FILE_MODE: GucSetting<FileMode> = GucSetting::<FileMode>::new(FileMode::World);
 
 /// The smallest part S3 accepts (but the last), in kB.
 const MIN_PART_SIZE_KB: i32 = 5 * 1024;
@@ -86,6 +113,11 @@ pub fn progress_interval() -> Option<Duration> {
 /// LOG line.
 pub fn log_exports() -> bool {
     LOG_EXPORTS.get()
+}
+
+/// `pg_stream_export.file_mode`: the mode bits of export files.
+pub fn file_mode() -> libc::mode_t {
+    FILE_MODE.get().bits()
 }
 
 /// From `_PG_init`: define every setting, then reserve the prefix.
@@ -177,6 +209,14 @@ pub fn define() {
         c"When set, stream_export_to_file, stream_export_to_directory and COPY ... TO 'file' WITH (FORMAT ndjson) only write files inside this directory, after resolving '..' and symbolic links.",
         &ALLOWED_DIRECTORY,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"pg_stream_export.file_mode",
+        c"Permissions of the files exports write on the server: 0644 (as COPY), 0640 or 0600.",
+        c"0644 lets a loader running as another OS user read the files, as COPY ... TO 'file' does; 0640 limits reading to the server's OS group, 0600 to the server's OS user.",
+        &FILE_MODE,
+        GucContext::Userset,
         GucFlags::default(),
     );
     // Names under the prefix that are not defined above are now an error

@@ -101,7 +101,7 @@ def test_other_copies_are_untouched_and_hooks_chained(conn, tmp_path):
         ("COPY pg_class TO STDOUT WITH (FORMAT ndjson, COMPRESSION 'lz4')", "22023"),
         ("COPY pg_class TO STDOUT WITH (FORMAT ndjson, COMPRESSION_LEVEL 12)", "22023"),
         ("COPY pg_class FROM STDIN WITH (FORMAT ndjson)", "0A000"),
-        ("COPY pg_class TO PROGRAM 'cat' WITH (FORMAT ndjson)", "0A000"),
+        ("COPY pg_class FROM PROGRAM 'cat' WITH (FORMAT ndjson)", "0A000"),
         ("COPY no_such_table_copy TO STDOUT WITH (FORMAT ndjson)", "42P01"),
         ("COPY pg_class (no_such_column) TO STDOUT WITH (FORMAT ndjson)", "42703"),
     ],

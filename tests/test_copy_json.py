@@ -155,7 +155,7 @@ def test_the_functions_give_the_same_array(nasty, server_dir):
     ("COPY nasty_json TO STDOUT (FORMAT 'json', FORCE_ARRAY 'maybe')", psycopg.errors.SyntaxError),
     ("COPY nasty_json TO STDOUT (FORMAT 'json', COMPRESSION lz4)", psycopg.errors.InvalidParameterValue),
     ("COPY nasty_json TO STDOUT (FORMAT 'json', ENCODING 'LATIN1')", psycopg.errors.InvalidParameterValue),
-    ("COPY nasty_json TO PROGRAM 'cat' (FORMAT 'json')", psycopg.errors.FeatureNotSupported),
+    ("COPY nasty_json FROM PROGRAM 'cat' (FORMAT 'json')", psycopg.errors.FeatureNotSupported),
 ])
 def test_errors(nasty, statement, error):
     with pytest.raises(error):

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 
 /// Blocks queued at most; with 1 MiB blocks this bounds the memory.
@@ -16,6 +16,10 @@ pub struct BackgroundWriter {
     blocks: Option<SyncSender<Vec<u8>>>,
     spare: Receiver<Vec<u8>>,
     worker: Option<JoinHandle<io::Result<File>>>,
+    /// Called between tries while the helper is behind, for an output that
+    /// may stop reading (a program's pipe): it waits a little and acts on
+    /// a cancel. `None`: block until the helper takes the data.
+    wait: Option<fn()>,
 }
 
 impl BackgroundWriter {
@@ -34,7 +38,16 @@ impl BackgroundWriter {
             blocks: Some(block_tx),
             spare: spare_rx,
             worker: Some(worker),
+            wait: None,
         }
+    }
+
+    /// As `new`, calling `wait` while the helper is behind (in `write` and
+    /// `finish`, never in drop) instead of blocking.
+    pub fn waiting_with(file: File, wait: fn()) -> BackgroundWriter {
+        let mut writer = BackgroundWriter::new(file);
+        writer.wait = Some(wait);
+        writer
     }
 
     /// Stop the helper and return its result.
@@ -50,6 +63,12 @@ impl BackgroundWriter {
 
     /// Wait until every block is written; return the file.
     pub fn finish(mut self) -> io::Result<File> {
+        if let Some(wait) = self.wait {
+            self.blocks = None; // the helper ends after the last block
+            while self.worker.as_ref().is_some_and(|w| !w.is_finished()) {
+                wait();
+            }
+        }
         self.join()
     }
 }
@@ -61,9 +80,19 @@ impl Write for BackgroundWriter {
             .try_recv()
             .unwrap_or_else(|_| Vec::with_capacity(data.len()));
         block.extend_from_slice(data);
-        let sent = match &self.blocks {
-            Some(blocks) => blocks.send(block).is_ok(),
-            None => false,
+        let sent = match (&self.blocks, self.wait) {
+            (Some(blocks), None) => blocks.send(block).is_ok(),
+            (Some(blocks), Some(wait)) => loop {
+                match blocks.try_send(block) {
+                    Ok(()) => break true,
+                    Err(TrySendError::Full(back)) => {
+                        block = back;
+                        wait();
+                    }
+                    Err(TrySendError::Disconnected(_)) => break false,
+                }
+            },
+            (None, _) => false,
         };
         if !sent {
             // The helper stopped: its error explains why.

@@ -294,7 +294,9 @@ impl Directory {
                     | libc::O_CLOEXEC,
                 0o600,
             ))?;
-            Ok(File::from_raw_fd(fd))
+            let file = File::from_raw_fd(fd);
+            cvt(libc::fchmod(fd, crate::gucs::file_mode()))?;
+            Ok(file)
         }
     }
 
@@ -418,7 +420,7 @@ fn partial_name_of(target: &OsStr) -> OsString {
 /// fails with EEXIST when something is at `name` already. Where the file
 /// system has no unnamed files, a uniquely named one is made, locked and
 /// linked instead.
-fn create_locked(dir: &Directory, name: &CStr) -> io::Result<File> {
+fn create_locked(dir: &Directory, name: &CStr, mode: libc::mode_t) -> io::Result<File> {
     // SAFETY: openat(2) with O_TMPFILE creates an unnamed file owned by the
     // File; flock(2) and linkat(2) act on that descriptor and name.
     unsafe {
@@ -430,6 +432,9 @@ fn create_locked(dir: &Directory, name: &CStr) -> io::Result<File> {
         );
         if fd >= 0 {
             let file = File::from_raw_fd(fd);
+            // The mode explicitly: open(2) applies the server's umask
+            // (usually 077), and COPY's files are 0644.
+            cvt(libc::fchmod(fd, mode))?;
             cvt(libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB))?;
             let proc_path = CString::new(format!("/proc/self/fd/{fd}")).unwrap_or_default();
             cvt(libc::linkat(
@@ -463,15 +468,17 @@ fn create_locked(dir: &Directory, name: &CStr) -> io::Result<File> {
             0o600,
         ))?;
         let file = File::from_raw_fd(fd);
-        let linked = cvt(libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB)).and_then(|_| {
-            cvt(libc::linkat(
-                dir.fd(),
-                private.as_ptr(),
-                dir.fd(),
-                name.as_ptr(),
-                0,
-            ))
-        });
+        let linked = cvt(libc::fchmod(fd, mode))
+            .and_then(|_| cvt(libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB)))
+            .and_then(|_| {
+                cvt(libc::linkat(
+                    dir.fd(),
+                    private.as_ptr(),
+                    dir.fd(),
+                    name.as_ptr(),
+                    0,
+                ))
+            });
         libc::unlinkat(dir.fd(), private.as_ptr(), 0);
         linked.map(|_| file)
     }
@@ -668,7 +675,7 @@ impl PartialFile {
         let partial = partial_name_of(target);
         let c_partial = c_name(&partial);
         for _ in 0..8 {
-            match create_locked(dir, &c_partial) {
+            match create_locked(dir, &c_partial, crate::gucs::file_mode()) {
                 Ok(file) => {
                     let lock = file
                         .try_clone()

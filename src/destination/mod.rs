@@ -34,6 +34,7 @@ pub mod file;
 pub mod listing;
 pub mod object;
 pub mod output;
+pub mod program;
 
 pub use directory::{ExportDirectory, ManifestClaim};
 

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use super::background::BackgroundWriter;
 use super::file::{raise_io, Directory, PartialFile};
 use super::object::{self, upload::ObjectUpload, uri::ObjectUri};
+use super::program::Program;
 
 pub enum Output {
     /// A locked `.partial` file written by a helper thread, renamed into
@@ -24,6 +25,8 @@ pub enum Output {
         upload: ObjectUpload,
         uri: ObjectUri,
     },
+    /// A shell command's standard input, committed when it exits with 0.
+    Program(Program),
 }
 
 impl Output {
@@ -61,11 +64,17 @@ impl Output {
         }
     }
 
+    /// `command`'s input (the caller checked the privilege).
+    pub fn program(command: &str) -> Output {
+        Output::Program(Program::start(command))
+    }
+
     /// As shown to users: the file's path or the object's URI.
     pub fn describe(&self) -> String {
         match self {
             Output::File { partial, .. } => partial.target_path().display().to_string(),
             Output::Object { uri, .. } => uri.to_string(),
+            Output::Program(program) => program.describe(),
         }
     }
 
@@ -89,6 +98,11 @@ impl Output {
                     .unwrap_or_else(|e| object::raise_upload_error(e, &uri));
                 PathBuf::from(uri.to_string())
             }
+            Output::Program(program) => {
+                let shown = program.describe();
+                program.finish();
+                PathBuf::from(shown)
+            }
         }
     }
 }
@@ -98,6 +112,7 @@ impl Write for Output {
         match self {
             Output::File { writer, .. } => writer.write(buf),
             Output::Object { upload, .. } => upload.write(buf),
+            Output::Program(program) => program.write(buf),
         }
     }
 
@@ -105,6 +120,7 @@ impl Write for Output {
         match self {
             Output::File { writer, .. } => writer.write_all(buf),
             Output::Object { upload, .. } => upload.write_all(buf),
+            Output::Program(program) => program.write_all(buf),
         }
     }
 
@@ -112,6 +128,7 @@ impl Write for Output {
         match self {
             Output::File { writer, .. } => writer.flush(),
             Output::Object { upload, .. } => upload.flush(),
+            Output::Program(program) => program.flush(),
         }
     }
 }

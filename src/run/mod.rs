@@ -195,6 +195,18 @@ pub fn to_target(
     }
 }
 
+/// Export into a shell command's standard input (COPY ... TO PROGRAM):
+/// the privilege first, then `source()`, then the command.
+pub fn to_program(
+    command: &str,
+    source: impl FnOnce() -> Source,
+    options: ExportOptions,
+) -> Written {
+    crate::destination::program::check_privilege();
+    let source = source();
+    to_output(source, options, Output::program(command))
+}
+
 /// Export one part file `name` of a directory export (never replacing one).
 pub fn to_part(
     directory: &ExportDirectory,

@@ -227,6 +227,8 @@ fn copy_format(options: &[*mut pg_sys::DefElem]) -> Option<JsonFormat> {
 /// COPY options of an ndjson COPY, validated.
 #[derive(Default)]
 struct CopyOptions {
+    /// TO PROGRAM: the file name is a shell command.
+    is_program: bool,
     /// Checked when the options are parsed, as every other option.
     compression: Option<String>,
     compression_level: Option<i32>,
@@ -296,14 +298,10 @@ fn json_copy_options(copy: *mut pg_sys::CopyStmt) -> CopyOptions {
             Some("FORMAT ndjson is an export format: use it with COPY ... TO"),
         );
     }
-    if is_program {
-        raise(
-            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("COPY TO PROGRAM with FORMAT {format_name} is not supported"),
-            Some("use COPY ... TO STDOUT and a pipe, or COMPRESSION gzip or zstd"),
-        );
-    }
-    let mut options = CopyOptions::default();
+    let mut options = CopyOptions {
+        is_program,
+        ..CopyOptions::default()
+    };
     for def in defs {
         let name = option_name(def);
         match name.as_str() {
@@ -486,6 +484,18 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
         let client = CopyOut::begin(compressed);
         let ((), counts, _) = single.run(client, CopyOut::end);
         counts.rows
+    } else if copy_options.is_program {
+        // SAFETY: the command is a C string of the statement.
+        let command = unsafe { CStr::from_ptr(filename) }
+            .to_string_lossy()
+            .into_owned();
+        run::to_program(
+            &command,
+            // SAFETY: the hook's own arguments.
+            || unsafe { copy_source(pstmt, query_string, copy) },
+            options,
+        )
+        .rows
     } else {
         // SAFETY: the file name is a C string of the statement.
         let target = unsafe { CStr::from_ptr(filename) }
