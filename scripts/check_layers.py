@@ -22,7 +22,7 @@ LAYERS = [
               "activity", "progress", "pgrx_tests"}),
 ]
 # The SQL entry points: they do not name each other.
-ENTRY_POINTS = {"sql::api", "sql::copy_hook"}
+ENTRY_POINTS = {"sql::api", "sql::copy_hook", "sql::jobs"}
 # Names the storage layer must never use: running exports is run/'s.
 ABOVE_STORAGE = re.compile(r"\b(Export|ExportWriter|Source)\b")
 

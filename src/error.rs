@@ -13,6 +13,18 @@ pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: Option<&str
     unreachable!("an ERROR report does not return")
 }
 
+/// A required argument of a function that also takes optional ones (so it
+/// cannot be STRICT): NULL is `22004` naming the argument.
+pub fn required<T>(value: Option<T>, name: &str) -> T {
+    value.unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            format!("argument \"{name}\" must not be NULL"),
+            None,
+        )
+    })
+}
+
 /// The fields of an error that the SQL layer passes on: what a directory
 /// worker carries back to its leader.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

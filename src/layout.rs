@@ -54,6 +54,44 @@ pub fn is_part_file_name(name: &str) -> bool {
         .is_some_and(|n| n.len() == 5 && n.iter().all(u8::is_ascii_digit))
 }
 
+/// The longest job name: it goes into file and object names.
+pub const JOB_NAME_MAX: usize = 63;
+
+/// Why `name` cannot name an incremental job, if it cannot: it becomes
+/// part of file and object names, so it is kept to letters, digits, `_`,
+/// `-` and `.` (starting with a letter or digit), and it may not start
+/// with `part-`, so that its files never look like a directory export's
+/// parts (which an overwrite of that export would remove).
+pub fn job_name_problem(name: &str) -> Option<&'static str> {
+    let starts_well = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric());
+    if !starts_well || name.len() > JOB_NAME_MAX {
+        return Some("a job name is 1 to 63 characters and starts with a letter or digit");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        return Some("a job name has only letters, digits, '_', '-' and '.'");
+    }
+    if name.to_ascii_lowercase().starts_with("part-") {
+        return Some(
+            "a job name may not start with \"part-\" (the names of directory export parts)",
+        );
+    }
+    None
+}
+
+/// `<job>-NNNNNNNN.ndjson[.gz|.zst]`: part `number` of an incremental
+/// job. Part n holds the rows after the last row of part n-1, so the name
+/// follows from where the part starts: a run that died after writing it
+/// and the run after it name it the same.
+pub fn job_part_name(job: &str, number: i64, suffix: &str) -> String {
+    format!("{job}-{number:08}.ndjson{suffix}")
+}
+
 /// A random id for this export's file names: 12 hex digits.
 pub fn new_export_id() -> String {
     let mut bytes = [0u8; 6];
@@ -93,6 +131,43 @@ pub fn read_manifest(file: impl std::io::Read) -> Option<Value> {
 #[cfg(test)]
 mod unit_tests {
     use super::*;
+
+    #[test]
+    fn job_names_are_safe_in_file_names_and_never_look_like_parts() {
+        for good in ["nightly", "events.daily", "a", "Job_2-x", &"x".repeat(63)] {
+            assert_eq!(job_name_problem(good), None, "{good}");
+        }
+        for bad in [
+            "",
+            "-x",
+            ".hidden",
+            "a/b",
+            "../x",
+            "a b",
+            "é",
+            "x\0",
+            "part-1",
+            "PART-x",
+            &"x".repeat(64),
+        ] {
+            assert!(job_name_problem(bad).is_some(), "{bad:?}");
+        }
+        assert!(!is_part_file_name(&job_part_name("part0", 1, ".gz")));
+        assert!(!is_part_file_name(&job_part_name("0123456789ab", 1, "")));
+    }
+
+    #[test]
+    fn job_part_names_follow_the_part_number() {
+        assert_eq!(job_part_name("events", 1, ""), "events-00000001.ndjson");
+        assert_eq!(
+            job_part_name("events", 42, ".zst"),
+            "events-00000042.ndjson.zst"
+        );
+        assert_eq!(
+            job_part_name("e", 123_456_789, ".gz"),
+            "e-123456789.ndjson.gz"
+        );
+    }
 
     #[test]
     fn part_names_carry_the_export_id() {

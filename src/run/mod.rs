@@ -10,6 +10,7 @@
 //! Directory workers ([`to_part`]) and chunked exports use the same pieces.
 
 pub mod chunked;
+pub mod jobs;
 pub mod manifest;
 pub mod parallel;
 
@@ -134,15 +135,16 @@ impl Single {
 
     /// Pump the whole export into `out`, then `commit` it (the commit point
     /// of the destination: a rename, an upload's completion, the end of a
-    /// COPY); the export is complete once that returns.
+    /// COPY), knowing what was written; the export is complete once that
+    /// returns.
     pub fn run<W: Write, R>(
         mut self,
         out: W,
-        commit: impl FnOnce(W) -> R,
+        commit: impl FnOnce(W, &Counts) -> R,
     ) -> (R, Counts, Option<String>) {
         let (out, counts) = pump(&mut self.export, out, u64::MAX);
         let resume_token = self.export.resume_token();
-        let committed = commit(out);
+        let committed = commit(out, &counts);
         self.export.complete(counts.file_bytes, Some(counts.crc32));
         (committed, counts, resume_token)
     }
@@ -163,7 +165,7 @@ fn written(path: PathBuf, counts: Counts, resume_token: Option<String>) -> Writt
 /// [`Output`]), committed at the end; the caller has checked the privilege.
 pub fn to_output(source: Source, options: ExportOptions, output: Output) -> Written {
     let single = Single::open(source, options, Destination::File, &output.describe());
-    let (path, counts, resume_token) = single.run(output, Output::commit);
+    let (path, counts, resume_token) = single.run(output, |output, _| output.commit());
     written(path, counts, resume_token)
 }
 

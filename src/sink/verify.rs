@@ -18,12 +18,16 @@ pub struct Verdict {
     pub bytes: u64,
     pub crc32: u32,
     pub detail: String,
+    /// The footer's resume token, when the file matches a footer that has
+    /// one (an export with a key).
+    pub resume_token: Option<String>,
 }
 
 struct Expected {
     rows: u64,
     bytes: u64,
     crc32: u32,
+    resume_token: Option<String>,
 }
 
 fn parse_footer(line: &[u8]) -> Result<Expected, String> {
@@ -56,7 +60,16 @@ fn parse_footer(line: &[u8]) -> Result<Expected, String> {
     if meta.get("complete").and_then(|v| v.as_bool()) != Some(true) {
         return Err("the footer does not say the export is complete".into());
     }
-    Ok(Expected { rows, bytes, crc32 })
+    let resume_token = meta
+        .get("resume_token")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    Ok(Expected {
+        rows,
+        bytes,
+        crc32,
+        resume_token,
+    })
 }
 
 /// The longest footer line that is read as a footer (its resume token
@@ -270,6 +283,7 @@ impl Scanner {
             bytes: self.bytes,
             crc32: self.crc.clone().finalize(),
             detail,
+            resume_token: None,
         }
     }
 
@@ -334,10 +348,13 @@ impl Scanner {
             ));
         }
         if problems.is_empty() {
-            self.verdict(
-                true,
-                format!("{rows} rows, {bytes} bytes, CRC-32 {crc32:08x}: matches the footer"),
-            )
+            Verdict {
+                resume_token: expected.resume_token,
+                ..self.verdict(
+                    true,
+                    format!("{rows} rows, {bytes} bytes, CRC-32 {crc32:08x}: matches the footer"),
+                )
+            }
         } else {
             self.verdict(
                 false,
@@ -457,6 +474,26 @@ mod unit_tests {
                 assert_eq!(verdict.rows, rows as u64);
             }
         }
+    }
+
+    #[test]
+    fn a_good_file_gives_its_footers_resume_token() {
+        let mut writer = ExportWriter::new(Vec::new(), Compression::Gzip, 6);
+        writer.write_record(b"{\"id\":1}").unwrap();
+        let make = |s: &RecordStats| s.footer(Some("dG9rZW4".into()));
+        writer.finish(Some(&make)).unwrap();
+        let mut file = std::mem::take(writer.output());
+        assert_eq!(check(&file).resume_token.as_deref(), Some("dG9rZW4"));
+        assert_eq!(
+            check(&export(3, Compression::None, true)).resume_token,
+            None
+        );
+        // A file that does not match its footer gives no token.
+        let last = file.len() - 12;
+        file[last] ^= 0x40;
+        let damaged = check(&file);
+        assert!(!damaged.ok);
+        assert_eq!(damaged.resume_token, None);
     }
 
     #[test]

@@ -7,23 +7,11 @@ use pgrx::prelude::*;
 use crate::destination::bytea::ChunkBuffer;
 use crate::engine::export::{Export, LineSink};
 use crate::engine::source::Source;
-use crate::error::raise;
+use crate::error::{raise, required};
 use crate::options::{parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions};
 use crate::progress::Destination;
 use crate::run;
 use crate::sink::{ExportWriter, RecordStats};
-
-/// A required argument of a function that also takes optional ones (so it
-/// cannot be STRICT): NULL is `22004` naming the argument.
-fn required<T>(value: Option<T>, name: &str) -> T {
-    value.unwrap_or_else(|| {
-        raise(
-            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
-            format!("argument \"{name}\" must not be NULL"),
-            None,
-        )
-    })
-}
 
 /// The longest text value PostgreSQL can hold (MaxAllocSize less the
 /// varlena header).

@@ -482,7 +482,7 @@ unsafe extern "C-unwind" fn run_ndjson_copy(
             "client (COPY TO STDOUT)",
         );
         let client = CopyOut::begin(compressed);
-        let ((), counts, _) = single.run(client, CopyOut::end);
+        let ((), counts, _) = single.run(client, |client, _| client.end());
         counts.rows
     } else if copy_options.is_program {
         // SAFETY: the command is a C string of the statement.
