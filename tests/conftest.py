@@ -32,6 +32,8 @@ def _sharedir() -> Path:
 
 # The PostgreSQL 16 build the tests use ships no contrib modules.
 HAS_PG_STAT_STATEMENTS = (_sharedir() / "extension" / "pg_stat_statements.control").exists()
+# pg_cron is packaged by Debian for its PostgreSQL 15 only.
+HAS_PG_CRON = (_sharedir() / "extension" / "pg_cron.control").exists()
 REPO = Path(__file__).resolve().parent.parent
 DATABASE = "e2e"
 

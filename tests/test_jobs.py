@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import crashes_in, start_cluster, stop_cluster
+from conftest import DATABASE, HAS_PG_CRON, crashes_in, start_cluster, stop_cluster
 from helpers import part_lines, run_in_thread, wait_until
 
 def oracle(conn, table: str) -> list[str]:
@@ -389,3 +389,44 @@ def test_killed_during_the_commit(scratch, job_dir):
     assert c.execute("SELECT part, rows FROM stream_export_job_part WHERE job = 'in-commit' ORDER BY part"
                      ).fetchall() == [(1, 5000), (2, 20)]
     assert_exactly_once(c, "in-commit", job_dir, 2)
+
+
+# --- scheduled with pg_cron -----------------------------------------------------
+
+@pytest.mark.skipif(not HAS_PG_CRON, reason="pg_cron is not packaged for this PostgreSQL build")
+def test_a_pg_cron_schedule_ships_every_row_once(job_dir):
+    """The README's recipe: pg_cron runs the job every minute (1.4, the
+    Debian package, schedules by the minute); rows are added between runs;
+    the parts together are the table, each row once."""
+    srv = start_cluster("pg_stream_export,pg_cron",
+                        settings={"cron.database_name": DATABASE, "cron.use_background_workers": "on"})
+    try:
+        c = srv.connect()
+        c.execute("CREATE EXTENSION pg_cron")
+        make_table(c, "cron_events", 3000)
+        c.execute("SELECT stream_export_job_create('cron-events', 'cron_events', 'id', %s, compression => 'gzip')",
+                  [str(job_dir)])
+        c.execute("SELECT cron.schedule('ship-cron-events', '* * * * *', "
+                  "$$CALL stream_export_increment('cron-events')$$)")
+
+        def runs(status: str) -> int:
+            return c.execute("SELECT count(*) FROM cron.job_run_details WHERE status = %s", [status]).fetchone()[0]
+
+        def parts() -> int:
+            return c.execute("SELECT parts FROM stream_export_job WHERE name = 'cron-events'").fetchone()[0]
+
+        wait_until(lambda: parts() == 1, timeout=150, interval=0.5)
+        add_rows(c, "cron_events", 3001, 3333)
+        wait_until(lambda: parts() == 2, timeout=150, interval=0.5)
+        c.execute("SELECT cron.unschedule('ship-cron-events')")
+        wait_until(lambda: c.execute("SELECT count(*) FROM cron.job_run_details WHERE status = 'running'"
+                                     ).fetchone()[0] == 0, timeout=60, interval=0.5)
+        assert runs("failed") == 0
+        assert runs("succeeded") >= 2
+        assert recorded_lines(c, "cron-events") == oracle(c, "cron_events")
+        assert c.execute("SELECT array_agg(rows ORDER BY part) FROM stream_export_job_part "
+                         "WHERE job = 'cron-events'").fetchone()[0] == [3000, 333]
+        assert_exactly_once(c, "cron-events", job_dir, 2)
+    finally:
+        log = stop_cluster(srv)
+        assert not crashes_in(log), "\n".join(crashes_in(log))
