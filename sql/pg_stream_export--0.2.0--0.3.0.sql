@@ -169,3 +169,41 @@ SELECT pg_catalog.pg_extension_config_dump('stream_export_job_part', '');
 CREATE PROCEDURE stream_export_increment(job text)
 LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_increment_wrapper';
 COMMENT ON PROCEDURE stream_export_increment IS 'Export the rows of an incremental job added after its stored position into the job''s next part, and advance the position in the same transaction.';
+
+-- Archival (new in 0.3.0).
+-- Archival: one row per chunk that stream_export_archive exported, checked
+-- and deleted from its table (committed with that DELETE).
+CREATE TABLE stream_export_archive_part (
+    archive_id text NOT NULL,
+    part integer NOT NULL,
+    owner regrole NOT NULL DEFAULT current_user::text::regrole,
+    source text NOT NULL,
+    key text NOT NULL,
+    condition text,
+    target text NOT NULL,
+    after_key text,
+    last_key text NOT NULL,
+    rows bigint NOT NULL,
+    bytes bigint NOT NULL,
+    file_bytes bigint NOT NULL,
+    crc32 text NOT NULL,
+    snapshot text NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (archive_id, part)
+);
+COMMENT ON TABLE stream_export_archive_part IS 'pg_stream_export archival: every chunk exported, read back and verified, then deleted from its table, by CALL stream_export_archive.';
+ALTER TABLE stream_export_archive_part ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_archive_parts ON stream_export_archive_part
+    USING (owner = current_user::text::regrole) WITH CHECK (owner = current_user::text::regrole);
+GRANT SELECT, INSERT, DELETE ON stream_export_archive_part TO PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('stream_export_archive_part', '');
+CREATE PROCEDURE stream_export_archive(
+    source text,
+    destination text,
+    key text,
+    condition text DEFAULT NULL,
+    chunk_rows bigint DEFAULT 100000,
+    compression text DEFAULT 'none',
+    compression_level integer DEFAULT NULL)
+LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_archive_wrapper';
+COMMENT ON PROCEDURE stream_export_archive IS 'Export the rows of a table that match a condition in key order, chunk by chunk; read each chunk back and verify it, then delete exactly its rows; one transaction per chunk.';

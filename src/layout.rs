@@ -54,6 +54,13 @@ pub fn is_part_file_name(name: &str) -> bool {
         .is_some_and(|n| n.len() == 5 && n.iter().all(u8::is_ascii_digit))
 }
 
+/// `archive-<id>-NNNNN.ndjson[.gz|.zst]`: chunk `index` of the archive
+/// call `archive_id`. Not a part name of the directory layout, so that no
+/// directory export in the same place ever removes it.
+pub fn archive_part_name(archive_id: &str, index: usize, suffix: &str) -> String {
+    format!("archive-{archive_id}-{index:05}.ndjson{suffix}")
+}
+
 /// The longest job name: it goes into file and object names.
 pub const JOB_NAME_MAX: usize = 63;
 
@@ -154,6 +161,9 @@ mod unit_tests {
         }
         assert!(!is_part_file_name(&job_part_name("part0", 1, ".gz")));
         assert!(!is_part_file_name(&job_part_name("0123456789ab", 1, "")));
+        let archived = archive_part_name("0123456789ab", 3, ".zst");
+        assert_eq!(archived, "archive-0123456789ab-00003.ndjson.zst");
+        assert!(!is_part_file_name(&archived));
     }
 
     #[test]

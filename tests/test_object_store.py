@@ -964,3 +964,127 @@ def test_a_terminated_directory_export_leaves_nothing_for_long(cluster, conn, st
         holder.close()
         exporter.close()
         drop_gated_copy(conn, "obj_dir_gated")
+
+
+# --- archival and incremental jobs under a prefix ------------------------------
+
+def object_lines(store: Store, key: str) -> list[str]:
+    """The record lines of an export object with a footer."""
+    data = get(store, key)
+    if key.endswith(".gz"):
+        data = gzip.decompress(data)
+    elif key.endswith(".zst"):
+        data = zstd_decompress(data)
+    lines = data.decode().splitlines()
+    assert lines[-1].startswith('{"_stream_export":'), key
+    return lines[:-1]
+
+
+def test_archive_and_incremental_jobs_to_a_prefix(conn, store):
+    conn.execute("""
+        DROP TABLE IF EXISTS obj_arch;
+        CREATE TABLE obj_arch AS SELECT * FROM obj_src WHERE id <= 50000;
+        ALTER TABLE obj_arch ADD PRIMARY KEY (id)""")
+    archived = expected_lines(conn, "(SELECT * FROM obj_arch WHERE id % 2 = 0)")
+    conn.execute("CALL stream_export_archive('obj_arch', 's3://exports/archive/', 'id', condition => 'id % 2 = 0', "
+                 "chunk_rows => 10000, compression => 'zstd')")
+    parts = conn.execute("SELECT target, rows FROM stream_export_archive_part WHERE source = 'obj_arch' "
+                         "ORDER BY part").fetchall()
+    assert [rows for _, rows in parts] == [10000, 10000, 5000]
+    keys = [target.removeprefix(f"s3://{BUCKET}/") for target, _ in parts]
+    assert part_objects(store, "archive/") == sorted(keys)
+    assert [line for key in keys for line in object_lines(store, key)] == archived
+    assert conn.execute("SELECT count(*), bool_and(id % 2 = 1) FROM obj_arch").fetchone() == (25000, True)
+
+    # An incremental job of what is left, then of what comes after.
+    conn.execute("SELECT stream_export_job_create('obj-job', 'obj_arch', 'id', 's3://exports/jobs/', "
+                 "compression => 'gzip')")
+    conn.execute("CALL stream_export_increment('obj-job')")
+    conn.execute("INSERT INTO obj_arch SELECT * FROM obj_src WHERE id > 50000 AND id <= 50100")
+    conn.execute("CALL stream_export_increment('obj-job')")
+    conn.execute("CALL stream_export_increment('obj-job')")  # nothing new: no object
+    assert part_objects(store, "jobs/") == ["jobs/obj-job-00000001.ndjson.gz", "jobs/obj-job-00000002.ndjson.gz"]
+    assert (object_lines(store, "jobs/obj-job-00000001.ndjson.gz")
+            + object_lines(store, "jobs/obj-job-00000002.ndjson.gz")) == expected_lines(conn, "obj_arch")
+    assert conn.execute("SELECT array_agg(rows ORDER BY part) FROM stream_export_job_part WHERE job = 'obj-job'"
+                        ).fetchone() == ([25000, 100],)
+    assert open_uploads(store) == []
+
+
+class DamagingProxy:
+    """A store in front of a real one that hands every request on and its
+    answer back, but flips one byte in the body of each GET of an archive
+    chunk: what a store with a bad disk, or a broken network path, gives."""
+
+    def __init__(self, upstream: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import http.client
+        import urllib.parse
+        host = urllib.parse.urlsplit(upstream)
+        damaged = self.damaged = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _pass(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                up = http.client.HTTPConnection(host.hostname, host.port, timeout=60)
+                up.request(self.command, self.path, body=body,
+                           headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
+                answer = up.getresponse()
+                data = answer.read()
+                if self.command == "GET" and "/archive-" in self.path and answer.status == 200 and data:
+                    data = bytearray(data)
+                    data[len(data) // 2] ^= 0x20
+                    data = bytes(data)
+                    damaged.append(self.path)
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                up.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+@moto_only  # a proxy of its own in front of the store
+def test_an_archive_chunk_that_reads_back_damaged_deletes_nothing(cluster, conn, store, aws_dir):
+    proxy = DamagingProxy(store.endpoint)
+    add_profile(aws_dir, "damaging", endpoint=proxy.endpoint, key_id="testing", secret=SECRET)
+    try:
+        conn.execute("""
+            DROP TABLE IF EXISTS obj_arch_bad;
+            CREATE TABLE obj_arch_bad AS SELECT * FROM obj_src WHERE id <= 20000;
+            ALTER TABLE obj_arch_bad ADD PRIMARY KEY (id)""")
+        conn.execute("SET pg_stream_export.object_store_profile = 'damaging'")
+        for compression in ["none", "gzip"]:
+            with pytest.raises(errors.IoError) as failure:
+                conn.execute("CALL stream_export_archive('obj_arch_bad', 's3://exports/damaged/', 'id', "
+                             "chunk_rows => 5000, compression => %s)", [compression])
+            message = failure.value.diag.message_primary
+            assert message.startswith("archive chunk 0 (") and "did not verify" in message, message
+            assert "none of its rows were deleted" in message
+        assert len(proxy.damaged) == 2
+        assert conn.execute("SELECT count(*) FROM obj_arch_bad").fetchone() == (20000,)
+        assert conn.execute("SELECT count(*) FROM stream_export_archive_part WHERE source = 'obj_arch_bad'"
+                            ).fetchone() == (0,)
+    finally:
+        conn.execute("RESET pg_stream_export.object_store_profile")
+        proxy.close()

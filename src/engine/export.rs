@@ -55,6 +55,22 @@ impl KeyValue {
     }
 }
 
+/// A key value with its type, to bind as a query parameter; it owns its
+/// bytes, so it outlives the export (and the transaction) it came from.
+#[derive(Clone)]
+pub struct KeyParam {
+    value: KeyValue,
+    type_oid: pg_sys::Oid,
+}
+
+impl KeyParam {
+    pub fn arg(&self) -> pgrx::datum::DatumWithOid<'_> {
+        // SAFETY: `value` is a valid, non-NULL value of `type_oid`, and
+        // lives as long as the borrow the argument keeps.
+        unsafe { pgrx::datum::DatumWithOid::new(self.value.datum(), self.type_oid) }
+    }
+}
+
 /// The key column and what it takes to walk it.
 struct Key {
     column: String,
@@ -472,6 +488,19 @@ impl Export {
             return None;
         };
         keyset.last.as_ref().map(|v| keyset.key.token_text(v))
+    }
+
+    /// The key of the last row exported as a query parameter of the key's
+    /// type (for a statement about exactly the rows exported, such as an
+    /// archive's DELETE); `None` without a key or rows.
+    pub fn last_key_param(&self) -> Option<KeyParam> {
+        let Walk::Keyset(keyset) = &self.walk else {
+            return None;
+        };
+        keyset.last.clone().map(|value| KeyParam {
+            value,
+            type_oid: keyset.key.type_oid,
+        })
     }
 
     /// The token to resume after the last row, with a key; `None` without.

@@ -22,8 +22,9 @@ pub enum Source {
     },
     /// A query, checked to be exactly one read-only SELECT / VALUES / TABLE.
     Query(String),
-    /// A SELECT built by this extension over one relation (COPY table TO);
-    /// `qualified_name` is the relation's, as for [`Source::Relation`].
+    /// A SELECT built by this extension over one relation (COPY table TO,
+    /// an archive's condition); `qualified_name` is the relation's, as for
+    /// [`Source::Relation`].
     Select {
         relation: pg_sys::Oid,
         qualified_name: String,
@@ -113,6 +114,31 @@ impl Source {
     pub fn checked_query(query: &str) -> Source {
         check_single_read_only_query(query);
         Source::Query(query.to_owned())
+    }
+
+    /// The rows of the relation `self` for which `condition` holds (the
+    /// relation itself without one): a SELECT of it that still names the
+    /// relation, so that its unique index vouches for a key.
+    pub fn rows_where(self, condition: Option<&str>) -> Source {
+        let (
+            Some(condition),
+            Source::Relation {
+                oid,
+                qualified_name,
+                ..
+            },
+        ) = (condition, &self)
+        else {
+            return self;
+        };
+        check_condition(condition);
+        let sql = format!("SELECT * FROM {qualified_name} WHERE ({condition}\n)");
+        check_single_read_only_query(&sql);
+        Source::Select {
+            relation: *oid,
+            qualified_name: qualified_name.clone(),
+            sql,
+        }
     }
 
     /// A SELECT over every column of the source.
@@ -301,6 +327,60 @@ fn check_single_read_only_query(query: &str) {
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             format!("invalid source query: {problem}"),
             Some("an export source query must be a single read-only statement"),
+        );
+    }
+}
+
+/// Check that `condition` is one expression, so that it can stand after
+/// `WHERE` in a SELECT and in a DELETE and mean the same in both: parsed
+/// as `SELECT WHERE (condition)`, nothing may show up but the WHERE clause
+/// (no `) UNION (`, `) ORDER BY`, `) LIMIT` and so on). `42601` otherwise.
+fn check_condition(condition: &str) {
+    let Ok(c_query) = CString::new(format!("SELECT WHERE ({condition}\n)")) else {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "condition must not contain a NUL byte",
+            None,
+        )
+    };
+    // SAFETY: as in check_single_read_only_query; the SelectStmt's fields
+    // are only compared with NULL.
+    let only_a_where_clause = unsafe {
+        let statements = PgList::<pg_sys::RawStmt>::from_pg(pg_sys::raw_parser(
+            c_query.as_ptr(),
+            pg_sys::RawParseMode::RAW_PARSE_DEFAULT,
+        ));
+        match statements.get_ptr(0).map(|raw| (*raw).stmt) {
+            Some(node) if statements.len() == 1 && is_a(node, pg_sys::NodeTag::T_SelectStmt) => {
+                let s = &*node.cast::<pg_sys::SelectStmt>();
+                s.op == pg_sys::SetOperation::SETOP_NONE
+                    && !s.whereClause.is_null()
+                    && [
+                        s.targetList,
+                        s.fromClause,
+                        s.groupClause,
+                        s.windowClause,
+                        s.distinctClause,
+                        s.valuesLists,
+                        s.sortClause,
+                        s.lockingClause,
+                    ]
+                    .iter()
+                    .all(|list| list.is_null())
+                    && s.havingClause.is_null()
+                    && s.intoClause.is_null()
+                    && s.limitOffset.is_null()
+                    && s.limitCount.is_null()
+                    && s.withClause.is_null()
+            }
+            _ => false,
+        }
+    };
+    if !only_a_where_clause {
+        raise(
+            PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
+            "condition must be one boolean expression",
+            Some("write it as it would stand after WHERE, naming the table's columns"),
         );
     }
 }

@@ -30,11 +30,11 @@ use crate::error::raise;
 use crate::layout::{new_export_id, part_name};
 use crate::options::{BatchSize, ExportOptions, JsonStyle};
 use crate::progress::Destination;
+use crate::run;
 use crate::run::manifest::{
     write_manifest, ChunkPart, ChunkedExport, Consistency, FinishedChunks, JournalHeader, Totals,
     JOURNAL_VERSION,
 };
-use crate::run::{self, Counts};
 
 /// Rows per chunk unless asked otherwise: about a second of export on
 /// ordinary rows, so a snapshot lives for seconds, not hours.
@@ -54,7 +54,7 @@ pub struct ChunkedTotals {
 
 /// Refuse a call that cannot commit: one inside a transaction block or
 /// from a function (an atomic CALL).
-pub fn refuse_atomic_call(fcinfo: pg_sys::FunctionCallInfo) {
+pub fn refuse_atomic_call(fcinfo: pg_sys::FunctionCallInfo, procedure: &str) {
     // SAFETY: `fcinfo` is this call's; its context node, when it is a
     // CallContext, says whether the CALL may commit.
     let may_commit = unsafe {
@@ -66,17 +66,17 @@ pub fn refuse_atomic_call(fcinfo: pg_sys::FunctionCallInfo) {
     if !may_commit {
         raise(
             PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
-            "stream_export_chunked cannot run inside a transaction block",
+            format!("{procedure} cannot run inside a transaction block"),
             Some("it commits after every chunk, so it must be CALLed on its own: not inside BEGIN ... COMMIT, and not from a function"),
         );
     }
 }
 
 /// An SPI connection that may commit (a CALL's non-atomic one).
-struct CommittingSpi;
+pub(super) struct CommittingSpi;
 
 impl CommittingSpi {
-    fn connect() -> CommittingSpi {
+    pub(super) fn connect() -> CommittingSpi {
         // SAFETY: the caller checked that this CALL is non-atomic; an
         // ERROR later aborts the transaction, whose cleanup closes the
         // connection.
@@ -94,7 +94,7 @@ impl CommittingSpi {
     /// Commit what came before and start the chunk's transaction: one
     /// REPEATABLE READ snapshot for every query of the chunk, pushed as the
     /// active snapshot that the export's cursors read.
-    fn begin_chunk(&mut self) {
+    pub(super) fn begin_chunk(&mut self) {
         // SAFETY: no cursor or snapshot of ours is open here (the last
         // chunk's are closed and popped); SPI_commit starts the next
         // transaction at once, before any snapshot is taken, which is when
@@ -111,12 +111,12 @@ impl CommittingSpi {
         }
     }
 
-    fn end_chunk(&mut self) {
+    pub(super) fn end_chunk(&mut self) {
         // SAFETY: pops the snapshot begin_chunk pushed.
         unsafe { pg_sys::PopActiveSnapshot() };
     }
 
-    fn finish(self) {
+    pub(super) fn finish(self) {
         // SAFETY: closes the connection made in connect.
         unsafe { pg_sys::SPI_finish() };
     }
@@ -139,31 +139,11 @@ struct Chunk {
 }
 
 /// The snapshot a chunk reads, named as PostgreSQL names it.
-fn chunk_snapshot() -> (String, String) {
+pub(super) fn chunk_snapshot() -> (String, String) {
     let snapshot: String =
         crate::engine::scan::select_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])
             .unwrap_or_default();
     (snapshot, utc_text("pg_catalog.now()"))
-}
-
-/// Run `export` (at most `limit` rows) into the part file `name`; in place
-/// when it returns, `None` (and nothing written) without rows.
-fn write_part(
-    directory: &ExportDirectory,
-    export: &mut Export,
-    name: &str,
-    limit: u64,
-) -> Option<Counts> {
-    // A chunk of this export that is there already was put but not
-    // recorded before a crash: it is rewritten.
-    let output = directory.create_part(name, true);
-    let (output, counts) = run::pump(export, output, limit);
-    if counts.rows == 0 {
-        // Dropped uncommitted, it leaves nothing.
-        return None;
-    }
-    output.commit();
-    Some(counts)
 }
 
 /// Write chunk `index`: up to `chunk_rows` rows after `after`. `None` when
@@ -184,7 +164,7 @@ fn write_chunk(
         export.count_in(tracked, counted);
     }
     let name = part_name(&job.export_id, index, compression.file_suffix());
-    let written = write_part(job.directory, &mut export, &name, job.chunk_rows);
+    let written = run::to_part_if_any(job.directory, &mut export, &name, job.chunk_rows);
     *tracked = export.release_tracked();
     let counts = written?;
     let resume_token = export.resume_token();

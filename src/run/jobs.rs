@@ -16,13 +16,14 @@
 use pgrx::prelude::*;
 use pgrx::spi::{Spi, SpiClient, SpiResult};
 
+use super::catalog::{catalog_failed, catalog_schema};
+
 use super::{Single, Written};
 use crate::destination::output::Output;
 use crate::destination::ExportDirectory;
 use crate::engine::export::Export;
 use crate::engine::source::Source;
 use crate::error::raise;
-use crate::ident::quote_identifier;
 use crate::layout::{job_name_problem, job_part_name};
 use crate::options::{ExportOptions, RawOptions};
 use crate::progress::Destination;
@@ -85,32 +86,6 @@ pub enum Increment {
     },
     /// No row after the job's position: nothing written.
     Nothing,
-}
-
-/// The schema the extension's tables are in, quoted for SQL text.
-fn catalog_schema(client: &SpiClient<'_>) -> SpiResult<String> {
-    let table = client.select(
-        "SELECT n.nspname::text FROM pg_catalog.pg_extension e \
-         JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
-         WHERE e.extname = 'pg_stream_export'",
-        Some(1),
-        &[],
-    )?;
-    let schema = match table.is_empty() {
-        true => None,
-        false => table.first().get_one::<String>()?,
-    };
-    Ok(quote_identifier(&schema.unwrap_or_else(|| "public".into())))
-}
-
-/// Errors of our own catalog queries that are not the query's own
-/// (PostgreSQL's errors, a lock timeout say, are raised as they are).
-fn catalog_failed(e: pgrx::spi::SpiError) -> ! {
-    raise(
-        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-        format!("pg_stream_export job catalog query failed: {e}"),
-        None,
-    )
 }
 
 /// Define a job: every part of it is checked now (name, options,

@@ -9,6 +9,8 @@
 //! view, pump it whole, let the destination commit, then mark it complete.
 //! Directory workers ([`to_part`]) and chunked exports use the same pieces.
 
+pub mod archive;
+mod catalog;
 pub mod chunked;
 pub mod jobs;
 pub mod manifest;
@@ -217,6 +219,26 @@ pub fn to_part(
     name: &str,
 ) -> Written {
     to_output(source, options, directory.create_part(name, false))
+}
+
+/// Run `export` (at most `limit` rows) into the part file `name` of
+/// `directory`, replacing one there (a part written but not recorded
+/// before a crash); in place when it returns, `None` (and nothing written)
+/// without rows.
+pub fn to_part_if_any(
+    directory: &ExportDirectory,
+    export: &mut Export,
+    name: &str,
+    limit: u64,
+) -> Option<Counts> {
+    let output = directory.create_part(name, true);
+    let (output, counts) = pump(export, output, limit);
+    if counts.rows == 0 {
+        // Dropped uncommitted, it leaves nothing.
+        return None;
+    }
+    output.commit();
+    Some(counts)
 }
 
 /// Check a directory export against its manifest (see

@@ -614,7 +614,7 @@ fn stream_export_chunked(
     omit_nulls: Option<bool>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
-    crate::run::chunked::refuse_atomic_call(fcinfo);
+    crate::run::chunked::refuse_atomic_call(fcinfo, "stream_export_chunked");
     let (source, directory) = (required(source, "source"), required(directory, "directory"));
     let key = required(key, "key");
     let chunk_rows = chunk_rows.unwrap_or(crate::run::chunked::DEFAULT_CHUNK_ROWS);

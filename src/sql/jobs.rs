@@ -1,10 +1,12 @@
-//! Incremental jobs in SQL: the job catalog, `stream_export_job_create`
-//! and `CALL stream_export_increment(name)`; the work is
-//! [`crate::run::jobs`]'s.
+//! The DBA's scheduled work in SQL: incremental jobs (the job catalog,
+//! `stream_export_job_create`, `CALL stream_export_increment(name)`) and
+//! archival (`CALL stream_export_archive`); the work is
+//! [`crate::run::jobs`]'s and [`crate::run::archive`]'s.
 
 use pgrx::prelude::*;
 
-use crate::error::required;
+use crate::error::{raise, required};
+use crate::options::{ExportOptions, RawOptions};
 use crate::run::jobs::{self, Increment};
 
 /// Define an incremental job owned by the current role: its parts go to
@@ -52,6 +54,53 @@ fn stream_export_increment(job: Option<&str>) {
             pgrx::notice!("stream_export_increment: job \"{name}\": no new rows")
         }
     }
+}
+
+/// `CALL stream_export_archive(...)`: export, verify, then delete, one
+/// committed transaction per chunk (see [`crate::run::archive`]).
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(sql = false)]
+fn stream_export_archive(
+    source: Option<&str>,
+    destination: Option<&str>,
+    key: Option<&str>,
+    condition: Option<&str>,
+    chunk_rows: Option<i64>,
+    compression: Option<&str>,
+    compression_level: Option<i32>,
+    fcinfo: pg_sys::FunctionCallInfo,
+) {
+    crate::run::chunked::refuse_atomic_call(fcinfo, "stream_export_archive");
+    let source = required(source, "source");
+    let destination = required(destination, "destination");
+    let key = required(key, "key");
+    let chunk_rows = chunk_rows.unwrap_or(100_000);
+    if chunk_rows < 1 {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid value for chunk_rows: {chunk_rows}"),
+            Some("chunk_rows must be at least 1"),
+        );
+    }
+    let options = ExportOptions::parse(&RawOptions {
+        compression,
+        compression_level,
+        key: Some(key),
+        footer: Some(true),
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| e.raise());
+    let directory = crate::destination::ExportDirectory::open(destination);
+    let totals =
+        crate::run::archive::archive(source, &directory, condition, chunk_rows as u64, options);
+    pgrx::notice!(
+        "stream_export_archive: {} rows in {} chunk(s) ({} bytes written) archived into \"{}\" (archive {}), verified and deleted",
+        totals.rows,
+        totals.chunks,
+        totals.file_bytes,
+        directory.describe(),
+        totals.archive_id
+    );
 }
 
 pgrx::extension_sql!(
@@ -104,6 +153,42 @@ SELECT pg_catalog.pg_extension_config_dump('stream_export_job_part', '');
 CREATE PROCEDURE stream_export_increment(job text)
 LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_increment_wrapper';
 COMMENT ON PROCEDURE stream_export_increment IS 'Export the rows of an incremental job added after its stored position into the job''s next part, and advance the position in the same transaction.';
+-- Archival: one row per chunk that stream_export_archive exported, checked
+-- and deleted from its table (committed with that DELETE).
+CREATE TABLE stream_export_archive_part (
+    archive_id text NOT NULL,
+    part integer NOT NULL,
+    owner regrole NOT NULL DEFAULT current_user::text::regrole,
+    source text NOT NULL,
+    key text NOT NULL,
+    condition text,
+    target text NOT NULL,
+    after_key text,
+    last_key text NOT NULL,
+    rows bigint NOT NULL,
+    bytes bigint NOT NULL,
+    file_bytes bigint NOT NULL,
+    crc32 text NOT NULL,
+    snapshot text NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (archive_id, part)
+);
+COMMENT ON TABLE stream_export_archive_part IS 'pg_stream_export archival: every chunk exported, read back and verified, then deleted from its table, by CALL stream_export_archive.';
+ALTER TABLE stream_export_archive_part ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_archive_parts ON stream_export_archive_part
+    USING (owner = current_user::text::regrole) WITH CHECK (owner = current_user::text::regrole);
+GRANT SELECT, INSERT, DELETE ON stream_export_archive_part TO PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('stream_export_archive_part', '');
+CREATE PROCEDURE stream_export_archive(
+    source text,
+    destination text,
+    key text,
+    condition text DEFAULT NULL,
+    chunk_rows bigint DEFAULT 100000,
+    compression text DEFAULT 'none',
+    compression_level integer DEFAULT NULL)
+LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_archive_wrapper';
+COMMENT ON PROCEDURE stream_export_archive IS 'Export the rows of a table that match a condition in key order, chunk by chunk; read each chunk back and verify it, then delete exactly its rows; one transaction per chunk.';
 "#,
     name = "incremental_jobs",
 );
