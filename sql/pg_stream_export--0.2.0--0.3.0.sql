@@ -126,7 +126,7 @@ AS 'MODULE_PATHNAME', 'stream_export_job_create_wrapper';
 -- tables are dumped by pg_dump with the database.
 CREATE TABLE stream_export_job (
     name text PRIMARY KEY,
-    owner regrole NOT NULL DEFAULT current_user::text::regrole,
+    owner regrole NOT NULL DEFAULT pg_catalog.quote_ident(current_user)::regrole,
     source text NOT NULL,
     key text NOT NULL,
     destination text NOT NULL,
@@ -159,7 +159,7 @@ COMMENT ON TABLE stream_export_job_part IS 'pg_stream_export incremental jobs: e
 ALTER TABLE stream_export_job ENABLE ROW LEVEL SECURITY;
 ALTER TABLE stream_export_job_part ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_jobs ON stream_export_job
-    USING (owner = current_user::text::regrole) WITH CHECK (owner = current_user::text::regrole);
+    USING (owner = pg_catalog.quote_ident(current_user)::regrole) WITH CHECK (owner = pg_catalog.quote_ident(current_user)::regrole);
 CREATE POLICY own_job_parts ON stream_export_job_part
     USING (EXISTS (SELECT FROM stream_export_job j WHERE j.name = job))
     WITH CHECK (EXISTS (SELECT FROM stream_export_job j WHERE j.name = job));
@@ -176,7 +176,7 @@ COMMENT ON PROCEDURE stream_export_increment IS 'Export the rows of an increment
 CREATE TABLE stream_export_archive_part (
     archive_id text NOT NULL,
     part integer NOT NULL,
-    owner regrole NOT NULL DEFAULT current_user::text::regrole,
+    owner regrole NOT NULL DEFAULT pg_catalog.quote_ident(current_user)::regrole,
     source text NOT NULL,
     key text NOT NULL,
     condition text,
@@ -194,7 +194,7 @@ CREATE TABLE stream_export_archive_part (
 COMMENT ON TABLE stream_export_archive_part IS 'pg_stream_export archival: every chunk exported, read back and verified, then deleted from its table, by CALL stream_export_archive.';
 ALTER TABLE stream_export_archive_part ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_archive_parts ON stream_export_archive_part
-    USING (owner = current_user::text::regrole) WITH CHECK (owner = current_user::text::regrole);
+    USING (owner = pg_catalog.quote_ident(current_user)::regrole) WITH CHECK (owner = pg_catalog.quote_ident(current_user)::regrole);
 GRANT SELECT, INSERT, DELETE ON stream_export_archive_part TO PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('stream_export_archive_part', '');
 CREATE PROCEDURE stream_export_archive(

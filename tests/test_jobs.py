@@ -153,18 +153,18 @@ def test_a_role_runs_only_its_own_jobs_with_its_own_privileges(server, conn, ser
         CREATE POLICY mine ON job_rls USING (tenant = 'mine');
         DELETE FROM stream_export_job WHERE name IN ('tenant', 'secret');
         DO $$ BEGIN
-            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'job_owner') THEN
-                CREATE ROLE job_owner LOGIN;
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'JobOwner') THEN
+                CREATE ROLE "JobOwner" LOGIN;
             END IF;
             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'job_other') THEN
                 CREATE ROLE job_other LOGIN;
             END IF;
         END $$;
-        GRANT pg_write_server_files, pg_read_server_files TO job_owner, job_other;
-        GRANT SELECT ON job_rls TO job_owner;
+        GRANT pg_write_server_files, pg_read_server_files TO "JobOwner", job_other;
+        GRANT SELECT ON job_rls TO "JobOwner";
     """)
-    conn.execute(f"GRANT CREATE ON SCHEMA public TO job_owner")
-    with psycopg.connect(server.dsn(user="job_owner"), autocommit=True) as owner:
+    # A role whose name needs quoting (mixed case) owns the job.
+    with psycopg.connect(server.dsn(user="JobOwner"), autocommit=True) as owner:
         owner.execute("SELECT stream_export_job_create('tenant', 'job_rls', 'id', %s)", [str(server_dir)])
         owner.execute("CALL stream_export_increment('tenant')")
         lines = recorded_lines(owner, "tenant")
@@ -172,7 +172,7 @@ def test_a_role_runs_only_its_own_jobs_with_its_own_privileges(server, conn, ser
         assert lines == oracle(owner, "job_rls")
         assert len(lines) == 200
         assert owner.execute("SELECT owner::text FROM stream_export_job WHERE name = 'tenant'"
-                             ).fetchone() == ("job_owner",)
+                             ).fetchone() == ('"JobOwner"',)
         # A job may not be given away.
         assert sqlstate_of(owner, "UPDATE stream_export_job SET owner = 'job_other' WHERE name = 'tenant'") == "42501"
 
@@ -186,7 +186,7 @@ def test_a_role_runs_only_its_own_jobs_with_its_own_privileges(server, conn, ser
         assert other.execute("DELETE FROM stream_export_job WHERE name = 'tenant'").rowcount == 0
         # Nor plant a job in another role's name.
         assert sqlstate_of(other, """INSERT INTO stream_export_job (name, owner, source, key, destination)
-                                     VALUES ('planted', 'job_owner', 'job_rls', 'id', '/tmp')""") == "42501"
+                                     VALUES ('planted', '"JobOwner"', 'job_rls', 'id', '/tmp')""") == "42501"
         # Its own job over a table it may not read is refused when defined.
         assert sqlstate_of(other, "SELECT stream_export_job_create('secret', 'job_rls', 'id', %s)",
                            [str(server_dir)]) == "42501"
@@ -194,7 +194,7 @@ def test_a_role_runs_only_its_own_jobs_with_its_own_privileges(server, conn, ser
     # A superuser sees every job but runs only its own: the export would run
     # with the superuser's privileges, not the owner's.
     assert sqlstate_of(conn, "CALL stream_export_increment('tenant')") == "42501"
-    conn.execute("SET ROLE job_owner")
+    conn.execute('SET ROLE "JobOwner"')
     try:
         conn.execute("CALL stream_export_increment('tenant')")
     finally:

@@ -158,7 +158,7 @@ pub fn create(
 fn lock(client: &mut SpiClient<'_>, schema: &str, name: &str) -> SpiResult<Job> {
     let table = client.update(
         &format!(
-            "SELECT owner = current_user::text::regrole, owner::text, source, key, destination, \
+            "SELECT owner = pg_catalog.quote_ident(current_user)::regrole, owner::text, source, key, destination, \
              compression, compression_level, position, parts, rows \
              FROM {schema}.stream_export_job WHERE name = $1 FOR NO KEY UPDATE"
         ),
