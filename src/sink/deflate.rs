@@ -50,21 +50,91 @@ impl<'a> Bits<'a> {
 
 /// Codes up to this many bits decode with one table look-up; longer ones
 /// (rare: they are the least frequent symbols) bit by bit.
-const TABLE_BITS: u32 = 10;
+const TABLE_BITS: u32 = 12;
 
-/// A canonical Huffman code: a table indexed by the next `table_bits` bits,
-/// each entry `symbol << 4 | code length`, 0 where the code is longer (or
-/// none matches); and the counts and symbols in canonical order for the
-/// longer codes.
+/// What a table entry says of the item that starts with its code: bits
+/// 0-4, how many bits the whole item takes (the code, and for a length or
+/// distance its extra bits, which the walk skips unread); bits 5-6, its
+/// kind; bits 8-11, the code's own length; bits 16-24, the symbol. An
+/// entry of 0: the code is longer than the table, decoded bit by bit.
+const ITEM_BITS: u32 = 31;
+const KIND: u32 = 3 << 5;
+/// A literal byte, a distance, or a code-length symbol: nothing follows.
+const PLAIN: u32 = 0;
+/// A match length: a distance follows.
+const LENGTH: u32 = 1 << 5;
+/// The end of the block.
+const END: u32 = 2 << 5;
+/// Not a symbol of the alphabet: the slow path rejects it.
+const INVALID: u32 = 3 << 5;
+
+/// Where a literal's code leaves room in the table index for the whole
+/// code of the item after it (a literal, a length or the end of the
+/// block), make the entry skip both: one look-up for two items, which
+/// shortens the walk's chain of dependent look-ups. The entry keeps
+/// the first symbol and code length (what [`Huffman::decode`] reads).
+fn pair_literals(table: &mut [u32], table_bits: u32) {
+    let single = table.to_vec();
+    for (index, entry) in table.iter_mut().enumerate() {
+        if *entry == 0 || *entry & KIND != PLAIN {
+            continue;
+        }
+        let first = (*entry >> 8) & 15;
+        let second = single[index >> first];
+        let second_len = (second >> 8) & 15;
+        if second == 0 || second_len > table_bits - first {
+            continue;
+        }
+        let both = first + (second & ITEM_BITS);
+        // A length's distance must still fit in the same peek: 29 bits
+        // for the pair, at most 28 for the distance, in at least 57.
+        if matches!(second & KIND, PLAIN | END) || (second & KIND == LENGTH && both <= 29) {
+            *entry = (*entry & !(ITEM_BITS | KIND)) | (second & KIND) | both;
+        }
+    }
+}
+
+/// Which alphabet a code is for: what kind each symbol is and how many
+/// extra bits follow it.
+#[derive(Clone, Copy)]
+enum Alphabet {
+    LiteralLength,
+    Distance,
+    CodeLength,
+}
+
+impl Alphabet {
+    fn item(self, symbol: u16) -> (u32, u32) {
+        let s = usize::from(symbol);
+        match self {
+            Alphabet::LiteralLength => match s {
+                0..=255 => (PLAIN, 0),
+                256 => (END, 0),
+                257..=285 => (LENGTH, u32::from(LENGTH_EXTRA[s - 257])),
+                _ => (INVALID, 0),
+            },
+            Alphabet::Distance => match DISTANCE_EXTRA.get(s) {
+                Some(&extra) => (PLAIN, u32::from(extra)),
+                None => (INVALID, 0),
+            },
+            Alphabet::CodeLength => (PLAIN, 0),
+        }
+    }
+}
+
+/// A canonical Huffman code: a table indexed by the next `table_bits`
+/// bits (entries as described at [`ITEM_BITS`]); and the counts and
+/// symbols in canonical order for the longer codes.
 struct Huffman {
-    table: Vec<u16>,
-    table_bits: u32,
+    table: Vec<u32>,
+    mask: u64,
+    alphabet: Alphabet,
     count: [u16; 16],
     sorted: Vec<u16>,
 }
 
 impl Huffman {
-    fn new(lengths: &[u8]) -> Option<Huffman> {
+    fn new(lengths: &[u8], alphabet: Alphabet) -> Option<Huffman> {
         let max_len = u32::from(*lengths.iter().max()?);
         if max_len > 15 {
             return None;
@@ -83,7 +153,7 @@ impl Huffman {
             offset[len] = offset[len - 1] + count[len - 1] as usize;
         }
         let table_bits = max_len.min(TABLE_BITS);
-        let mut table = vec![0u16; 1 << table_bits];
+        let mut table = vec![0u32; 1 << table_bits];
         let mut sorted = vec![0u16; offset[15] + count[15] as usize];
         for (symbol, &len) in lengths.iter().enumerate() {
             if len == 0 {
@@ -100,44 +170,51 @@ impl Huffman {
             if len > table_bits {
                 continue;
             }
+            let (kind, extra) = alphabet.item(symbol as u16);
+            let entry = ((symbol as u32) << 16) | (len << 8) | kind | (len + extra);
             // The stream holds the code's bits first bit first: reversed.
-            let reversed = canonical.reverse_bits() >> (32 - len);
-            let entry = ((symbol as u16) << 4) | len as u16;
-            let mut index = reversed as usize;
+            let mut index = (canonical.reverse_bits() >> (32 - len)) as usize;
             while index < table.len() {
                 table[index] = entry;
                 index += 1 << len;
             }
         }
+        if matches!(alphabet, Alphabet::LiteralLength) {
+            pair_literals(&mut table, table_bits);
+        }
         Some(Huffman {
             table,
-            table_bits,
+            mask: (1u64 << table_bits) - 1,
+            alphabet,
             count,
             sorted,
         })
     }
 
-    /// The symbol and code length at the start of `next` (bits as `peek`
-    /// returns them).
+    /// The table entry for the item at the start of `next` (bits as
+    /// `peek` returns them), from the table or built for a longer code;
+    /// `None` for bits that are no code.
     #[inline]
-    fn lookup(&self, next: u64) -> Option<(u16, u32)> {
-        let entry = self.table[(next & ((1u64 << self.table_bits) - 1)) as usize];
-        let len = u32::from(entry & 15);
-        if len != 0 {
-            return Some((entry >> 4, len));
+    fn entry(&self, next: u64) -> Option<u32> {
+        let entry = self.table[(next & self.mask) as usize];
+        if entry != 0 {
+            return Some(entry);
         }
-        self.lookup_long(next)
+        self.entry_long(next)
     }
 
     /// Canonical decoding one bit at a time, for codes past the table.
-    fn lookup_long(&self, next: u64) -> Option<(u16, u32)> {
+    #[cold]
+    fn entry_long(&self, next: u64) -> Option<u32> {
         let (mut code, mut first, mut index) = (0i32, 0i32, 0i32);
         for len in 1..16 {
             code |= ((next >> (len - 1)) & 1) as i32;
             let count = i32::from(self.count[len]);
             if code - first < count {
                 let symbol = *self.sorted.get((index + code - first) as usize)?;
-                return Some((symbol, len as u32));
+                let (kind, extra) = self.alphabet.item(symbol);
+                let len = len as u32;
+                return Some((u32::from(symbol) << 16) | (len << 8) | kind | (len + extra));
             }
             index += count;
             first = (first + count) << 1;
@@ -146,10 +223,11 @@ impl Huffman {
         None
     }
 
+    /// The next symbol (its extra bits, if any, are the caller's to read).
     fn decode(&self, bits: &mut Bits) -> Option<u16> {
-        let (symbol, len) = self.lookup(bits.peek())?;
-        bits.skip(len)?;
-        Some(symbol)
+        let entry = self.entry(bits.peek())?;
+        bits.skip((entry >> 8) & 15)?;
+        Some((entry >> 16) as u16)
     }
 }
 
@@ -171,7 +249,10 @@ fn fixed_codes() -> Option<(Huffman, Huffman)> {
     lengths[144..256].fill(9);
     lengths[256..280].fill(7);
     lengths[280..].fill(8);
-    Some((Huffman::new(&lengths)?, Huffman::new(&[5u8; 30])?))
+    Some((
+        Huffman::new(&lengths, Alphabet::LiteralLength)?,
+        Huffman::new(&[5u8; 30], Alphabet::Distance)?,
+    ))
 }
 
 fn dynamic_codes(bits: &mut Bits) -> Option<(Huffman, Huffman)> {
@@ -185,7 +266,7 @@ fn dynamic_codes(bits: &mut Bits) -> Option<(Huffman, Huffman)> {
     for &slot in &CODE_LENGTH_ORDER[..code_lengths] {
         order[slot] = bits.take(3)? as u8;
     }
-    let length_code = Huffman::new(&order)?;
+    let length_code = Huffman::new(&order, Alphabet::CodeLength)?;
     let mut lengths = [0u8; 286 + 30];
     let total = literals + distances;
     let mut i = 0;
@@ -208,25 +289,29 @@ fn dynamic_codes(bits: &mut Bits) -> Option<(Huffman, Huffman)> {
         return None; // no end-of-block code
     }
     Some((
-        Huffman::new(&lengths[..literals])?,
-        Huffman::new(&lengths[literals..total])?,
+        Huffman::new(&lengths[..literals], Alphabet::LiteralLength)?,
+        Huffman::new(&lengths[literals..total], Alphabet::Distance)?,
     ))
 }
 
-/// Walks one compressed block's symbols up to its end-of-block code. One
-/// `peek` holds a whole length/distance pair (at most 48 bits).
+/// Walks one compressed block's items up to its end-of-block code,
+/// skipping each whole (extra bits unread). One `peek` holds a whole
+/// length/distance pair (at most 48 bits).
 fn walk_codes(bits: &mut Bits, literal: &Huffman, distance: &Huffman) -> Option<()> {
     loop {
         let next = bits.peek();
-        let (symbol, mut used) = literal.lookup(next)?;
-        match symbol {
-            0..=255 => {}
-            256 => return bits.skip(used),
-            257..=285 => {
-                used += u32::from(LENGTH_EXTRA[symbol as usize - 257]);
-                let (d, len) = distance.lookup(next >> used)?;
-                used += len + u32::from(*DISTANCE_EXTRA.get(d as usize)?);
+        let item = literal.entry(next)?;
+        let mut used = item & ITEM_BITS;
+        match item & KIND {
+            PLAIN => {}
+            LENGTH => {
+                let d = distance.entry(next >> used)?;
+                if d & KIND != PLAIN {
+                    return None;
+                }
+                used += d & ITEM_BITS;
             }
+            END => return bits.skip(used),
             _ => return None,
         }
         bits.skip(used)?;
