@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
+
 
 def proc_status_kib(pid: int, field: str) -> int:
     """A memory figure of a process from /proc/<pid>/status, in KiB."""
@@ -118,3 +120,30 @@ def part_lines(path: Path) -> list[str]:
     lines = data.decode().splitlines()
     assert lines[-1].startswith('{"_stream_export":')
     return lines[:-1]
+
+
+def oracle_lines(conn, query: str) -> list[str]:
+    """row_to_json(r)::text of every row of `query`, in its order: the
+    lines an export of it must give."""
+    return [r[0] for r in conn.execute(f"SELECT row_to_json(r)::text FROM ({query}) r").fetchall()]
+
+
+def sqlstate_of(conn, sql: str, params=None) -> str | None:
+    """The SQLSTATE `sql` fails with, or None if it succeeds."""
+    try:
+        conn.execute(sql, params)
+    except psycopg.Error as e:
+        return e.sqlstate
+    return None
+
+
+def wait_for_server(srv, timeout: float = 60.0):
+    """Wait until the server takes connections again (after a crash and
+    restart)."""
+    def up():
+        try:
+            with srv.connect() as c:
+                return c.execute("SELECT 1").fetchone()[0] == 1
+        except psycopg.OperationalError:
+            return False
+    wait_until(up, timeout=timeout, interval=0.2)

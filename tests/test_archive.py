@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
-import tempfile
 import threading
 from pathlib import Path
 
@@ -24,11 +22,7 @@ import psycopg
 import pytest
 
 from conftest import crashes_in, start_cluster, stop_cluster
-from helpers import part_lines, run_in_thread, wait_until
-
-
-def oracle(conn, query: str) -> list[str]:
-    return [r[0] for r in conn.execute(f"SELECT row_to_json(r)::text FROM ({query}) r")]
+from helpers import oracle_lines, part_lines, run_in_thread, sqlstate_of, wait_for_server, wait_until
 
 
 def archived_lines(conn, table: str) -> list[str]:
@@ -44,22 +38,6 @@ def archived_lines(conn, table: str) -> list[str]:
     return lines
 
 
-def sqlstate_of(conn, sql: str, params=None) -> str | None:
-    try:
-        conn.execute(sql, params)
-    except psycopg.Error as e:
-        return e.sqlstate
-    return None
-
-
-@pytest.fixture
-def archive_dir():
-    path = Path(tempfile.mkdtemp(prefix="pse-archive.", dir="/tmp"))
-    shutil.chown(path, "postgres", "postgres")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def make_table(conn, table: str, rows: int) -> None:
     conn.execute(f"DROP TABLE IF EXISTS {table} CASCADE")
     conn.execute(f"""
@@ -71,22 +49,22 @@ def make_table(conn, table: str, rows: int) -> None:
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
-def test_archive_exports_verifies_then_deletes_exactly_the_matching_rows(conn, archive_dir, compression):
+def test_archive_exports_verifies_then_deletes_exactly_the_matching_rows(conn, server_dir, compression):
     table = f"arch_{compression}"
     make_table(conn, table, 5000)
     condition = "at < timestamptz '2025-03-01 00:00+00' AND id % 3 <> 0"
     matching = f"SELECT * FROM {table} WHERE {condition} ORDER BY id"
-    expected = oracle(conn, matching)
-    kept = oracle(conn, f"SELECT * FROM {table} WHERE NOT ({condition}) ORDER BY id")
+    expected = oracle_lines(conn, matching)
+    kept = oracle_lines(conn, f"SELECT * FROM {table} WHERE NOT ({condition}) ORDER BY id")
     notices: list[str] = []
     conn.add_notice_handler(lambda d: notices.append(d.message_primary))
 
     conn.execute("CALL stream_export_archive(%s, %s, 'id', condition => %s, chunk_rows => 300, "
-                 "compression => %s)", [table, str(archive_dir), condition, compression])
+                 "compression => %s)", [table, str(server_dir), condition, compression])
     assert len(expected) == 944
     assert f"{len(expected)} rows in 4 chunk(s)" in notices[-1]
     # Gone from the table: exactly the matching rows; the others untouched.
-    assert oracle(conn, f"SELECT * FROM {table} ORDER BY id") == kept
+    assert oracle_lines(conn, f"SELECT * FROM {table} ORDER BY id") == kept
     # Archived: exactly those rows, in key order, as row_to_json rendered them.
     assert archived_lines(conn, table) == expected
     parts = conn.execute(
@@ -95,19 +73,19 @@ def test_archive_exports_verifies_then_deletes_exactly_the_matching_rows(conn, a
     assert [p[:2] for p in parts] == [(0, 300), (1, 300), (2, 300), (3, 44)]
     assert parts[0][3] is None and all(parts[i][3] == parts[i - 1][4] for i in range(1, 4))
     suffix = {"none": "", "gzip": ".gz", "zstd": ".zst"}[compression]
-    assert sorted(p.name for p in archive_dir.iterdir()) == sorted(Path(p[5]).name for p in parts)
+    assert sorted(p.name for p in server_dir.iterdir()) == sorted(Path(p[5]).name for p in parts)
     for _, rows, crc, _, _, target in parts:
         assert target.endswith(f".ndjson{suffix}")
         assert conn.execute("SELECT ok, rows, crc32 FROM stream_export_verify(%s)",
                             [target]).fetchone() == (True, rows, crc)
     # Nothing left to archive: a second call archives nothing.
     conn.execute("CALL stream_export_archive(%s, %s, 'id', condition => %s)",
-                 [table, str(archive_dir), condition])
+                 [table, str(server_dir), condition])
     assert "0 rows in 0 chunk(s)" in notices[-1]
-    assert len(list(archive_dir.iterdir())) == 4
+    assert len(list(server_dir.iterdir())) == 4
 
 
-def test_a_partition_is_archived_then_dropped(conn, archive_dir):
+def test_a_partition_is_archived_then_dropped(conn, server_dir):
     conn.execute("""
         DROP TABLE IF EXISTS arch_parted;
         CREATE TABLE arch_parted (id int, day date, v text, PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
@@ -116,20 +94,20 @@ def test_a_partition_is_archived_then_dropped(conn, archive_dir):
         CREATE UNIQUE INDEX ON arch_parted_2024 (id);
         INSERT INTO arch_parted SELECT g, date '2024-06-01' + (g % 400), 'v' || g FROM generate_series(1, 2000) g;
     """)
-    expected = oracle(conn, "SELECT * FROM arch_parted_2024 ORDER BY id")
-    conn.execute("CALL stream_export_archive('arch_parted_2024', %s, 'id', chunk_rows => 500)", [str(archive_dir)])
+    expected = oracle_lines(conn, "SELECT * FROM arch_parted_2024 ORDER BY id")
+    conn.execute("CALL stream_export_archive('arch_parted_2024', %s, 'id', chunk_rows => 500)", [str(server_dir)])
     assert conn.execute("SELECT count(*) FROM arch_parted_2024").fetchone() == (0,)
     assert archived_lines(conn, "arch_parted_2024") == expected
     conn.execute("DROP TABLE arch_parted_2024")
     assert conn.execute("SELECT count(*) FROM arch_parted").fetchone()[0] == 2000 - len(expected)
 
 
-def test_archive_errors_have_their_sqlstates_and_delete_nothing(server, conn, archive_dir):
+def test_archive_errors_have_their_sqlstates_and_delete_nothing(server, conn, server_dir):
     make_table(conn, "arch_err", 100)
     conn.execute("CREATE OR REPLACE VIEW arch_err_view AS SELECT * FROM arch_err")
     conn.execute("DROP TABLE IF EXISTS arch_err_nokey; CREATE TABLE arch_err_nokey (id int, v text)")
     conn.execute("INSERT INTO arch_err_nokey VALUES (1, 'a'), (1, 'b')")
-    d = str(archive_dir)
+    d = str(server_dir)
     call = "CALL stream_export_archive(%s, %s, %s, condition => %s, chunk_rows => %s, compression => %s)"
     cases = [
         (["arch_err_view", d, "id", None, 10, "none"], "42809"),
@@ -164,12 +142,12 @@ def test_archive_errors_have_their_sqlstates_and_delete_nothing(server, conn, ar
     with psycopg.connect(server.dsn(user="arch_reader"), autocommit=True) as reader:
         assert sqlstate_of(reader, "CALL stream_export_archive('arch_err', %s, 'id')", [d]) == "42501"
     assert conn.execute("SELECT count(*) FROM arch_err").fetchone() == (100,)
-    assert list(archive_dir.iterdir()) == []
+    assert list(server_dir.iterdir()) == []
     assert conn.execute("SELECT count(*) FROM stream_export_archive_part WHERE source LIKE 'arch_err%'"
                         ).fetchone() == (0,)
 
 
-def test_archive_runs_with_the_callers_privileges_and_row_security(server, conn, archive_dir):
+def test_archive_runs_with_the_callers_privileges_and_row_security(server, conn, server_dir):
     conn.execute("""
         DROP TABLE IF EXISTS arch_rls;
         CREATE TABLE arch_rls (id int PRIMARY KEY, tenant text, v text);
@@ -185,9 +163,9 @@ def test_archive_runs_with_the_callers_privileges_and_row_security(server, conn,
         GRANT pg_write_server_files, pg_read_server_files TO arch_owner;
         GRANT SELECT, DELETE ON arch_rls TO arch_owner;
     """)
-    mine = oracle(conn, "SELECT * FROM arch_rls WHERE tenant = 'mine' ORDER BY id")
+    mine = oracle_lines(conn, "SELECT * FROM arch_rls WHERE tenant = 'mine' ORDER BY id")
     with psycopg.connect(server.dsn(user="arch_owner"), autocommit=True) as owner:
-        owner.execute("CALL stream_export_archive('arch_rls', %s, 'id', chunk_rows => 100)", [str(archive_dir)])
+        owner.execute("CALL stream_export_archive('arch_rls', %s, 'id', chunk_rows => 100)", [str(server_dir)])
         assert archived_lines(owner, "arch_rls") == mine
         assert owner.execute("SELECT count(*) FROM arch_rls").fetchone() == (0,)
     # The rows the role could not see are still there; the catalog is the
@@ -200,7 +178,7 @@ def test_archive_runs_with_the_callers_privileges_and_row_security(server, conn,
                              ).fetchone() == (0,)
 
 
-def test_rows_changed_by_a_concurrent_writer_are_never_deleted_unexported(server, conn, archive_dir):
+def test_rows_changed_by_a_concurrent_writer_are_never_deleted_unexported(server, conn, server_dir):
     """A writer inserts rows into the window and updates rows in it while
     the archive runs; the archive retries a chunk a conflict rolled back.
     Every row ends up either still in the table or in a listed part, never
@@ -241,7 +219,7 @@ def test_rows_changed_by_a_concurrent_writer_are_never_deleted_unexported(server
             attempts += 1
             try:
                 conn.execute(f"CALL stream_export_archive('{table}', %s, 'id', condition => 'old', "
-                             "chunk_rows => 200)", [str(archive_dir)])
+                             "chunk_rows => 200)", [str(server_dir)])
             except psycopg.errors.SerializationFailure:
                 assert attempts < 200
                 continue
@@ -252,7 +230,7 @@ def test_rows_changed_by_a_concurrent_writer_are_never_deleted_unexported(server
         writer.join()
     assert "error" not in result, result
     # Once more with the writer gone: every old row is archived.
-    conn.execute(f"CALL stream_export_archive('{table}', %s, 'id', condition => 'old')", [str(archive_dir)])
+    conn.execute(f"CALL stream_export_archive('{table}', %s, 'id', condition => 'old')", [str(server_dir)])
 
     archived = {}
     for line in archived_lines(conn, table):
@@ -281,10 +259,10 @@ def scratch():
         assert not crashes_in(log), "\n".join(crashes_in(log))
 
 
-def test_a_killed_archive_deletes_nothing_it_did_not_record(scratch, archive_dir):
+def test_a_killed_archive_deletes_nothing_it_did_not_record(scratch, server_dir):
     c = scratch.connect()
     make_table(c, "arch_kill", 3000)
-    original = oracle(c, "SELECT * FROM arch_kill ORDER BY id")
+    original = oracle_lines(c, "SELECT * FROM arch_kill ORDER BY id")
     # The second chunk's record waits at a gate: by then its part is in
     # place, checked, and its rows deleted, all uncommitted.
     c.execute("""
@@ -298,7 +276,7 @@ def test_a_killed_archive_deletes_nothing_it_did_not_record(scratch, archive_dir
 
     def call():
         with scratch.connect() as a:
-            a.execute("CALL stream_export_archive('arch_kill', %s, 'id', chunk_rows => 1000)", [str(archive_dir)])
+            a.execute("CALL stream_export_archive('arch_kill', %s, 'id', chunk_rows => 1000)", [str(server_dir)])
     thread, result = run_in_thread(call)
     pid = wait_until(lambda: c.execute(
         "SELECT pid FROM pg_stat_activity WHERE query LIKE 'CALL stream_export_archive%%' "
@@ -308,13 +286,7 @@ def test_a_killed_archive_deletes_nothing_it_did_not_record(scratch, archive_dir
     assert "error" in result
     gate.close()
 
-    def up():
-        try:
-            with scratch.connect() as probe:
-                return probe.execute("SELECT 1").fetchone()
-        except psycopg.OperationalError:
-            return None
-    wait_until(up, timeout=60, interval=0.2)
+    wait_for_server(scratch)
     c = scratch.connect()
     c.execute("DROP TRIGGER arch_gate ON stream_export_archive_part")
     # Chunk 0 is archived and gone; chunk 1's rows are all still there.
@@ -322,11 +294,11 @@ def test_a_killed_archive_deletes_nothing_it_did_not_record(scratch, archive_dir
     assert c.execute("SELECT min(id), count(*) FROM arch_kill").fetchone() == (1001, 2000)
     # The next call archives the rest; listed parts plus nothing left in
     # the table give every row once.
-    c.execute("CALL stream_export_archive('arch_kill', %s, 'id', chunk_rows => 1000)", [str(archive_dir)])
+    c.execute("CALL stream_export_archive('arch_kill', %s, 'id', chunk_rows => 1000)", [str(server_dir)])
     assert c.execute("SELECT count(*) FROM arch_kill").fetchone() == (0,)
     assert archived_lines(c, "arch_kill") == original
     listed = {Path(t).name for (t,) in c.execute("SELECT target FROM stream_export_archive_part")}
-    on_disk = {p.name for p in archive_dir.iterdir()}
+    on_disk = {p.name for p in server_dir.iterdir()}
     # The killed call's chunk 1 file is there, unlisted (its rows were not
     # deleted, and were archived again); nothing else is.
     assert listed <= on_disk and len(on_disk - listed) == 1

@@ -14,6 +14,7 @@ import json
 import psycopg
 import pytest
 
+from helpers import oracle_lines
 from test_copy import copy_out, function_bytes, loaded
 
 NASTY = '''
@@ -38,10 +39,6 @@ def nasty(conn):
     loaded(conn)
     conn.execute(NASTY)
     return conn
-
-
-def oracle_lines(conn, query: str) -> list[str]:
-    return [r[0] for r in conn.execute(f"SELECT row_to_json(r)::text FROM ({query}) r").fetchall()]
 
 
 def as_array(lines: list[str]) -> bytes:

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from conftest import crashes_in, start_cluster, stop_cluster
-from helpers import PeakSampler, rss_anon_kib, run_in_thread, wait_until
+from helpers import PeakSampler, rss_anon_kib, run_in_thread, wait_for_server, wait_until
 
 # A table big enough that a gzip level 9 export of it runs for seconds.
 BIG_ROWS = 2_000_000
@@ -44,16 +44,6 @@ def scratch():
     finally:
         log = stop_cluster(srv)
         assert not crashes_in(log), "\n".join(crashes_in(log))
-
-
-def wait_for_server(srv, timeout: float = 60.0):
-    def up():
-        try:
-            with srv.connect() as c:
-                return c.execute("SELECT 1").fetchone()[0] == 1
-        except psycopg.OperationalError:
-            return False
-    wait_until(up, timeout=timeout, interval=0.2)
 
 
 def active_query_pid(conn, pattern: str) -> int | None:

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import os
 import signal
-import shutil
-import tempfile
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from conftest import DATABASE, HAS_PG_CRON, crashes_in, start_cluster, stop_cluster
-from helpers import part_lines, run_in_thread, wait_until
+from helpers import oracle_lines, part_lines, run_in_thread, sqlstate_of, wait_for_server, wait_until
 
 def oracle(conn, table: str) -> list[str]:
-    return [r[0] for r in conn.execute(
-        f"SELECT row_to_json(r)::text FROM (SELECT * FROM {table} ORDER BY id) r")]
+    return oracle_lines(conn, f"SELECT * FROM {table} ORDER BY id")
 
 
 def recorded_lines(conn, job: str) -> list[str]:
@@ -36,14 +33,6 @@ def recorded_lines(conn, job: str) -> list[str]:
         assert len(records) == rows, target
         lines += records
     return lines
-
-
-def sqlstate_of(conn, sql: str, params=None) -> str | None:
-    try:
-        conn.execute(sql, params)
-    except psycopg.Error as e:
-        return e.sqlstate
-    return None
 
 
 def make_table(conn, table: str, rows: int) -> None:
@@ -248,16 +237,6 @@ def scratch():
         assert not crashes_in(log), "\n".join(crashes_in(log))
 
 
-def wait_for_server(srv, timeout: float = 60.0):
-    def up():
-        try:
-            with srv.connect() as c:
-                return c.execute("SELECT 1").fetchone()[0] == 1
-        except psycopg.OperationalError:
-            return False
-    wait_until(up, timeout=timeout, interval=0.2)
-
-
 def backend_of(conn, wait_event: str | None = None) -> int | None:
     row = conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE query LIKE 'CALL stream_export_increment%%' "
@@ -272,15 +251,6 @@ def kill_and_recover(srv, pid: int, finished) -> None:
     os.kill(pid, signal.SIGKILL)
     assert finished() is not None  # the run did not complete
     wait_for_server(srv)
-
-
-@pytest.fixture
-def job_dir():
-    """A fresh directory the server can write in, removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="pse-jobs.", dir="/tmp"))
-    shutil.chown(path, "postgres", "postgres")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def prepare(srv, directory: Path, job: str, rows: int):
@@ -298,8 +268,8 @@ def assert_exactly_once(c, job: str, directory: Path, parts: int) -> None:
     assert files == [f"{job}-{n:08d}.ndjson.gz" for n in range(1, parts + 1)], files
 
 
-def test_killed_before_the_write(scratch, job_dir):
-    c = prepare(scratch, job_dir, "before-write", 5000)
+def test_killed_before_the_write(scratch, server_dir):
+    c = prepare(scratch, server_dir, "before-write", 5000)
     # The run waits for the job's row, which another session holds.
     holder = scratch.connect(autocommit=False)
     holder.execute("SELECT FROM stream_export_job WHERE name = 'before-write' FOR UPDATE")
@@ -310,25 +280,25 @@ def test_killed_before_the_write(scratch, job_dir):
     c = scratch.connect()
     assert c.execute("SELECT parts FROM stream_export_job WHERE name = 'before-write'").fetchone() == (0,)
     c.execute("CALL stream_export_increment('before-write')")
-    assert_exactly_once(c, "before-write", job_dir, 1)
+    assert_exactly_once(c, "before-write", server_dir, 1)
 
 
-def test_killed_during_the_write(scratch, job_dir):
+def test_killed_during_the_write(scratch, server_dir):
     # Big and slow enough to be caught writing: gzip at level 9.
-    c = prepare(scratch, job_dir, "during-write", 1_000_000)
+    c = prepare(scratch, server_dir, "during-write", 1_000_000)
     c.execute("UPDATE stream_export_job SET compression_level = 9 WHERE name = 'during-write'")
     finished = start_run(scratch, "during-write")
-    partial = job_dir / "during-write-00000001.ndjson.gz.partial"
+    partial = server_dir / "during-write-00000001.ndjson.gz.partial"
     wait_until(lambda: partial.exists() and partial.stat().st_size > 0, timeout=60)
     kill_and_recover(scratch, backend_of(c) or 0, finished)
     c = scratch.connect()
     add_rows(c, "during_write", 1_000_001, 1_000_100)
     c.execute("CALL stream_export_increment('during-write')")
-    assert_exactly_once(c, "during-write", job_dir, 1)
+    assert_exactly_once(c, "during-write", server_dir, 1)
 
 
-def test_killed_after_the_write_before_the_commit(scratch, job_dir):
-    c = prepare(scratch, job_dir, "after-write", 5000)
+def test_killed_after_the_write_before_the_commit(scratch, server_dir):
+    c = prepare(scratch, server_dir, "after-write", 5000)
     # A gate between the part being in place and its record: the INSERT of
     # the record waits for an advisory lock the test holds.
     c.execute("""
@@ -342,7 +312,7 @@ def test_killed_after_the_write_before_the_commit(scratch, job_dir):
     try:
         finished = start_run(scratch, "after-write")
         wait_until(lambda: backend_of(c, "advisory") is not None)
-        part = job_dir / "after-write-00000001.ndjson.gz"
+        part = server_dir / "after-write-00000001.ndjson.gz"
         assert part.exists()  # in place, not recorded
         before = (part.stat().st_ino, part.read_bytes())
         kill_and_recover(scratch, backend_of(c), finished)
@@ -364,11 +334,11 @@ def test_killed_after_the_write_before_the_commit(scratch, job_dir):
     c.execute("CALL stream_export_increment('after-write')")
     assert c.execute("SELECT part, rows, recovered FROM stream_export_job_part WHERE job = 'after-write' "
                      "ORDER BY part").fetchall() == [(1, 5000, True), (2, 50, False)]
-    assert_exactly_once(c, "after-write", job_dir, 2)
+    assert_exactly_once(c, "after-write", server_dir, 2)
 
 
-def test_killed_during_the_commit(scratch, job_dir):
-    c = prepare(scratch, job_dir, "in-commit", 5000)
+def test_killed_during_the_commit(scratch, server_dir):
+    c = prepare(scratch, server_dir, "in-commit", 5000)
     # The commit record is written and flushed, then the backend waits for a
     # synchronous standby that never comes: killed there, the commit holds.
     c.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
@@ -388,13 +358,13 @@ def test_killed_during_the_commit(scratch, job_dir):
     c.execute("CALL stream_export_increment('in-commit')")
     assert c.execute("SELECT part, rows FROM stream_export_job_part WHERE job = 'in-commit' ORDER BY part"
                      ).fetchall() == [(1, 5000), (2, 20)]
-    assert_exactly_once(c, "in-commit", job_dir, 2)
+    assert_exactly_once(c, "in-commit", server_dir, 2)
 
 
 # --- scheduled with pg_cron -----------------------------------------------------
 
 @pytest.mark.skipif(not HAS_PG_CRON, reason="pg_cron is not packaged for this PostgreSQL build")
-def test_a_pg_cron_schedule_ships_every_row_once(job_dir):
+def test_a_pg_cron_schedule_ships_every_row_once(server_dir):
     """The README's recipe: pg_cron runs the job every minute (1.4, the
     Debian package, schedules by the minute); rows are added between runs;
     the parts together are the table, each row once."""
@@ -405,7 +375,7 @@ def test_a_pg_cron_schedule_ships_every_row_once(job_dir):
         c.execute("CREATE EXTENSION pg_cron")
         make_table(c, "cron_events", 3000)
         c.execute("SELECT stream_export_job_create('cron-events', 'cron_events', 'id', %s, compression => 'gzip')",
-                  [str(job_dir)])
+                  [str(server_dir)])
         c.execute("SELECT cron.schedule('ship-cron-events', '* * * * *', "
                   "$$CALL stream_export_increment('cron-events')$$)")
 
@@ -426,7 +396,7 @@ def test_a_pg_cron_schedule_ships_every_row_once(job_dir):
         assert recorded_lines(c, "cron-events") == oracle(c, "cron_events")
         assert c.execute("SELECT array_agg(rows ORDER BY part) FROM stream_export_job_part "
                          "WHERE job = 'cron-events'").fetchone()[0] == [3000, 333]
-        assert_exactly_once(c, "cron-events", job_dir, 2)
+        assert_exactly_once(c, "cron-events", server_dir, 2)
     finally:
         log = stop_cluster(srv)
         assert not crashes_in(log), "\n".join(crashes_in(log))
