@@ -281,6 +281,10 @@ def test_a_killed_archive_deletes_nothing_it_did_not_record(scratch, server_dir)
     pid = wait_until(lambda: c.execute(
         "SELECT pid FROM pg_stat_activity WHERE query LIKE 'CALL stream_export_archive%%' "
         "AND wait_event = 'advisory'").fetchone(), timeout=60)[0]
+    # The call shows as one export in the activity view, counting every
+    # chunk so far.
+    assert c.execute("SELECT rows >= 2000, format LIKE '%%archive%%' FROM stream_export_activity "
+                     "WHERE pid = %s", [pid]).fetchone() == (True, True)
     os.kill(pid, signal.SIGKILL)
     thread.join(60)
     assert "error" in result

@@ -22,8 +22,9 @@ use pgrx::PgMemoryContexts;
 use super::catalog::{catalog_failed, catalog_schema};
 use super::chunked::{chunk_snapshot, CommittingSpi};
 use super::{to_part_if_any, Counts};
+use crate::activity::{Description, Tracked};
 use crate::destination::ExportDirectory;
-use crate::engine::export::{Export, KeyParam};
+use crate::engine::export::{relation_row_estimate, Export, KeyParam};
 use crate::engine::scan::select_one;
 use crate::engine::source::Source;
 use crate::error::raise;
@@ -37,6 +38,7 @@ pub struct ArchiveTotals {
     pub archive_id: String,
     pub chunks: u64,
     pub rows: u64,
+    pub bytes: u64,
     pub file_bytes: u64,
 }
 
@@ -143,8 +145,17 @@ pub fn archive(
         archive_id: job.archive_id.clone(),
         chunks: 0,
         rows: 0,
+        bytes: 0,
         file_bytes: 0,
     };
+    // One export in stream_export_activity from the first chunk to the
+    // last, as a chunked export shows.
+    let mut tracked = Some(Tracked::start(Description {
+        source: job.rows.description(),
+        destination: directory.describe(),
+        format: format!("archive {} chunk_rows={chunk_rows}", job.options.describe()),
+        estimated_rows: relation_row_estimate(job.rows.relation_oid()),
+    }));
     let mut after: Option<Position> = None;
     let mut spi = CommittingSpi::connect();
     loop {
@@ -154,7 +165,7 @@ pub fn archive(
         // after that (the chunk's results are Rust values).
         let chunk = unsafe {
             PgMemoryContexts::new("pg_stream_export archive chunk")
-                .switch_to(|_| job.chunk(totals.chunks as usize, after.as_ref()))
+                .switch_to(|_| job.chunk(&totals, after.as_ref(), &mut tracked))
         };
         spi.end_chunk();
         let Some((counts, position)) = chunk else {
@@ -162,13 +173,22 @@ pub fn archive(
         };
         totals.chunks += 1;
         totals.rows += counts.rows;
+        totals.bytes += counts.bytes;
         totals.file_bytes += counts.file_bytes;
+        if let Some(tracked) = &mut tracked {
+            tracked.written(totals.file_bytes);
+        }
         after = Some(position);
         if counts.rows < job.chunk_rows {
             break;
         }
     }
     spi.finish();
+    if let Some(tracked) = &mut tracked {
+        tracked.job_progress(totals.rows, totals.bytes);
+        tracked.written(totals.file_bytes);
+        tracked.complete(None);
+    }
     totals
 }
 
@@ -189,16 +209,27 @@ impl Archive<'_> {
         )
     }
 
-    /// Archive chunk `index`, the rows after `after`: in place, checked,
+    /// Archive the next chunk, the rows after `after`: in place, checked,
     /// deleted and recorded (all committed with the chunk's transaction).
     /// `None` when no row is left.
-    fn chunk(&self, index: usize, after: Option<&Position>) -> Option<(Counts, Position)> {
+    fn chunk(
+        &self,
+        totals: &ArchiveTotals,
+        after: Option<&Position>,
+        tracked: &mut Option<Tracked>,
+    ) -> Option<(Counts, Position)> {
+        let index = totals.chunks as usize;
         let (snapshot, _) = chunk_snapshot();
         let mut options = self.options.clone();
         options.after = after.map(|p| p.token.clone());
         let name = archive_part_name(&self.archive_id, index, options.compression.file_suffix());
         let mut export = Export::open(self.rows.clone(), options, Destination::File);
-        let counts = to_part_if_any(self.directory, &mut export, &name, self.chunk_rows)?;
+        if let Some(tracked) = tracked.take() {
+            export.count_in(tracked, (totals.rows, totals.bytes));
+        }
+        let written = to_part_if_any(self.directory, &mut export, &name, self.chunk_rows);
+        *tracked = export.release_tracked();
+        let counts = written?;
         let (Some(last_key), Some(last_key_text), Some(token)) = (
             export.last_key_param(),
             export.last_key_text(),
