@@ -376,12 +376,34 @@ pub fn parse_chunk_size(value: Option<i32>) -> Result<usize, OptionError> {
     }
 }
 
+/// Validate `chunk_rows` (rows per committed chunk of a chunked export or
+/// an archive): at least 1; `default` when NULL.
+pub fn parse_chunk_rows(value: Option<i64>, default: u64) -> Result<u64, OptionError> {
+    match value {
+        None => Ok(default),
+        Some(n) if n >= 1 => Ok(n as u64),
+        Some(n) => Err(OptionError::new(
+            format!("invalid value for chunk_rows: {n}"),
+            "chunk_rows must be at least 1",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod unit_tests {
     use super::*;
 
     fn parse(raw: RawOptions<'_>) -> Result<ExportOptions, OptionError> {
         ExportOptions::parse(&raw)
+    }
+
+    #[test]
+    fn chunk_rows_are_at_least_one() {
+        assert_eq!(parse_chunk_rows(None, 7).unwrap(), 7);
+        assert_eq!(parse_chunk_rows(Some(1), 7).unwrap(), 1);
+        for bad in [0, -1, i64::MIN] {
+            assert!(parse_chunk_rows(Some(bad), 7).is_err());
+        }
     }
 
     #[test]

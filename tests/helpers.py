@@ -147,3 +147,14 @@ def wait_for_server(srv, timeout: float = 60.0):
         except psycopg.OperationalError:
             return False
     wait_until(up, timeout=timeout, interval=0.2)
+
+
+def listed_part_lines(conn, query: str, params=None) -> list[str]:
+    """The record lines of the part files a catalog query lists as (target,
+    rows) rows, in its order; each file must hold the rows listed."""
+    lines = []
+    for target, rows in conn.execute(query, params).fetchall():
+        records = part_lines(Path(target))
+        assert len(records) == rows, target
+        lines += records
+    return lines

@@ -22,20 +22,15 @@ import psycopg
 import pytest
 
 from conftest import crashes_in, start_cluster, stop_cluster
-from helpers import oracle_lines, part_lines, run_in_thread, sqlstate_of, wait_for_server, wait_until
+from helpers import listed_part_lines, oracle_lines, run_in_thread, sqlstate_of, wait_for_server, wait_until
 
 
 def archived_lines(conn, table: str) -> list[str]:
     """Every record line of the parts the catalog lists for `table`, in
     archive and part order."""
-    lines = []
-    for target, rows in conn.execute(
-            "SELECT target, rows FROM stream_export_archive_part WHERE source = %s "
-            "ORDER BY finished_at, part", [table]):
-        records = part_lines(Path(target))
-        assert len(records) == rows, target
-        lines += records
-    return lines
+    return listed_part_lines(
+        conn, "SELECT target, rows FROM stream_export_archive_part WHERE source = %s "
+              "ORDER BY finished_at, part", [table])
 
 
 def make_table(conn, table: str, rows: int) -> None:

@@ -18,7 +18,9 @@ import psycopg
 import pytest
 
 from conftest import DATABASE, HAS_PG_CRON, crashes_in, start_cluster, stop_cluster
-from helpers import oracle_lines, part_lines, run_in_thread, sqlstate_of, wait_for_server, wait_until
+from helpers import (listed_part_lines, oracle_lines, part_lines, run_in_thread, sqlstate_of, wait_for_server,
+                     wait_until)
+
 
 def oracle(conn, table: str) -> list[str]:
     return oracle_lines(conn, f"SELECT * FROM {table} ORDER BY id")
@@ -26,13 +28,8 @@ def oracle(conn, table: str) -> list[str]:
 
 def recorded_lines(conn, job: str) -> list[str]:
     """Every record line of the parts the job's history lists, in order."""
-    lines = []
-    for target, rows in conn.execute(
-            "SELECT target, rows FROM stream_export_job_part WHERE job = %s ORDER BY part", [job]):
-        records = part_lines(Path(target))
-        assert len(records) == rows, target
-        lines += records
-    return lines
+    return listed_part_lines(
+        conn, "SELECT target, rows FROM stream_export_job_part WHERE job = %s ORDER BY part", [job])
 
 
 def make_table(conn, table: str, rows: int) -> None:

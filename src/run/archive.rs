@@ -33,6 +33,10 @@ use crate::layout::{archive_part_name, new_export_id};
 use crate::options::ExportOptions;
 use crate::progress::Destination;
 
+/// Rows per chunk when `chunk_rows` is not given: each chunk holds its
+/// snapshot and its rows' locks until it commits, so chunks stay short.
+pub const DEFAULT_CHUNK_ROWS: u64 = 100_000;
+
 /// What one call archived.
 pub struct ArchiveTotals {
     pub archive_id: String,

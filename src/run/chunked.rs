@@ -38,7 +38,7 @@ use crate::run::manifest::{
 
 /// Rows per chunk unless asked otherwise: about a second of export on
 /// ordinary rows, so a snapshot lives for seconds, not hours.
-pub const DEFAULT_CHUNK_ROWS: i64 = 1_000_000;
+pub const DEFAULT_CHUNK_ROWS: u64 = 1_000_000;
 
 /// Rows per keyset query inside a chunk when `batch_size` is automatic.
 const CHUNK_QUERY_ROWS: u64 = 100_000;

@@ -8,7 +8,9 @@ use crate::destination::bytea::ChunkBuffer;
 use crate::engine::export::{Export, LineSink};
 use crate::engine::source::Source;
 use crate::error::{raise, required};
-use crate::options::{parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions};
+use crate::options::{
+    parse_chunk_rows, parse_chunk_size, Compression, ExportOptions, OptionError, RawOptions,
+};
 use crate::progress::Destination;
 use crate::run;
 use crate::sink::{ExportWriter, RecordStats};
@@ -617,14 +619,8 @@ fn stream_export_chunked(
     crate::run::chunked::refuse_atomic_call(fcinfo, "stream_export_chunked");
     let (source, directory) = (required(source, "source"), required(directory, "directory"));
     let key = required(key, "key");
-    let chunk_rows = chunk_rows.unwrap_or(crate::run::chunked::DEFAULT_CHUNK_ROWS);
-    if chunk_rows < 1 {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("invalid value for chunk_rows: {chunk_rows}"),
-            Some("chunk_rows must be at least 1"),
-        );
-    }
+    let chunk_rows = parse_chunk_rows(chunk_rows, crate::run::chunked::DEFAULT_CHUNK_ROWS)
+        .unwrap_or_else(|e| e.raise());
     let options = export_options(RawOptions {
         compression,
         compression_level,
@@ -644,7 +640,7 @@ fn stream_export_chunked(
         Source::resolve(source),
         &dir,
         options,
-        chunk_rows as u64,
+        chunk_rows,
         overwrite.unwrap_or(false),
     );
     pgrx::notice!(

@@ -5,8 +5,8 @@
 
 use pgrx::prelude::*;
 
-use crate::error::{raise, required};
-use crate::options::{ExportOptions, RawOptions};
+use crate::error::required;
+use crate::options::{parse_chunk_rows, ExportOptions, RawOptions};
 use crate::run::jobs::{self, Increment};
 
 /// Define an incremental job owned by the current role: its parts go to
@@ -74,14 +74,8 @@ fn stream_export_archive(
     let source = required(source, "source");
     let destination = required(destination, "destination");
     let key = required(key, "key");
-    let chunk_rows = chunk_rows.unwrap_or(100_000);
-    if chunk_rows < 1 {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("invalid value for chunk_rows: {chunk_rows}"),
-            Some("chunk_rows must be at least 1"),
-        );
-    }
+    let chunk_rows = parse_chunk_rows(chunk_rows, crate::run::archive::DEFAULT_CHUNK_ROWS)
+        .unwrap_or_else(|e| e.raise());
     let options = ExportOptions::parse(&RawOptions {
         compression,
         compression_level,
@@ -91,8 +85,7 @@ fn stream_export_archive(
     })
     .unwrap_or_else(|e| e.raise());
     let directory = crate::destination::ExportDirectory::open(destination);
-    let totals =
-        crate::run::archive::archive(source, &directory, condition, chunk_rows as u64, options);
+    let totals = crate::run::archive::archive(source, &directory, condition, chunk_rows, options);
     pgrx::notice!(
         "stream_export_archive: {} rows in {} chunk(s) ({} bytes written) archived into \"{}\" (archive {}), verified and deleted",
         totals.rows,
