@@ -180,6 +180,18 @@ def events_small(server):
     return "events_small"
 
 
+@pytest.fixture(scope="module")
+def scratch():
+    """A cluster of the module's own, with the library preloaded, for tests
+    that kill backends (which restarts every session of a cluster)."""
+    srv = start_cluster("pg_stream_export")
+    try:
+        yield srv
+    finally:
+        log = stop_cluster(srv)
+        assert not crashes_in(log), "\n".join(crashes_in(log))
+
+
 @pytest.fixture
 def conn(server):
     with server.connect() as connection:

@@ -21,7 +21,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import crashes_in, start_cluster, stop_cluster
 from helpers import listed_part_lines, oracle_lines, run_in_thread, sqlstate_of, wait_for_server, wait_until
 
 
@@ -243,16 +242,6 @@ def test_rows_changed_by_a_concurrent_writer_are_never_deleted_unexported(server
 
 
 # --- kill -9 between the write and the commit -----------------------------------
-
-@pytest.fixture(scope="module")
-def scratch():
-    srv = start_cluster("pg_stream_export")
-    try:
-        yield srv
-    finally:
-        log = stop_cluster(srv)
-        assert not crashes_in(log), "\n".join(crashes_in(log))
-
 
 def test_a_killed_archive_deletes_nothing_it_did_not_record(scratch, server_dir):
     c = scratch.connect()

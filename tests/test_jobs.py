@@ -224,16 +224,6 @@ def start_run(srv, job: str):
 
 # --- kill -9 at every point of a run ------------------------------------------
 
-@pytest.fixture(scope="module")
-def scratch():
-    srv = start_cluster("pg_stream_export")
-    try:
-        yield srv
-    finally:
-        log = stop_cluster(srv)
-        assert not crashes_in(log), "\n".join(crashes_in(log))
-
-
 def backend_of(conn, wait_event: str | None = None) -> int | None:
     row = conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE query LIKE 'CALL stream_export_increment%%' "
