@@ -19,10 +19,10 @@ LAYERS = [
     ("encode/sink", {"encode", "sink"}),
     ("destination", {"destination"}),
     ("leaf", {"options", "gucs", "token", "footer", "layout", "error", "ident", "compat",
-              "activity", "progress", "pgrx_tests"}),
+              "activity", "progress", "remote", "pgrx_tests"}),
 ]
 # The SQL entry points: they do not name each other.
-ENTRY_POINTS = {"sql::api", "sql::copy_hook", "sql::jobs"}
+ENTRY_POINTS = {"sql::api", "sql::cluster", "sql::copy_hook", "sql::jobs"}
 # Names the storage layer must never use: running exports is run/'s.
 ABOVE_STORAGE = re.compile(r"\b(Export|ExportWriter|Source)\b")
 

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 step() { printf '==> %s\n' "$*"; }
 
 # --- Debian packages ---------------------------------------------------------
-packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 postgresql-15-cron clang libclang-dev
+packages=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 postgresql-15-cron postgresql-15-plproxy libpq-dev clang libclang-dev
           pkg-config sudo make gzip zstd pigz python3 python3-venv curl xz-utils ca-certificates)
 missing=()
 for p in "${packages[@]}"; do

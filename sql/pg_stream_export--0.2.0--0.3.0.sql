@@ -207,3 +207,49 @@ CREATE PROCEDURE stream_export_archive(
     compression_level integer DEFAULT NULL)
 LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_archive_wrapper';
 COMMENT ON PROCEDURE stream_export_archive IS 'Export the rows of a table that match a condition in key order, chunk by chunk; read each chunk back and verify it, then delete exactly its rows; one transaction per chunk.';
+
+-- Cluster exports: a coordinator and the function it calls on each node.
+CREATE FUNCTION "stream_export_cluster"(
+	"source" TEXT,
+	"destination" TEXT,
+	"key" TEXT,
+	"nodes" TEXT[] DEFAULT NULL,
+	"cluster" TEXT DEFAULT NULL,
+	"partitions_per_node" INT DEFAULT 1,
+	"compression" TEXT DEFAULT 'none',
+	"compression_level" INT DEFAULT NULL,
+	"overwrite" bool DEFAULT false,
+	"profile" TEXT DEFAULT 'default'
+) RETURNS TABLE (
+	"node" TEXT,
+	"directory" TEXT,
+	"reused" bool,
+	"partitions" INT,
+	"rows" bigint,
+	"bytes" bigint,
+	"file_bytes" bigint
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'stream_export_cluster_wrapper';
+-- It connects to other servers as the server's OS user, with that user's
+-- password and service files: only roles a superuser trusts with them.
+REVOKE EXECUTE ON FUNCTION stream_export_cluster(text, text, text, text[], text, integer, text, integer, boolean, text) FROM PUBLIC;
+CREATE FUNCTION "stream_export_cluster_node"(
+	"source" TEXT,
+	"directory" TEXT,
+	"key" TEXT,
+	"partitions" INT,
+	"compression" TEXT,
+	"compression_level" INT,
+	"profile" TEXT,
+	"export_id" TEXT
+) RETURNS TABLE (
+	"partitions" INT,
+	"rows" bigint,
+	"bytes" bigint,
+	"file_bytes" bigint
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'stream_export_cluster_node_wrapper';

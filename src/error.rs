@@ -25,6 +25,24 @@ pub fn required<T>(value: Option<T>, name: &str) -> T {
     })
 }
 
+/// The code of a five-character SQLSTATE such as `57014`; `None` when
+/// `text` is not one.
+pub fn sqlstate_code(text: &str) -> Option<PgSqlErrorCode> {
+    let bytes = text.as_bytes();
+    let valid = bytes.len() == 5
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
+    valid.then(|| {
+        let packed = bytes
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| (((b - b'0') & 0x3f) as i32) << (6 * i))
+            .sum::<i32>();
+        PgSqlErrorCode::from(packed)
+    })
+}
+
 /// The fields of an error that the SQL layer passes on: what a directory
 /// worker carries back to its leader.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -232,5 +250,24 @@ pub mod context_lines {
             }
             pg_sys::FreeErrorData(data);
         }
+    }
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_pack_as_postgres_does() {
+        assert_eq!(
+            sqlstate_code("57014"),
+            Some(PgSqlErrorCode::ERRCODE_QUERY_CANCELED)
+        );
+        assert_eq!(
+            sqlstate_code("42P01"),
+            Some(PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE)
+        );
+        assert_eq!(sqlstate_code("5701"), None);
+        assert_eq!(sqlstate_code("57o14"), None);
     }
 }

@@ -44,6 +44,8 @@ static MAX_TRACKED_EXPORTS: GucSetting<i32> = GucSetting::<i32>::new(64);
 static PROGRESS_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 static LOG_EXPORTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 static FILE_MODE: GucSetting<FileMode> = GucSetting::<FileMode>::new(FileMode::World);
+static NODE_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static NODE_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
 /// The smallest part S3 accepts (but the last), in kB.
 const MIN_PART_SIZE_KB: i32 = 5 * 1024;
@@ -115,6 +117,12 @@ pub fn log_exports() -> bool {
     LOG_EXPORTS.get()
 }
 
+/// `pg_stream_export.node_connect_timeout`: the longest a cluster export
+/// waits to connect to a node.
+pub fn node_connect_timeout() -> Duration {
+    Duration::from_millis(NODE_CONNECT_TIMEOUT_MS.get().max(1) as u64)
+}
+
 /// `pg_stream_export.file_mode`: the mode bits of export files.
 pub fn file_mode() -> libc::mode_t {
     FILE_MODE.get().bits()
@@ -162,6 +170,24 @@ pub fn define() {
         &OBJECT_STORE_PROFILE,
         GucContext::Userset,
         GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_stream_export.node_id",
+        c"This server's name in a cluster export: its files go under node-<id>/ (empty: cluster_name).",
+        c"Letters, digits, '_', '-' and '.', at most 63 characters; every node of a cluster needs its own. Set it in postgresql.conf or with ALTER SYSTEM.",
+        &NODE_ID,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_stream_export.node_connect_timeout",
+        c"Longest wait of a cluster export to connect to one node.",
+        c"A node not connected by then fails the cluster export (SQLSTATE 08001). A cancel or statement_timeout ends the wait at once.",
+        &NODE_CONNECT_TIMEOUT_MS,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"pg_stream_export.object_part_size",

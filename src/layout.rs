@@ -91,6 +91,27 @@ pub fn job_name_problem(name: &str) -> Option<&'static str> {
     None
 }
 
+/// Why `id` cannot name a node of a cluster export, if it cannot: 1 to 63
+/// letters, digits, `_`, `-` and `.`, starting with a letter or digit (it
+/// becomes the directory `node-<id>/`).
+pub fn node_id_problem(id: &str) -> Option<&'static str> {
+    let starts_well = id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric());
+    if !starts_well
+        || id.len() > JOB_NAME_MAX
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        return Some("a node id is 1 to 63 letters, digits, '_', '-' and '.', starting with a letter or digit");
+    }
+    None
+}
+
+/// The directory of node `id` in a cluster export, with its slash.
+pub fn node_directory(id: &str) -> String {
+    format!("node-{id}/")
+}
+
 /// `<job>-NNNNNNNN.ndjson[.gz|.zst]`: part `number` of an incremental
 /// job. Part n holds the rows after the last row of part n-1, so the name
 /// follows from where the part starts: a run that died after writing it
@@ -138,6 +159,17 @@ pub fn read_manifest(file: impl std::io::Read) -> Option<Value> {
 #[cfg(test)]
 mod unit_tests {
     use super::*;
+
+    #[test]
+    fn node_ids_are_safe_directory_names() {
+        for good in ["a", "shard-01", "eu.west_2", &"n".repeat(63)] {
+            assert_eq!(node_id_problem(good), None, "{good}");
+        }
+        for bad in ["", "..", "-a", "a/b", "a b", "é", &"n".repeat(64)] {
+            assert!(node_id_problem(bad).is_some(), "{bad}");
+        }
+        assert_eq!(node_directory("a"), "node-a/");
+    }
 
     #[test]
     fn job_names_are_safe_in_file_names_and_never_look_like_parts() {

@@ -20,6 +20,7 @@ mod ident;
 mod layout;
 mod options;
 mod progress;
+mod remote;
 mod run;
 mod sink;
 mod sql;

@@ -483,6 +483,78 @@ impl ExportDirectory {
         }
     }
 
+    /// The directory `name` inside this one (a cluster export's node
+    /// directory); only under an object prefix: `None` on the server.
+    pub fn child(&self, name: &str) -> Option<ExportDirectory> {
+        match self {
+            ExportDirectory::Server(_) => None,
+            ExportDirectory::Prefix(prefix) => Some(ExportDirectory::Prefix(Prefix {
+                uri: prefix.uri.join(&format!("{name}/")),
+                client: prefix.client.clone(),
+            })),
+        }
+    }
+
+    /// The bytes of the small file `name` (at most 64 MiB read); `None`
+    /// when there is none. Other failures raise.
+    pub fn read_small(&self, name: &str) -> Option<Vec<u8>> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        match self.open_file(name) {
+            Ok(file) => match file.take(64 << 20).read_to_end(&mut bytes) {
+                Ok(_) => Some(bytes),
+                Err(e) => raise_io(e, name),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => match self {
+                ExportDirectory::Prefix(prefix) => match e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<object::client::StoreError>())
+                {
+                    Some(store) if store.failure == Failure::NotFound => None,
+                    Some(store) => {
+                        object::raise_store_error(store, "read", Some(&prefix.uri.join(name)))
+                    }
+                    None => raise_io(e, name),
+                },
+                ExportDirectory::Server(_) => raise_io(e, name),
+            },
+        }
+    }
+
+    /// Put the small file `name` (replacing one there).
+    pub fn write_small(&self, name: &str, bytes: &[u8]) {
+        match self {
+            ExportDirectory::Server(dir) => {
+                let mut partial = PartialFile::create(dir, OsStr::new(name), true);
+                let file = partial
+                    .take_file()
+                    .and_then(|mut f| f.write_all(bytes).map(|_| f))
+                    .unwrap_or_else(|e| raise_io(e, name));
+                partial.commit(file, true);
+            }
+            ExportDirectory::Prefix(prefix) => {
+                let uri = prefix.uri.join(name);
+                prefix
+                    .client()
+                    .put(&uri, bytes, true)
+                    .unwrap_or_else(|e| object::raise_store_error(&e, "write", Some(&uri)));
+            }
+        }
+    }
+
+    /// Remove what the export `export_id` left here when the process that
+    /// ran it may be gone: its parts, and under a prefix its uploads in
+    /// progress and its lease. Never raises.
+    pub fn remove_export_leftovers(&self, export_id: &str) {
+        match self {
+            ExportDirectory::Server(_) => self.remove_parts_of(export_id),
+            ExportDirectory::Prefix(prefix) => {
+                object::remove_export_leftovers(&prefix.uri, export_id)
+            }
+        }
+    }
+
     /// Remove what an export that failed wrote: its parts (in a server
     /// directory, those no live process holds). Never raises.
     pub fn remove_parts_of(&self, export_id: &str) {

@@ -24,6 +24,9 @@ pub enum Consistency {
     Snapshot,
     /// Each chunk read its own snapshot (a chunked export).
     PerChunk,
+    /// Each node's directory export read one snapshot of that node; there
+    /// is none across nodes (a cluster export's manifest of manifests).
+    PerNode,
 }
 
 /// A directory export as a whole.
@@ -116,9 +119,60 @@ pub struct ChunkPart {
     pub to_end: bool,
 }
 
+/// A cluster export as a whole: what was asked, and each node's export.
+#[derive(Serialize, Debug)]
+pub struct ClusterExport {
+    pub consistency: Consistency,
+    pub export_id: String,
+    pub source: String,
+    pub key: String,
+    pub compression: String,
+    pub compression_level: u32,
+    pub partitions_per_node: usize,
+    pub started_at: String,
+    pub finished_at: String,
+    pub nodes: Vec<NodeExport>,
+}
+
+/// One node's directory export, as the manifest of manifests lists it.
+#[derive(Serialize, Debug, Clone)]
+pub struct NodeExport {
+    pub node: String,
+    /// The node's directory, relative to the cluster export's prefix.
+    pub directory: String,
+    /// Its `manifest.json`, relative to the prefix: size and CRC-32 of its
+    /// bytes, so a changed node manifest is found.
+    pub manifest: String,
+    pub manifest_bytes: u64,
+    pub manifest_crc32: String,
+    pub export_id: String,
+    pub snapshot: String,
+    pub snapshot_time: String,
+    pub partitions: usize,
+    pub rows: u64,
+    pub bytes: u64,
+    pub file_bytes: u64,
+    /// Exported by an earlier call with the same arguments, and verified.
+    pub reused: bool,
+}
+
+/// One part of a node's export, listed in the manifest of manifests with
+/// its path relative to the prefix, so one list reads the whole dataset.
+#[derive(Serialize, Debug, Clone)]
+pub struct NodePart {
+    pub node: String,
+    pub file: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub file_bytes: u64,
+    pub crc32: String,
+}
+
 /// Sums over the parts.
 #[derive(Serialize, Debug, Default)]
 pub struct Totals {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub partitions: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -12,6 +12,7 @@
 pub mod archive;
 mod catalog;
 pub mod chunked;
+pub mod cluster;
 pub mod jobs;
 pub mod manifest;
 pub mod parallel;

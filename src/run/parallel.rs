@@ -32,10 +32,12 @@ use serde_json::Value;
 use crate::activity::{Description, Tracked};
 use crate::destination::file::Directory;
 use crate::destination::{ExportDirectory, ManifestClaim};
+use crate::engine::export::Export;
 use crate::engine::source::Source;
 use crate::error::{context_lines, raise, raise_with_fields, ErrorFields};
 use crate::layout::{new_export_id, part_name};
 use crate::options::ExportOptions;
+use crate::progress::Destination;
 use crate::run::manifest::{write_manifest, Consistency, PartitionPart, SnapshotExport, Totals};
 use crate::run::{self, Written};
 
@@ -684,6 +686,57 @@ fn refuse_in_writing_transaction() {
     }
 }
 
+/// Export `source_text` in `partitions` key ranges (planned from the key's
+/// statistics) with background workers into `directory`: the directory
+/// export of `stream_export_to_directory` and of a cluster export's node.
+/// `export_id` names the parts (a new one when `None`).
+#[allow(clippy::too_many_arguments)]
+pub fn export_partitioned(
+    source_text: &str,
+    directory: &ExportDirectory,
+    key: &str,
+    partitions: usize,
+    options: &ExportOptions,
+    workers_wanted: usize,
+    overwrite: bool,
+    export_id: Option<String>,
+) -> DirectoryTotals {
+    let export = Export::open(
+        Source::resolve(source_text),
+        options.clone(),
+        Destination::Callback,
+    );
+    let Some((column, type_name)) = export.key_column_and_type() else {
+        raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "a key export has a key",
+            None,
+        )
+    };
+    let resolved = export.source().clone();
+    let (boundaries, _) =
+        crate::engine::plan::boundaries(&resolved, &column, &type_name, partitions);
+    drop(export);
+    let mut bounds = Vec::with_capacity(boundaries.len() + 1);
+    let mut lower = None;
+    for boundary in boundaries {
+        bounds.push((lower.take(), Some(boundary.clone())));
+        lower = Some(boundary);
+    }
+    bounds.push((lower, None));
+    export_directory(
+        source_text,
+        &resolved,
+        directory,
+        key,
+        options,
+        bounds,
+        workers_wanted,
+        overwrite,
+        export_id,
+    )
+}
+
 /// Run a directory export into `directory` (opened and checked).
 #[allow(clippy::too_many_arguments)]
 pub fn export_directory(
@@ -695,6 +748,7 @@ pub fn export_directory(
     bounds: Vec<(Option<String>, Option<String>)>,
     workers_wanted: usize,
     overwrite: bool,
+    export_id: Option<String>,
 ) -> DirectoryTotals {
     refuse_in_writing_transaction();
     if let Some(temporary) = source.temporary_relation() {
@@ -712,7 +766,7 @@ pub fn export_directory(
         estimated_rows: crate::engine::export::relation_row_estimate(source.relation_oid()),
     });
     // Held until the manifest is in place.
-    let export_id = new_export_id();
+    let export_id = export_id.unwrap_or_else(new_export_id);
     let manifest_claim = directory.claim_manifest(overwrite, &export_id);
     // Exporting a snapshot writes nothing: read-only SPI is enough.
     let snapshot: String =

@@ -8,7 +8,7 @@
 use std::io::{self, BufRead, BufReader, Read};
 
 use crate::footer::{FOOTER_PREFIX, FOOTER_VERSION};
-use crate::layout::{is_part_file_name, read_manifest, MANIFEST};
+use crate::layout::{is_part_file_name, node_directory, node_id_problem, read_manifest, MANIFEST};
 use crate::options::Compression;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,6 +384,18 @@ pub fn verify_directory(
         },
         Err(e) => return (false, 0, 0, format!("cannot read manifest.json: {e}")),
     };
+    if manifest["consistency"] == "per_node" {
+        return verify_nodes(open, &manifest, interrupt);
+    }
+    verify_listed_parts(open, &manifest, interrupt)
+}
+
+/// Check the parts a directory or chunked export's manifest lists.
+fn verify_listed_parts(
+    open: &mut OpenListed<'_>,
+    manifest: &serde_json::Value,
+    interrupt: &mut dyn FnMut(),
+) -> (bool, i32, i64, String) {
     let Some(parts) = manifest["parts"].as_array() else {
         return (false, 0, 0, "manifest.json has no parts".into());
     };
@@ -438,6 +450,112 @@ pub fn verify_directory(
     )
 }
 
+/// Check a cluster export's manifest of manifests: each node's manifest
+/// must have the size and CRC-32 recorded for it, its parts must verify
+/// ([`verify_listed_parts`]) and add up to the node's rows, the flat part
+/// list must be the nodes' parts, and the nodes must add up to the totals.
+fn verify_nodes(
+    open: &mut OpenListed<'_>,
+    manifest: &serde_json::Value,
+    interrupt: &mut dyn FnMut(),
+) -> (bool, i32, i64, String) {
+    let Some(nodes) = manifest["nodes"].as_array() else {
+        return (false, 0, 0, "manifest.json lists no nodes".into());
+    };
+    let listed: Vec<&serde_json::Value> = manifest["parts"]
+        .as_array()
+        .map(|parts| parts.iter().collect())
+        .unwrap_or_default();
+    let (mut count, mut rows, mut flat) = (0i32, 0i64, 0usize);
+    for node in nodes {
+        let id = node["node"].as_str().unwrap_or("");
+        let fail = |count, rows, what: String| (false, count, rows, format!("node {id}: {what}"));
+        let directory = node_directory(id);
+        if node_id_problem(id).is_some() || node["directory"].as_str() != Some(&directory) {
+            return fail(count, rows, "not a node directory".into());
+        }
+        let mut node_open = |name: &str| open(&format!("{directory}{name}"));
+        let mut bytes = Vec::new();
+        if let Err(e) = node_open(MANIFEST).and_then(|f| f.take(64 << 20).read_to_end(&mut bytes)) {
+            return fail(count, rows, format!("cannot read manifest.json: {e}"));
+        }
+        let recorded = (
+            node["manifest_bytes"].as_u64(),
+            node["manifest_crc32"].as_str(),
+        );
+        let crc = format!("{:08x}", crc32fast::hash(&bytes));
+        if recorded != (Some(bytes.len() as u64), Some(crc.as_str())) {
+            return fail(
+                count,
+                rows,
+                "manifest.json is not the one the cluster export recorded".into(),
+            );
+        }
+        let Ok(node_manifest) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return fail(count, rows, "manifest.json is not valid JSON".into());
+        };
+        if node_manifest["consistency"] == "per_node" {
+            return fail(count, rows, "manifest.json is not a node's export".into());
+        }
+        let (ok, parts, node_rows, detail) =
+            verify_listed_parts(&mut node_open, &node_manifest, interrupt);
+        if !ok {
+            return fail(count + parts, rows + node_rows, detail);
+        }
+        if node["rows"].as_i64() != Some(node_rows) {
+            return fail(
+                count,
+                rows,
+                "its rows do not match the manifest of manifests".into(),
+            );
+        }
+        for part in node_manifest["parts"].as_array().into_iter().flatten() {
+            let path = format!("{directory}{}", part["file"].as_str().unwrap_or(""));
+            let same = listed.get(flat).is_some_and(|entry| {
+                entry["node"].as_str() == Some(id)
+                    && entry["file"].as_str() == Some(path.as_str())
+                    && entry["rows"] == part["rows"]
+                    && entry["crc32"] == part["crc32"]
+            });
+            if !same {
+                return fail(
+                    count,
+                    rows,
+                    format!("{path} is not listed as its manifest says"),
+                );
+            }
+            flat += 1;
+        }
+        count += parts;
+        rows += node_rows;
+    }
+    if flat != listed.len() {
+        return (
+            false,
+            count,
+            rows,
+            "manifest.json lists parts no node has".into(),
+        );
+    }
+    if manifest["totals"]["rows"].as_i64() != Some(rows) {
+        return (
+            false,
+            count,
+            rows,
+            "the nodes' rows do not add up to the manifest's total".into(),
+        );
+    }
+    (
+        true,
+        count,
+        rows,
+        format!(
+            "{} nodes, {count} parts, {rows} rows: all match the manifests",
+            nodes.len()
+        ),
+    )
+}
+
 #[cfg(test)]
 mod unit_tests {
     use super::*;
@@ -463,6 +581,88 @@ mod unit_tests {
 
     fn check(bytes: &[u8]) -> Verdict {
         verify(bytes, &mut || {}).unwrap()
+    }
+
+    /// A cluster export in memory: nodes a and b, one part each, and the
+    /// manifest of manifests over them.
+    fn cluster_files() -> std::collections::HashMap<String, Vec<u8>> {
+        let mut files = std::collections::HashMap::new();
+        let (mut nodes, mut listed) = (Vec::new(), Vec::new());
+        for (node, rows) in [("a", 3usize), ("b", 5)] {
+            let part = export(rows, Compression::Gzip, true);
+            let crc = format!("{:08x}", check(&part).crc32);
+            let name = "part-0123456789ab-00000.ndjson.gz";
+            let manifest = serde_json::json!({
+                "pg_stream_export_manifest": 1, "consistency": "snapshot",
+                "totals": {"rows": rows},
+                "parts": [{"file": name, "rows": rows, "crc32": crc}],
+            })
+            .to_string()
+            .into_bytes();
+            nodes.push(serde_json::json!({
+                "node": node, "directory": format!("node-{node}/"), "rows": rows,
+                "manifest_bytes": manifest.len(),
+                "manifest_crc32": format!("{:08x}", crc32fast::hash(&manifest)),
+            }));
+            listed.push(serde_json::json!({
+                "node": node, "file": format!("node-{node}/{name}"), "rows": rows, "crc32": crc,
+            }));
+            files.insert(format!("node-{node}/{name}"), part);
+            files.insert(format!("node-{node}/{MANIFEST}"), manifest);
+        }
+        let top = serde_json::json!({
+            "pg_stream_export_manifest": 1, "consistency": "per_node",
+            "totals": {"rows": 8}, "nodes": nodes, "parts": listed,
+        });
+        files.insert(MANIFEST.to_string(), top.to_string().into_bytes());
+        files
+    }
+
+    fn verify_files(
+        files: &std::collections::HashMap<String, Vec<u8>>,
+    ) -> (bool, i32, i64, String) {
+        verify_directory(
+            &mut |name| match files.get(name) {
+                Some(bytes) => Ok(Box::new(io::Cursor::new(bytes.clone())) as Box<dyn Read>),
+                None => Err(io::Error::from(io::ErrorKind::NotFound)),
+            },
+            &mut || {},
+        )
+    }
+
+    #[test]
+    fn a_manifest_of_manifests_verifies_every_node() {
+        let files = cluster_files();
+        let (ok, parts, rows, detail) = verify_files(&files);
+        assert!(ok, "{detail}");
+        assert_eq!((parts, rows), (2, 8));
+
+        let mut damaged = files.clone();
+        let part = damaged
+            .get_mut("node-b/part-0123456789ab-00000.ndjson.gz")
+            .unwrap();
+        let middle = part.len() / 2;
+        part[middle] ^= 1;
+        let (ok, _, _, detail) = verify_files(&damaged);
+        assert!(!ok && detail.starts_with("node b:"), "{detail}");
+
+        let mut replaced = files.clone();
+        replaced.get_mut("node-a/manifest.json").unwrap().push(b' ');
+        let (ok, _, _, detail) = verify_files(&replaced);
+        assert!(!ok && detail.contains("not the one"), "{detail}");
+
+        let mut missing = files.clone();
+        missing.remove("node-b/manifest.json");
+        let (ok, _, _, detail) = verify_files(&missing);
+        assert!(!ok && detail.starts_with("node b: cannot read"), "{detail}");
+
+        let mut escaping = files;
+        let top: serde_json::Value = serde_json::from_slice(&escaping[MANIFEST]).unwrap();
+        let mut top = top;
+        top["nodes"][0]["directory"] = "../elsewhere/".into();
+        escaping.insert(MANIFEST.into(), top.to_string().into_bytes());
+        let (ok, _, _, detail) = verify_files(&escaping);
+        assert!(!ok && detail.contains("not a node directory"), "{detail}");
     }
 
     #[test]

@@ -547,38 +547,15 @@ fn stream_export_to_directory_v2(
         ..Default::default()
     });
     let dir = crate::destination::ExportDirectory::open(directory);
-    let export = Export::open(
-        Source::resolve(source),
-        options.clone(),
-        Destination::Callback,
-    );
-    let Some((column, type_name)) = export.key_column_and_type() else {
-        raise(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            "a key export has a key",
-            None,
-        )
-    };
-    let resolved = export.source().clone();
-    let (boundaries, _) =
-        crate::engine::plan::boundaries(&resolved, &column, &type_name, partitions as usize);
-    drop(export);
-    let mut bounds = Vec::with_capacity(boundaries.len() + 1);
-    let mut lower = None;
-    for boundary in boundaries {
-        bounds.push((lower.take(), Some(boundary.clone())));
-        lower = Some(boundary);
-    }
-    bounds.push((lower, None));
-    let totals = crate::run::parallel::export_directory(
+    let totals = crate::run::parallel::export_partitioned(
         source,
-        &resolved,
         &dir,
         key,
+        partitions as usize,
         &options,
-        bounds,
         wanted_workers,
         overwrite.unwrap_or(false),
+        None,
     );
     let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
     TableIterator::once((

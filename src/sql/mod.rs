@@ -4,5 +4,6 @@
 //! engine); they never name each other.
 
 pub mod api;
+pub mod cluster;
 pub mod copy_hook;
 pub mod jobs;

@@ -443,3 +443,41 @@ pub fn remove_parts_of(prefix: &ObjectUri, export_id: &str) {
     };
     let _ = delete_under(&client, prefix, &format!("part-{export_id}-"), |_| true);
 }
+
+/// Remove everything the export `export_id` left under `prefix` when the
+/// process that ran it may have died: its part objects, its multipart
+/// uploads in progress, and its lease. Best effort and never raises: it
+/// runs while a cluster export's error unwinds.
+pub fn remove_export_leftovers(prefix: &ObjectUri, export_id: &str) {
+    let config = config::resolve(
+        &ServerEnvironment,
+        crate::gucs::object_store_profile().as_deref(),
+    );
+    let Some(client) = config
+        .ok()
+        .and_then(|c| Client::new(c, client::Timeouts::CLEANUP).ok())
+    else {
+        return;
+    };
+    let own = format!("part-{export_id}-");
+    let _ = delete_under(&client, prefix, &own, |_| true);
+    if let Ok(uploads) = client.list_uploads(prefix) {
+        for (key, upload_id) in uploads {
+            let name = key.strip_prefix(prefix.key.as_str()).unwrap_or("");
+            if name.starts_with(&own) {
+                let uri = ObjectUri {
+                    bucket: prefix.bucket.clone(),
+                    key,
+                };
+                let _ = client.abort_multipart(&uri, &upload_id);
+            }
+        }
+    }
+    let lease = prefix.join(lease::LEASE);
+    if let Ok(Some((text, _))) = client.get_small(&lease) {
+        let holder: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if holder["export_id"] == export_id {
+            let _ = client.delete(&lease);
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! Connections to other PostgreSQL servers through libpq, the client
+//! library dblink and PL/Proxy use: so a node's connection string may name
+//! a service (`pg_service.conf`) and its password may come from the
+//! server's password file, never from SQL text. Non-blocking throughout:
+//! the caller polls, so a cancel or `statement_timeout` is seen at once.
+//!
+//! Only the backend's own thread uses a [`Link`]; nothing here calls into
+//! PostgreSQL. Dropping a link that is still running a query cancels the
+//! query and waits, for a bounded time, until the server says it stopped,
+//! so that what the query was writing is cleaned up by then.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::time::{Duration, Instant};
+
+#[allow(non_camel_case_types)]
+type PGconn = c_void;
+#[allow(non_camel_case_types)]
+type PGresult = c_void;
+#[allow(non_camel_case_types)]
+type PGcancel = c_void;
+
+// ConnStatusType, PostgresPollingStatusType and ExecStatusType values.
+const CONNECTION_BAD: c_int = 1;
+const PGRES_POLLING_FAILED: c_int = 0;
+const PGRES_POLLING_OK: c_int = 3;
+const PGRES_COMMAND_OK: c_int = 1;
+const PGRES_TUPLES_OK: c_int = 2;
+const PG_DIAG_SQLSTATE: c_int = b'C' as c_int;
+const PG_DIAG_MESSAGE_PRIMARY: c_int = b'M' as c_int;
+const PG_DIAG_MESSAGE_DETAIL: c_int = b'D' as c_int;
+const PG_DIAG_MESSAGE_HINT: c_int = b'H' as c_int;
+const PG_DIAG_CONTEXT: c_int = b'W' as c_int;
+
+#[link(name = "pq")]
+extern "C" {
+    fn PQconnectStartParams(
+        keywords: *const *const c_char,
+        values: *const *const c_char,
+        expand_dbname: c_int,
+    ) -> *mut PGconn;
+    fn PQconnectPoll(conn: *mut PGconn) -> c_int;
+    fn PQstatus(conn: *const PGconn) -> c_int;
+    fn PQerrorMessage(conn: *const PGconn) -> *const c_char;
+    fn PQsocket(conn: *const PGconn) -> c_int;
+    fn PQsetnonblocking(conn: *mut PGconn, arg: c_int) -> c_int;
+    fn PQsendQueryParams(
+        conn: *mut PGconn,
+        command: *const c_char,
+        n_params: c_int,
+        param_types: *const u32,
+        param_values: *const *const c_char,
+        param_lengths: *const c_int,
+        param_formats: *const c_int,
+        result_format: c_int,
+    ) -> c_int;
+    fn PQflush(conn: *mut PGconn) -> c_int;
+    fn PQconsumeInput(conn: *mut PGconn) -> c_int;
+    fn PQisBusy(conn: *mut PGconn) -> c_int;
+    fn PQgetResult(conn: *mut PGconn) -> *mut PGresult;
+    fn PQresultStatus(res: *const PGresult) -> c_int;
+    fn PQresultErrorField(res: *const PGresult, field: c_int) -> *const c_char;
+    fn PQresultErrorMessage(res: *const PGresult) -> *const c_char;
+    fn PQntuples(res: *const PGresult) -> c_int;
+    fn PQnfields(res: *const PGresult) -> c_int;
+    fn PQgetisnull(res: *const PGresult, row: c_int, column: c_int) -> c_int;
+    fn PQgetvalue(res: *const PGresult, row: c_int, column: c_int) -> *const c_char;
+    fn PQclear(res: *mut PGresult);
+    fn PQgetCancel(conn: *mut PGconn) -> *mut PGcancel;
+    fn PQcancel(cancel: *mut PGcancel, errbuf: *mut c_char, errbufsize: c_int) -> c_int;
+    fn PQfreeCancel(cancel: *mut PGcancel);
+    fn PQfinish(conn: *mut PGconn);
+}
+
+/// How long a dropped link waits for the server to stop its query.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// An error the other server reported, with its fields; `sqlstate` is
+/// `None` when the connection itself failed.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteError {
+    pub sqlstate: Option<String>,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+    pub context: Option<String>,
+}
+
+impl RemoteError {
+    fn connection(message: String) -> RemoteError {
+        RemoteError {
+            message: message.trim_end().to_owned(),
+            ..RemoteError::default()
+        }
+    }
+}
+
+/// The rows of a finished query, as text (`None` is NULL).
+pub type Rows = Vec<Vec<Option<String>>>;
+
+/// Where a link is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Connecting,
+    Idle,
+    Busy,
+    Broken,
+}
+
+/// One connection to another server.
+pub struct Link {
+    conn: *mut PGconn,
+    state: State,
+    /// The first error result of the running query, kept until it ends.
+    failure: Option<RemoteError>,
+    rows: Rows,
+    /// A cancel was sent for the running query.
+    cancel_sent: bool,
+}
+
+fn text_of(pointer: *const c_char) -> Option<String> {
+    (!pointer.is_null()).then(|| {
+        // SAFETY: libpq returns NULL or a NUL-terminated string it owns,
+        // read before the result or connection it belongs to is freed.
+        unsafe { CStr::from_ptr(pointer) }
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+impl Link {
+    /// Start connecting with the connection string `conninfo` (a
+    /// `key=value` string or a URI), as `application_name`. Finish with
+    /// [`Link::poll_connect`].
+    pub fn start(conninfo: &str, application_name: &str) -> Result<Link, RemoteError> {
+        let to_c = |s: &str| {
+            CString::new(s).map_err(|_| RemoteError::connection("contains a NUL byte".into()))
+        };
+        let keys = [c"dbname", c"fallback_application_name"];
+        let values = [to_c(conninfo)?, to_c(application_name)?];
+        let key_pointers = [keys[0].as_ptr(), keys[1].as_ptr(), std::ptr::null()];
+        let value_pointers = [values[0].as_ptr(), values[1].as_ptr(), std::ptr::null()];
+        // SAFETY: NULL-terminated arrays of NUL-terminated strings that
+        // outlive the call; libpq copies what it keeps.
+        let conn =
+            unsafe { PQconnectStartParams(key_pointers.as_ptr(), value_pointers.as_ptr(), 1) };
+        if conn.is_null() {
+            return Err(RemoteError::connection("out of memory".into()));
+        }
+        let mut link = Link {
+            conn,
+            state: State::Connecting,
+            failure: None,
+            rows: Vec::new(),
+            cancel_sent: false,
+        };
+        // SAFETY: a connection libpq just made.
+        if unsafe { PQstatus(conn) } == CONNECTION_BAD {
+            link.state = State::Broken;
+            return Err(link.connection_error());
+        }
+        Ok(link)
+    }
+
+    fn connection_error(&self) -> RemoteError {
+        // SAFETY: the connection is open (not yet finished).
+        RemoteError::connection(text_of(unsafe { PQerrorMessage(self.conn) }).unwrap_or_default())
+    }
+
+    /// Is the connection still being made?
+    pub fn connecting(&self) -> bool {
+        self.state == State::Connecting
+    }
+
+    /// The connection's socket, to wait on.
+    pub fn socket(&self) -> c_int {
+        // SAFETY: the connection is open.
+        unsafe { PQsocket(self.conn) }
+    }
+
+    /// Go on connecting: `Ok(true)` once connected.
+    pub fn poll_connect(&mut self) -> Result<bool, RemoteError> {
+        if self.state != State::Connecting {
+            return Ok(self.state != State::Broken);
+        }
+        // SAFETY: a connection being made; polling it when its socket is
+        // not ready only reports that it still waits.
+        match unsafe { PQconnectPoll(self.conn) } {
+            PGRES_POLLING_OK => {
+                self.state = State::Idle;
+                // SAFETY: as above; sends then never block.
+                unsafe { PQsetnonblocking(self.conn, 1) };
+                Ok(true)
+            }
+            PGRES_POLLING_FAILED => {
+                self.state = State::Broken;
+                Err(self.connection_error())
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Send a query with text parameters; its rows come from
+    /// [`Link::poll_result`].
+    pub fn send(&mut self, sql: &str, params: &[Option<&str>]) -> Result<(), RemoteError> {
+        let sql = CString::new(sql).map_err(|_| RemoteError::connection("NUL in query".into()))?;
+        let values = params
+            .iter()
+            .map(|p| p.map(CString::new).transpose())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| RemoteError::connection("a parameter contains a NUL byte".into()))?;
+        let pointers: Vec<*const c_char> = values
+            .iter()
+            .map(|v| v.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
+            .collect();
+        // SAFETY: an open, idle connection; the strings outlive the call
+        // (libpq copies them into its output buffer).
+        let sent = unsafe {
+            PQsendQueryParams(
+                self.conn,
+                sql.as_ptr(),
+                pointers.len() as c_int,
+                std::ptr::null(),
+                pointers.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+            ) == 1
+                && PQflush(self.conn) >= 0
+        };
+        if !sent {
+            self.state = State::Broken;
+            return Err(self.connection_error());
+        }
+        self.state = State::Busy;
+        self.cancel_sent = false;
+        self.failure = None;
+        self.rows.clear();
+        Ok(())
+    }
+
+    /// Read what arrived: `Ok(None)` while the query runs, then its rows
+    /// or the error it ended with.
+    pub fn poll_result(&mut self) -> Result<Option<Rows>, RemoteError> {
+        if self.state != State::Busy {
+            return Err(RemoteError::connection("no query is running".into()));
+        }
+        // SAFETY: an open connection; flushing what is left of the query
+        // and reading what arrived never block in non-blocking mode.
+        if unsafe { PQflush(self.conn) } < 0 || unsafe { PQconsumeInput(self.conn) } == 0 {
+            self.state = State::Broken;
+            return Err(self.connection_error());
+        }
+        loop {
+            // SAFETY: as above.
+            if unsafe { PQisBusy(self.conn) } == 1 {
+                return Ok(None);
+            }
+            // SAFETY: not busy, so this does not block.
+            let result = unsafe { PQgetResult(self.conn) };
+            if result.is_null() {
+                self.state = State::Idle;
+                return match self.failure.take() {
+                    Some(error) => Err(error),
+                    None => Ok(Some(std::mem::take(&mut self.rows))),
+                };
+            }
+            self.take(result);
+        }
+    }
+
+    /// Keep a result's rows or its error, then free it.
+    fn take(&mut self, result: *mut PGresult) {
+        // SAFETY: a result libpq returned; read, then cleared once.
+        unsafe {
+            match PQresultStatus(result) {
+                PGRES_TUPLES_OK => {
+                    let (rows, columns) = (PQntuples(result), PQnfields(result));
+                    for row in 0..rows {
+                        self.rows.push(
+                            (0..columns)
+                                .map(|column| {
+                                    (PQgetisnull(result, row, column) == 0)
+                                        .then(|| text_of(PQgetvalue(result, row, column)))
+                                        .flatten()
+                                })
+                                .collect(),
+                        );
+                    }
+                }
+                PGRES_COMMAND_OK => {}
+                _ if self.failure.is_none() => {
+                    let field = |f| text_of(PQresultErrorField(result, f));
+                    self.failure = Some(RemoteError {
+                        sqlstate: field(PG_DIAG_SQLSTATE),
+                        message: field(PG_DIAG_MESSAGE_PRIMARY).unwrap_or_else(|| {
+                            text_of(PQresultErrorMessage(result))
+                                .unwrap_or_default()
+                                .trim_end()
+                                .to_owned()
+                        }),
+                        detail: field(PG_DIAG_MESSAGE_DETAIL),
+                        hint: field(PG_DIAG_MESSAGE_HINT),
+                        context: field(PG_DIAG_CONTEXT),
+                    });
+                }
+                _ => {}
+            }
+            PQclear(result);
+        }
+    }
+
+    /// Ask the server to cancel the running query; never fails (a cancel
+    /// that cannot be sent leaves the query to end by itself).
+    pub fn cancel(&mut self) {
+        if self.state != State::Busy || self.cancel_sent {
+            return;
+        }
+        self.cancel_sent = true;
+        let mut message = [0 as c_char; 256];
+        // SAFETY: an open connection; the cancel object is freed here.
+        unsafe {
+            let cancel = PQgetCancel(self.conn);
+            if !cancel.is_null() {
+                PQcancel(cancel, message.as_mut_ptr(), message.len() as c_int);
+                PQfreeCancel(cancel);
+            }
+        }
+    }
+
+    /// Cancel a running query and wait until the server reports its end,
+    /// or `limit` passed, or the connection broke.
+    fn drain(&mut self, limit: Duration) {
+        if self.state != State::Busy {
+            return;
+        }
+        self.cancel();
+        let deadline = Instant::now() + limit;
+        while self.state == State::Busy && Instant::now() < deadline {
+            if let Ok(Some(_)) | Err(_) = self.poll_result() {
+                break;
+            }
+            wait_readable(&[self.socket()], Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.drain(DRAIN_LIMIT);
+        // SAFETY: finishes the connection this link owns, once.
+        unsafe { PQfinish(self.conn) };
+    }
+}
+
+/// Wait until one of `sockets` can be read (or written, while a connection
+/// is being made), or `timeout` passed. Interrupts are the caller's to check.
+pub fn wait_readable(sockets: &[c_int], timeout: Duration) {
+    let mut fds: Vec<libc::pollfd> = sockets
+        .iter()
+        .filter(|&&fd| fd >= 0)
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    if fds.is_empty() {
+        std::thread::sleep(timeout);
+        return;
+    }
+    // SAFETY: an array of pollfd of the given length, alive for the call.
+    unsafe {
+        libc::poll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            timeout.as_millis() as c_int,
+        )
+    };
+}

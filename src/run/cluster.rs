@@ -1,0 +1,705 @@
+//! A cluster export: one source exported from many PostgreSQL nodes into
+//! one object prefix. The coordinator connects to every node with libpq
+//! ([`crate::remote`]), has each run a directory export of its own rows
+//! into `<prefix>/node-<id>/` (one snapshot per node), all at once, and
+//! writes `manifest.json` last: a manifest of manifests that lists every
+//! node's manifest (size and CRC-32 of its bytes) and all parts.
+//!
+//! The nodes come from a list of libpq connection strings or from a
+//! PL/Proxy cluster's configuration. Credentials never pass through SQL
+//! text: connection strings name hosts, services, users; passwords come
+//! from the server's password file or the PL/Proxy user mapping, and the
+//! nodes reach the object store with their own configuration.
+//!
+//! What holds when it fails (a node's error, a node that cannot be reached
+//! or goes away, a cancel or `statement_timeout` here): every node still
+//! exporting is cancelled and waited for (a node's own directory export
+//! removes its parts when it fails), then what this run left under each of
+//! its node directories (parts, uploads, leases of a node that died) is
+//! removed, and no top-level manifest is written. Nodes that finished keep
+//! their complete export: a later call with the same arguments verifies
+//! and reuses them, and exports only the nodes whose manifests are missing
+//! or damaged.
+
+use std::time::{Duration, Instant};
+
+use pgrx::prelude::*;
+use serde_json::{json, Value};
+
+use crate::destination::ExportDirectory;
+use crate::error::{raise, raise_with_fields, sqlstate_code, ErrorFields};
+use crate::ident::quote_identifier;
+use crate::layout::{new_export_id, node_directory, node_id_problem, MANIFEST};
+use crate::options::ExportOptions;
+use crate::remote::{wait_readable, Link, RemoteError};
+use crate::run::manifest::{
+    write_manifest, ClusterExport, Consistency, NodeExport, NodePart, Totals,
+};
+
+/// The request of the cluster export under a prefix, written before any
+/// node starts: a later call reuses node exports only when it asks the
+/// same.
+const CLUSTER_REQUEST: &str = "cluster.json";
+/// How the coordinator shows in the nodes' `pg_stat_activity`.
+const APPLICATION_NAME: &str = "pg_stream_export cluster export";
+/// How long the coordinator waits on the nodes' sockets between checks
+/// for a cancel.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Where the nodes are.
+pub enum Nodes<'a> {
+    /// libpq connection strings, one per node.
+    Connections(Vec<String>),
+    /// A PL/Proxy cluster's name: its partitions' connection strings.
+    PlProxy(&'a str),
+}
+
+/// What to export from every node.
+pub struct ClusterRequest<'a> {
+    pub source: &'a str,
+    pub key: &'a str,
+    pub partitions_per_node: usize,
+    pub compression: &'a str,
+    pub compression_level: Option<i32>,
+    pub profile: Option<&'a str>,
+    pub overwrite: bool,
+    /// The options as validated here (the nodes validate them again).
+    pub options: ExportOptions,
+}
+
+/// One node's part of a finished cluster export.
+pub struct NodeOutcome {
+    pub node: String,
+    pub directory: String,
+    pub reused: bool,
+    pub partitions: i32,
+    pub rows: i64,
+    pub bytes: i64,
+    pub file_bytes: i64,
+}
+
+/// A node: its connection, and what is known of it.
+struct Node {
+    /// How errors name it before its id is known: `#n` and its host.
+    label: String,
+    link: Link,
+    id: String,
+    schema: String,
+}
+
+/// The run's nodes, and the node directories this run writes into. When
+/// it is dropped armed (an error unwinds), every node still busy is
+/// cancelled and waited for, then what this run left in those directories
+/// is removed. Nothing here raises.
+struct Run {
+    nodes: Vec<Node>,
+    /// The nodes exporting in this run, with their directories.
+    exporting: Vec<(usize, ExportDirectory)>,
+    /// Which nodes answered the last query sent to them: a node that
+    /// finished its export keeps it (a later call reuses it).
+    answered: Vec<bool>,
+    export_id: String,
+    armed: bool,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        for node in &mut self.nodes {
+            node.link.cancel();
+        }
+        // Each link waits for its node to report the end of its query.
+        self.nodes.clear();
+        for (index, directory) in &self.exporting {
+            if !self.answered.get(*index).copied().unwrap_or(false) {
+                directory.remove_export_leftovers(&self.export_id);
+            }
+        }
+    }
+}
+
+/// Raise a node's error as the node reported it, naming the node; a lost
+/// connection is `08006`.
+fn raise_node_error(node: &str, error: RemoteError) -> ! {
+    let code = error
+        .sqlstate
+        .as_deref()
+        .and_then(sqlstate_code)
+        .unwrap_or(PgSqlErrorCode::ERRCODE_CONNECTION_FAILURE);
+    let message = match error.sqlstate {
+        Some(_) => format!("node {node}: {}", error.message),
+        None => format!("lost the connection to node {node}: {}", error.message),
+    };
+    raise_with_fields(
+        code,
+        ErrorFields {
+            message,
+            detail: error.detail,
+            hint: error.hint,
+            context: error.context,
+        },
+    )
+}
+
+/// Quote a value for a libpq `key=value` connection string.
+fn conninfo_value(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// The connection strings of the PL/Proxy cluster `name`: the partitions
+/// of its SQL/MED server (`CREATE SERVER name FOREIGN DATA WRAPPER
+/// plproxy OPTIONS (p0 '...', ...)`), with the user and password of the
+/// current user's mapping (or PUBLIC's), or else what its configuration
+/// function `plproxy.get_cluster_partitions(name)` returns.
+fn plproxy_partitions(name: &str) -> Vec<String> {
+    let found = Spi::connect(|client| -> pgrx::spi::SpiResult<Option<Vec<String>>> {
+        let server = client.select(
+            "SELECT s.srvoptions::text[] FROM pg_catalog.pg_foreign_server s \
+             JOIN pg_catalog.pg_foreign_data_wrapper w ON w.oid = s.srvfdw \
+             WHERE s.srvname = $1 AND w.fdwname = 'plproxy'",
+            Some(1),
+            &[name.into()],
+        )?;
+        if let Some(row) = server.into_iter().next() {
+            let options: Vec<String> = row.get(1)?.unwrap_or_default();
+            let mapping = client.select(
+                "SELECT m.umoptions::text[] FROM pg_catalog.pg_user_mappings m \
+                 WHERE m.srvname = $1 AND (m.umuser = 0 OR m.usename = current_user) \
+                 ORDER BY m.umuser = 0 LIMIT 1",
+                Some(1),
+                &[name.into()],
+            )?;
+            let mapping: Vec<String> = match mapping.into_iter().next() {
+                Some(row) => row.get(1)?.unwrap_or_default(),
+                None => Vec::new(),
+            };
+            let credentials: String = mapping
+                .iter()
+                .filter_map(|option| option.split_once('='))
+                .filter(|(key, _)| matches!(*key, "user" | "password"))
+                .map(|(key, value)| format!(" {key}={}", conninfo_value(value)))
+                .collect();
+            let mut partitions: Vec<(usize, String)> = options
+                .iter()
+                .filter_map(|option| option.split_once('='))
+                .filter_map(|(key, value)| {
+                    let number = key.strip_prefix('p')?.parse().ok()?;
+                    Some((number, format!("{value}{credentials}")))
+                })
+                .collect();
+            partitions.sort();
+            return Ok(Some(partitions.into_iter().map(|(_, c)| c).collect()));
+        }
+        let function = client.select(
+            "SELECT pg_catalog.to_regprocedure('plproxy.get_cluster_partitions(text)') IS NOT NULL",
+            Some(1),
+            &[],
+        )?;
+        if function.first().get_one::<bool>()? != Some(true) {
+            return Ok(None);
+        }
+        let rows = client.select(
+            "SELECT p::text FROM plproxy.get_cluster_partitions($1) p",
+            None,
+            &[name.into()],
+        )?;
+        let mut partitions = Vec::new();
+        for row in rows {
+            partitions.extend(row.get::<String>(1)?);
+        }
+        Ok(Some(partitions))
+    });
+    match found {
+        Ok(Some(partitions)) if !partitions.is_empty() => partitions,
+        Ok(_) => raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("there is no PL/Proxy cluster \"{name}\""),
+            Some("Define it as a server of the plproxy foreign data wrapper (CREATE SERVER ... FOREIGN DATA WRAPPER plproxy OPTIONS (p0 '...')), or with plproxy.get_cluster_partitions(), or pass nodes => ARRAY['connection string', ...]."),
+        ),
+        Err(e) => raise(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("reading the PL/Proxy cluster \"{name}\" failed: {e}"),
+            None,
+        ),
+    }
+}
+
+/// The session settings a node must share with the caller for its lines
+/// to be what `row_to_json` gives here: names, then values.
+const FORWARDED_SETTINGS: [&str; 4] = [
+    "TimeZone",
+    "IntervalStyle",
+    "extra_float_digits",
+    "bytea_output",
+];
+
+fn forwarded_settings() -> Vec<String> {
+    FORWARDED_SETTINGS
+        .iter()
+        .map(|name| {
+            crate::engine::scan::select_one::<String>(
+                "SELECT pg_catalog.current_setting($1)",
+                &[(*name).into()],
+            )
+            .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Wait until every node is connected (or raise `08001` naming the first
+/// that cannot be, once `timeout` passed for it).
+fn connect_all(nodes: &mut [Node], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut waiting = Vec::new();
+        for node in nodes.iter_mut() {
+            match node.link.poll_connect() {
+                Ok(true) => {}
+                Ok(false) => waiting.push(node.link.socket()),
+                Err(e) => raise(
+                    PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                    format!("could not connect to node {}: {}", node.label, e.message),
+                    Some("Check the node's connection string, and that the server is up and accepts the coordinator (pg_hba.conf, the server's password file or service file)."),
+                ),
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let node = nodes
+                .iter()
+                .find(|n| n.link.connecting())
+                .map_or_else(String::new, |n| n.label.clone());
+            raise(
+                PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                format!(
+                    "could not connect to node {node}: no connection after {} ms",
+                    timeout.as_millis()
+                ),
+                Some("Raise pg_stream_export.node_connect_timeout, or check that the node is reachable."),
+            );
+        }
+        wait_readable(&waiting, Duration::from_millis(10));
+        pgrx::check_for_interrupts!();
+    }
+}
+
+/// Send `sql` with `params` (from `params_of`) to every node in `which`
+/// and wait for all of them; the first error raises (the others are then
+/// cancelled by [`Run`]'s drop). Returns each node's rows.
+fn run_on(
+    run: &mut Run,
+    which: &[usize],
+    sql_of: &dyn Fn(&Node) -> String,
+    params_of: &dyn Fn(&Node) -> Vec<Option<String>>,
+    claim_check: &dyn Fn(),
+) -> Vec<crate::remote::Rows> {
+    run.answered = vec![false; run.nodes.len()];
+    for &index in which {
+        let node = &mut run.nodes[index];
+        let (sql, params) = (sql_of(node), params_of(node));
+        let params: Vec<Option<&str>> = params.iter().map(|p| p.as_deref()).collect();
+        if let Err(e) = node.link.send(&sql, &params) {
+            raise_node_error(&node.label, e);
+        }
+    }
+    let mut results: Vec<Option<crate::remote::Rows>> = vec![None; which.len()];
+    loop {
+        let mut sockets = Vec::new();
+        for (slot, &index) in which.iter().enumerate() {
+            if results[slot].is_some() {
+                continue;
+            }
+            let node = &mut run.nodes[index];
+            match node.link.poll_result() {
+                Ok(Some(rows)) => {
+                    run.answered[index] = true;
+                    results[slot] = Some(rows);
+                }
+                Ok(None) => sockets.push(node.link.socket()),
+                Err(e) => {
+                    let label = node.label.clone();
+                    raise_node_error(&label, e)
+                }
+            }
+        }
+        if sockets.is_empty() {
+            return results.into_iter().map(Option::unwrap_or_default).collect();
+        }
+        claim_check();
+        wait_readable(&sockets, POLL);
+        // A cancel or statement_timeout is raised here; the drop of `run`
+        // stops the nodes.
+        pgrx::check_for_interrupts!();
+    }
+}
+
+/// The node's id: `pg_stream_export.node_id`, else `cluster_name`.
+fn node_id_of(label: &str, setting: Option<&str>, cluster_name: Option<&str>) -> String {
+    let id = setting
+        .filter(|s| !s.is_empty())
+        .or(cluster_name.filter(|s| !s.is_empty()));
+    let Some(id) = id else {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("node {label} has no node id"),
+            Some("Set pg_stream_export.node_id (or cluster_name) on every node: ALTER SYSTEM SET pg_stream_export.node_id = 'a'; SELECT pg_reload_conf();"),
+        );
+    };
+    if let Some(problem) = node_id_problem(id) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("node {label} has the node id \"{id}\", which cannot name a directory"),
+            Some(problem),
+        );
+    }
+    id.to_owned()
+}
+
+/// A node's export as its manifest records it, checked against the
+/// request; `None` when it is not one this call can reuse.
+fn node_export_of(
+    id: &str,
+    bytes: &[u8],
+    request: &ClusterRequest<'_>,
+    reused: bool,
+) -> Option<(NodeExport, Vec<NodePart>)> {
+    let manifest: Value = serde_json::from_slice(bytes).ok()?;
+    let matches = manifest["consistency"] == "snapshot"
+        && manifest["key"] == request.key
+        && manifest["compression"] == request.options.compression.to_string();
+    if !matches {
+        return None;
+    }
+    let directory = node_directory(id);
+    let parts: Vec<NodePart> = manifest["parts"]
+        .as_array()?
+        .iter()
+        .map(|part| NodePart {
+            node: id.to_owned(),
+            file: format!("{directory}{}", part["file"].as_str().unwrap_or("")),
+            rows: part["rows"].as_u64().unwrap_or(0),
+            bytes: part["bytes"].as_u64().unwrap_or(0),
+            file_bytes: part["file_bytes"].as_u64().unwrap_or(0),
+            crc32: part["crc32"].as_str().unwrap_or("").to_owned(),
+        })
+        .collect();
+    let text = |field: &str| manifest[field].as_str().unwrap_or("").to_owned();
+    let total = |field: &str| manifest["totals"][field].as_u64().unwrap_or(0);
+    Some((
+        NodeExport {
+            node: id.to_owned(),
+            manifest: format!("{directory}{MANIFEST}"),
+            directory,
+            manifest_bytes: bytes.len() as u64,
+            manifest_crc32: format!("{:08x}", crc32fast::hash(bytes)),
+            export_id: text("export_id"),
+            snapshot: text("snapshot"),
+            snapshot_time: text("snapshot_time"),
+            partitions: parts.len(),
+            rows: total("rows"),
+            bytes: total("bytes"),
+            file_bytes: total("file_bytes"),
+            reused,
+        },
+        parts,
+    ))
+}
+
+fn now_text() -> String {
+    crate::engine::scan::select_one::<String>(
+        "SELECT pg_catalog.to_char(pg_catalog.clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+        &[],
+    )
+    .unwrap_or_default()
+}
+
+/// Export `request.source` from every node into `destination` (an object
+/// prefix), then write the manifest of manifests. Returns each node's
+/// part, in the order the nodes were given.
+pub fn export_cluster(
+    destination: &str,
+    nodes: Nodes<'_>,
+    request: &ClusterRequest<'_>,
+) -> Vec<NodeOutcome> {
+    let top = ExportDirectory::open(destination);
+    if matches!(top, ExportDirectory::Server(_)) {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "a cluster export writes to object storage",
+            Some("Give an s3:// prefix that every node and the coordinator can reach."),
+        );
+    }
+    let mut conninfos = match nodes {
+        Nodes::Connections(list) => list,
+        Nodes::PlProxy(name) => plproxy_partitions(name),
+    };
+    // A PL/Proxy cluster has a power of two partitions: one node may be
+    // listed more than once.
+    let mut seen = std::collections::HashSet::new();
+    conninfos.retain(|c| seen.insert(c.clone()));
+    let settings = forwarded_settings();
+    let export_id = new_export_id();
+    let started_at = now_text();
+    // Held until the manifest of manifests is in place: one cluster export
+    // per prefix, and none where one finished unless `overwrite`.
+    let claim = top.claim_manifest(request.overwrite, &export_id);
+    let claim_check = || top.check_claim(&claim);
+
+    let count = conninfos.len();
+    let mut run = Run {
+        nodes: Vec::with_capacity(count),
+        exporting: Vec::new(),
+        answered: Vec::new(),
+        export_id: export_id.clone(),
+        armed: true,
+    };
+    for (index, conninfo) in conninfos.iter().enumerate() {
+        let label = format!("#{} of {count}", index + 1);
+        match Link::start(conninfo, APPLICATION_NAME) {
+            Ok(link) => run.nodes.push(Node {
+                label,
+                link,
+                id: String::new(),
+                schema: String::new(),
+            }),
+            Err(e) => raise(
+                PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                format!("could not connect to node {label}: {}", e.message),
+                None,
+            ),
+        }
+    }
+    connect_all(&mut run.nodes, crate::gucs::node_connect_timeout());
+
+    // Who each node is, in which schema it has the extension; and the
+    // caller's settings that change the lines.
+    let all: Vec<usize> = (0..count).collect();
+    let described = run_on(
+        &mut run,
+        &all,
+        &|_| {
+            "SELECT n.nspname::text, e.extversion::text, \
+               pg_catalog.current_setting('pg_stream_export.node_id', true), \
+               pg_catalog.current_setting('cluster_name'), \
+               pg_catalog.set_config('TimeZone', $1, false), \
+               pg_catalog.set_config('IntervalStyle', $2, false), \
+               pg_catalog.set_config('extra_float_digits', $3, false), \
+               pg_catalog.set_config('bytea_output', $4, false) \
+             FROM pg_catalog.pg_extension e \
+             JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
+             WHERE e.extname = 'pg_stream_export'"
+                .to_owned()
+        },
+        &|_| settings.iter().cloned().map(Some).collect(),
+        &claim_check,
+    );
+    let version = env!("CARGO_PKG_VERSION");
+    for (node, rows) in run.nodes.iter_mut().zip(described) {
+        let Some(row) = rows.into_iter().next() else {
+            raise(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+                format!(
+                    "node {}: extension \"pg_stream_export\" is not installed in its database",
+                    node.label
+                ),
+                Some("CREATE EXTENSION pg_stream_export on every node, in the database the connection string names."),
+            );
+        };
+        let field = |i: usize| row.get(i).cloned().flatten();
+        if field(1).as_deref() != Some(version) {
+            raise(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!(
+                    "node {} has pg_stream_export {}, the coordinator {version}",
+                    node.label,
+                    field(1).unwrap_or_default()
+                ),
+                Some("Install the same version everywhere, then ALTER EXTENSION pg_stream_export UPDATE on each node."),
+            );
+        }
+        node.id = node_id_of(&node.label, field(2).as_deref(), field(3).as_deref());
+        node.label = format!("\"{}\"", node.id);
+        node.schema = field(0).unwrap_or_default();
+    }
+    let mut ids = std::collections::HashSet::new();
+    for node in &run.nodes {
+        if !ids.insert(node.id.clone()) {
+            raise(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                format!("two nodes have the node id \"{}\"", node.id),
+                Some("Every node needs its own pg_stream_export.node_id (or cluster_name); list each node once."),
+            );
+        }
+    }
+
+    // Reuse the node exports an earlier call with the same request left
+    // complete; export the others.
+    let asked = json!({
+        "pg_stream_export_cluster": 1,
+        "source": request.source,
+        "key": request.key,
+        "compression": request.options.compression.to_string(),
+        "compression_level": request.options.compression_level,
+        "partitions_per_node": request.partitions_per_node,
+    });
+    let same_request = !request.overwrite
+        && top
+            .read_small(CLUSTER_REQUEST)
+            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            .is_some_and(|earlier| earlier == asked);
+    top.write_small(CLUSTER_REQUEST, (asked.to_string() + "\n").as_bytes());
+    let mut finished: Vec<Option<(NodeExport, Vec<NodePart>)>> = vec![None; count];
+    let mut to_export = Vec::new();
+    for (index, node) in run.nodes.iter().enumerate() {
+        let Some(directory) = top.child(&format!("node-{}", node.id)) else {
+            continue;
+        };
+        if same_request {
+            let reusable = directory.read_small(MANIFEST).and_then(|bytes| {
+                let export = node_export_of(&node.id, &bytes, request, true)?;
+                let (ok, ..) = crate::run::verify_directory(&directory, &mut || {
+                    pgrx::check_for_interrupts!();
+                });
+                ok.then_some(export)
+            });
+            if let Some(export) = reusable {
+                finished[index] = Some(export);
+                continue;
+            }
+        }
+        to_export.push(index);
+        run.exporting.push((index, directory));
+    }
+
+    let level = request.compression_level.map(|l| l.to_string());
+    let partitions = request.partitions_per_node.to_string();
+    let results = run_on(
+        &mut run,
+        &to_export,
+        &|node| {
+            format!(
+                "SELECT partitions, rows, bytes, file_bytes FROM {}.stream_export_cluster_node($1, $2, $3, $4::integer, $5, $6::integer, $7, $8)",
+                quote_identifier(&node.schema)
+            )
+        },
+        &|node| {
+            let directory = top
+                .child(&format!("node-{}", node.id))
+                .map(|d| d.describe());
+            vec![
+                Some(request.source.to_owned()),
+                directory,
+                Some(request.key.to_owned()),
+                Some(partitions.clone()),
+                Some(request.compression.to_owned()),
+                level.clone(),
+                request.profile.map(str::to_owned),
+                Some(export_id.clone()),
+            ]
+        },
+        &claim_check,
+    );
+    drop(results);
+    for &index in &to_export {
+        let node = &run.nodes[index];
+        let directory = top.child(&format!("node-{}", node.id));
+        let bytes = directory.and_then(|d| d.read_small(MANIFEST));
+        let export = bytes
+            .as_deref()
+            .and_then(|b| node_export_of(&node.id, b, request, false))
+            .filter(|(export, _)| export.export_id == export_id);
+        let Some(export) = export else {
+            raise(
+                PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                format!(
+                    "node {}: its manifest is not the one its export just wrote",
+                    node.label
+                ),
+                Some("Another export may have written into the node's directory; export again."),
+            );
+        };
+        finished[index] = Some(export);
+    }
+
+    // The manifest of manifests: the commit point.
+    let finished: Vec<(NodeExport, Vec<NodePart>)> = finished.into_iter().flatten().collect();
+    let mut totals = Totals {
+        nodes: Some(finished.len()),
+        partitions: Some(finished.iter().map(|(n, _)| n.partitions).sum()),
+        ..Totals::default()
+    };
+    for (node, _) in &finished {
+        totals.rows += node.rows;
+        totals.bytes += node.bytes;
+        totals.file_bytes += node.file_bytes;
+    }
+    let export = ClusterExport {
+        consistency: Consistency::PerNode,
+        export_id: export_id.clone(),
+        source: request.source.to_owned(),
+        key: request.key.to_owned(),
+        compression: request.options.compression.to_string(),
+        compression_level: request.options.compression_level,
+        partitions_per_node: request.partitions_per_node,
+        started_at,
+        finished_at: now_text(),
+        nodes: finished.iter().map(|(n, _)| n.clone()).collect(),
+    };
+    let parts = finished
+        .iter()
+        .flat_map(|(_, parts)| parts.iter().cloned().map(Ok));
+    let mut parts = Some(parts);
+    top.commit_manifest(claim, &export_id, request.overwrite, &mut |out| {
+        let parts = parts.take().into_iter().flatten();
+        write_manifest(out, &export, &totals, parts)
+    });
+    run.armed = false;
+    finished
+        .into_iter()
+        .map(|(node, _)| NodeOutcome {
+            directory: format!("{}{}", top.describe(), node.directory),
+            node: node.node,
+            reused: node.reused,
+            partitions: node.partitions as i32,
+            rows: node.rows as i64,
+            bytes: node.bytes as i64,
+            file_bytes: node.file_bytes as i64,
+        })
+        .collect()
+}
+
+/// A node's part of a cluster export: a directory export of `source`
+/// under the coordinator's export id.
+#[allow(clippy::too_many_arguments)]
+pub fn export_node(
+    source: &str,
+    directory: &str,
+    key: &str,
+    partitions: usize,
+    options: &ExportOptions,
+    export_id: &str,
+) -> crate::run::parallel::DirectoryTotals {
+    let valid_id = export_id.len() == 12 && export_id.bytes().all(|b| b.is_ascii_hexdigit());
+    if !valid_id {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid export id \"{export_id}\""),
+            Some("stream_export_cluster_node is called by stream_export_cluster with an id of 12 hexadecimal digits."),
+        );
+    }
+    let dir = ExportDirectory::open(directory);
+    crate::run::parallel::export_partitioned(
+        source,
+        &dir,
+        key,
+        partitions,
+        options,
+        partitions,
+        true,
+        Some(export_id.to_owned()),
+    )
+}

@@ -1,0 +1,429 @@
+"""Cluster exports: one table sharded over two data nodes, exported by a
+coordinator into one S3 prefix (SeaweedFS, which checks signatures). Three
+throwaway clusters on loopback, started and always stopped here: the
+coordinator (with PL/Proxy where it is packaged) and nodes "a" and "b"
+(pg_stream_export.node_id). The nodes are reached as a plain role, so a
+row security policy can stop a node's export workers at a gate.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import duckdb
+import psycopg
+import pytest
+from psycopg import errors
+
+from conftest import PG_BIN, _sharedir, crashes_in, start_cluster, stop_cluster
+from helpers import oracle_lines, run_in_thread, sqlstate_of, wait_for_server, wait_until
+from stores import free_port, start_store
+
+BUCKET = "cluster"
+SECRET = "s3cr3t-" + secrets.token_hex(12)
+HAS_PLPROXY = (_sharedir() / "extension" / "plproxy.control").exists()
+ROWS_PER_NODE = 20_000
+NODE_ROLE = "shard_reader"
+
+# Every built-in type family the encoder treats apart, with awkward values.
+SHARD_TABLE = """
+CREATE TABLE events (
+    id bigint PRIMARY KEY,
+    t text, n numeric, f float8, rl real, b boolean, ts timestamptz, tsn timestamp,
+    d date, iv interval, j jsonb, arr int[], by bytea, u uuid, ip inet, m money
+);
+INSERT INTO events
+SELECT g, CASE WHEN g % 5 = 0 THEN NULL ELSE 'é "q" \\ ' || chr(9) || md5(g::text) || ' ☃' END,
+       g * 1.000001, g / 7.0, (g / 3.0)::real, g % 2 = 0,
+       timestamptz '2001-02-03 04:05:06.789+00' + g * interval '37 minutes',
+       timestamp '1999-12-31 23:59:59' + g * interval '1 second',
+       date '2020-02-29' + (g % 1000), g * interval '1 day 3 hours 4.5 seconds',
+       jsonb_build_object('g', g, 'nested', jsonb_build_array(g, 'x', NULL)),
+       ARRAY[g, -g, NULL], decode(md5(g::text), 'hex'), md5(g::text)::uuid,
+       ('10.0.' || (g % 250) || '.1')::inet, (g % 1000)::money
+FROM generate_series(FIRST, LAST, 2) g;
+ANALYZE events;
+"""
+
+# Stops a node's export workers (not its leader, which samples the key)
+# at the row `gate_id` while the test holds advisory lock 4400.
+GATE = """
+CREATE FUNCTION worker_gate(id bigint) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+  IF id = GATE_ID AND (SELECT backend_type FROM pg_stat_activity WHERE pid = pg_backend_pid())
+                 = 'pg_stream_export' THEN
+    PERFORM pg_advisory_xact_lock_shared(4400);
+  END IF;
+  RETURN true;
+END $$;
+ALTER TABLE events ENABLE ROW LEVEL SECURITY;
+CREATE POLICY gate ON events USING (worker_gate(id));
+"""
+
+
+@pytest.fixture(scope="module")
+def aws_dir():
+    path = Path(tempfile.mkdtemp(prefix="pse-aws.", dir="/tmp"))
+    path.chmod(0o755)
+    for name in ("config", "credentials"):
+        (path / name).write_text("")
+        (path / name).chmod(0o644)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def store(aws_dir):
+    s = start_store("seaweedfs", aws_dir, "main", "testing", SECRET)
+    try:
+        s.client().create_bucket(Bucket=BUCKET)
+        yield s
+    finally:
+        s.stop()
+
+
+def environment(store) -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": store.endpoint,
+        "AWS_ALLOW_HTTP": "true",
+    }
+
+
+@pytest.fixture(scope="module")
+def shards(store):
+    """The coordinator and nodes a (even ids) and b (odd ids)."""
+    servers = {}
+    try:
+        servers["coordinator"] = start_cluster("pg_stream_export", environment=environment(store))
+        for node, first in (("a", 2), ("b", 1)):
+            srv = start_cluster("pg_stream_export", environment=environment(store),
+                                settings={"pg_stream_export.node_id": node})
+            servers[node] = srv
+            with srv.connect() as c:
+                c.execute(SHARD_TABLE.replace("FIRST", str(first)).replace("LAST", str(2 * ROWS_PER_NODE)))
+                c.execute(GATE.replace("GATE_ID", str(first + 2 * (ROWS_PER_NODE // 2))))
+                c.execute(f"CREATE ROLE {NODE_ROLE} LOGIN IN ROLE stream_export_object_store_write")
+                c.execute(f"GRANT SELECT ON events TO {NODE_ROLE}")
+        yield servers
+    finally:
+        crashed = []
+        for srv in servers.values():
+            crashed += crashes_in(stop_cluster(srv))
+        assert not crashed, "\n".join(crashed)
+
+
+def dsn(srv) -> str:
+    return srv.dsn(user=NODE_ROLE)
+
+
+@pytest.fixture
+def coordinator(shards):
+    with shards["coordinator"].connect() as c:
+        yield c
+
+
+def objects(store, prefix: str) -> list[str]:
+    listing = store.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+def get(store, key: str) -> bytes:
+    return store.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def open_uploads(store) -> list:
+    return store.client().list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+
+
+def export(conn, prefix: str, shards, **options):
+    args = "".join(f", {k} => %({k})s" for k in options)
+    return conn.execute(
+        f"SELECT node, reused, partitions, rows FROM stream_export_cluster('events', 's3://{BUCKET}/{prefix}',"
+        f" 'id', nodes => %(nodes)s{args}) ORDER BY node",
+        {"nodes": [dsn(shards["a"]), dsn(shards["b"])], **options}).fetchall()
+
+
+def record_lines(data: bytes) -> list[str]:
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    lines = data.decode().splitlines()
+    assert lines[-1].startswith('{"_stream_export":')
+    return lines[:-1]
+
+
+def exported_lines(store, prefix: str) -> dict[str, list[str]]:
+    """Each node's record lines, read through the manifest of manifests."""
+    manifest = json.loads(get(store, f"{prefix}manifest.json"))
+    lines: dict[str, list[str]] = {}
+    for part in manifest["parts"]:
+        lines.setdefault(part["node"], []).extend(record_lines(get(store, prefix + part["file"])))
+    return lines
+
+
+def no_leftovers(store, prefix: str) -> None:
+    """Every part object under the prefix is listed by a node manifest, and
+    no upload is open."""
+    listed = set()
+    for key in objects(store, prefix):
+        if key.endswith("/manifest.json"):
+            directory = key[: -len("manifest.json")]
+            listed |= {directory + p["file"] for p in json.loads(get(store, key))["parts"]}
+    parts = {k for k in objects(store, prefix) if "/part-" in k}
+    assert parts <= listed, parts - listed
+    assert open_uploads(store) == []
+
+
+SETTINGS = "SET TimeZone = 'Asia/Kathmandu'; SET IntervalStyle = 'iso_8601'; SET extra_float_digits = 0; SET bytea_output = 'escape'"
+
+
+def oracle(shards, node: str) -> list[str]:
+    with shards[node].connect() as c:
+        c.execute(SETTINGS)
+        return oracle_lines(c, "SELECT * FROM events ORDER BY id")
+
+
+def test_every_line_of_every_node_under_the_callers_settings(coordinator, shards, store):
+    coordinator.execute(SETTINGS)
+    rows = export(coordinator, "full/", shards, partitions_per_node=2, compression="gzip")
+    assert rows == [("a", False, 2, ROWS_PER_NODE), ("b", False, 2, ROWS_PER_NODE)]
+    manifest = json.loads(get(store, "full/manifest.json"))
+    assert manifest["consistency"] == "per_node"
+    assert manifest["totals"]["rows"] == 2 * ROWS_PER_NODE and manifest["totals"]["nodes"] == 2
+    for node in manifest["nodes"]:
+        assert node["directory"] == f"node-{node['node']}/" and node["snapshot"] and node["manifest_crc32"]
+        assert node["export_id"] == manifest["export_id"]
+    lines = exported_lines(store, "full/")
+    for node in ("a", "b"):
+        assert sorted(lines[node], key=lambda l: json.loads(l)["id"]) == oracle(shards, node)
+    assert coordinator.execute(
+        f"SELECT ok, parts, rows FROM stream_export_verify_manifest('s3://{BUCKET}/full/')").fetchone() \
+        == (True, 4, 2 * ROWS_PER_NODE)
+    # Finished: the same call again is refused, overwrite replaces it.
+    assert sqlstate_of(coordinator, "SELECT * FROM stream_export_cluster('events', %s, 'id', nodes => %s)",
+                       [f"s3://{BUCKET}/full/", [dsn(shards["a"])]]) == "58P02"
+    no_leftovers(store, "full/")
+
+
+def test_duckdb_reads_the_parts_the_manifest_lists(coordinator, shards, store, tmp_path):
+    export(coordinator, "duck/", shards, compression="zstd")
+    manifest = json.loads(get(store, "duck/manifest.json"))
+    files = []
+    for part in manifest["parts"]:
+        local = tmp_path / part["file"].replace("/", "_")
+        local.write_bytes(get(store, "duck/" + part["file"]))
+        files.append(str(local))
+    db = duckdb.connect()
+    count, ids, total = db.execute(
+        "SELECT count(*), count(DISTINCT id), sum(id) FROM read_json(?, format = 'newline_delimited')"
+        " WHERE id IS NOT NULL", [files]).fetchone()
+    n = 2 * ROWS_PER_NODE
+    assert (count, ids, total) == (n, n, n * (n + 1) // 2)
+
+
+def test_verify_finds_a_damaged_part_and_a_replaced_node_manifest(coordinator, shards, store):
+    export(coordinator, "damage/", shards)
+    manifest = json.loads(get(store, "damage/manifest.json"))
+    part = next(p for p in manifest["parts"] if p["node"] == "b")
+    good = get(store, "damage/" + part["file"])
+    bad = bytearray(good)
+    bad[100] ^= 0x01
+    client = store.client()
+    client.put_object(Bucket=BUCKET, Key="damage/" + part["file"], Body=bytes(bad))
+    ok, _, _, detail = coordinator.execute(
+        f"SELECT * FROM stream_export_verify_manifest('s3://{BUCKET}/damage/')").fetchone()
+    assert not ok and detail.startswith("node b:"), detail
+    client.put_object(Bucket=BUCKET, Key="damage/" + part["file"], Body=good)
+    node_manifest = get(store, "damage/node-a/manifest.json")
+    client.put_object(Bucket=BUCKET, Key="damage/node-a/manifest.json", Body=node_manifest + b" ")
+    ok, _, _, detail = coordinator.execute(
+        f"SELECT * FROM stream_export_verify_manifest('s3://{BUCKET}/damage/')").fetchone()
+    assert not ok and "node a:" in detail and "manifest" in detail, detail
+    # Without the top-level manifest, the same call resumes: node a's
+    # export still verifies on its own and is reused (and recorded as it
+    # is now); node b's damaged part makes node b export again.
+    client.put_object(Bucket=BUCKET, Key="damage/" + part["file"], Body=bytes(bad))
+    client.delete_object(Bucket=BUCKET, Key="damage/manifest.json")
+    rows = export(coordinator, "damage/", shards)
+    assert [(r[0], r[1]) for r in rows] == [("a", True), ("b", False)]
+    assert coordinator.execute(
+        f"SELECT ok FROM stream_export_verify_manifest('s3://{BUCKET}/damage/')").fetchone() == (True,)
+    no_leftovers(store, "damage/")
+
+
+def test_an_unreachable_node_fails_before_anything_is_written(coordinator, shards, store):
+    closed = f"host=127.0.0.1 port={free_port()} dbname=e2e user={NODE_ROLE}"
+    with pytest.raises(errors.SqlclientUnableToEstablishSqlconnection) as failure:
+        coordinator.execute("SELECT * FROM stream_export_cluster('events', %s, 'id', nodes => %s)",
+                            [f"s3://{BUCKET}/unreachable/", [dsn(shards["a"]), closed]])
+    assert "node #2 of 2" in str(failure.value)
+    assert [k for k in objects(store, "unreachable/") if "part-" in k or k.endswith("manifest.json")] == []
+
+
+def test_a_node_error_names_the_node_and_leaves_no_top_manifest(coordinator, shards, store):
+    with pytest.raises(errors.UndefinedTable) as failure:
+        coordinator.execute("SELECT * FROM stream_export_cluster('no_such_table', %s, 'id', nodes => %s)",
+                            [f"s3://{BUCKET}/missing/", [dsn(shards["a"]), dsn(shards["b"])]])
+    assert str(failure.value).startswith("node ")
+    assert "missing/manifest.json" not in objects(store, "missing/")
+    no_leftovers(store, "missing/")
+
+
+class Gate:
+    """Advisory lock 4400 on a node, which stops its export workers."""
+
+    def __init__(self, srv):
+        self.conn = srv.connect()
+        self.conn.execute("SELECT pg_advisory_lock(4400)")
+
+    def wait_for_exporter(self):
+        wait_until(lambda: self.conn.execute(
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4400 AND NOT granted").fetchone())
+
+    def release(self):
+        self.conn.execute("SELECT pg_advisory_unlock_all()")
+        self.conn.close()
+
+
+def node_exporting(srv) -> bool:
+    """Is a node export (its leader, a client backend) still running?"""
+    with srv.connect() as c:
+        return bool(c.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE usename = %s AND backend_type = 'client backend'"
+            " AND state = 'active'", [NODE_ROLE]).fetchone())
+
+
+@pytest.mark.parametrize("how", ["cancel", "statement_timeout"])
+def test_cancel_on_the_coordinator_stops_every_node(shards, store, how):
+    prefix = f"cancel-{how}/"
+    gate = Gate(shards["b"])
+    coordinator = shards["coordinator"].connect()
+    try:
+        if how == "statement_timeout":
+            coordinator.execute("SET statement_timeout = '3s'")
+        thread, result = run_in_thread(lambda: export(coordinator, prefix, shards, partitions_per_node=2))
+        gate.wait_for_exporter()
+        if how == "cancel":
+            with shards["coordinator"].connect() as c:
+                c.execute("SELECT pg_cancel_backend(%s)", [coordinator.info.backend_pid])
+        thread.join()
+        assert isinstance(result.get("error"), errors.QueryCanceled), result
+        # The nodes' exports ended before the coordinator returned (their
+        # workers are stopped by then, and exit on their own).
+        assert not node_exporting(shards["b"]) and not node_exporting(shards["a"])
+        wait_until(lambda: not shards["b"].connect().execute(
+            "SELECT 1 FROM pg_stat_activity WHERE usename = %s", [NODE_ROLE]).fetchone())
+        assert f"{prefix}manifest.json" not in objects(store, prefix)
+        assert [k for k in objects(store, prefix + "node-b/") if "part-" in k or "lease" in k] == []
+        no_leftovers(store, prefix)
+    finally:
+        gate.release()
+        coordinator.close()
+
+
+def test_a_node_killed_mid_export_then_resume_exports_only_that_node(shards, store):
+    prefix = "killed/"
+    gate = Gate(shards["b"])
+    coordinator = shards["coordinator"].connect()
+    try:
+        thread, result = run_in_thread(lambda: export(coordinator, prefix, shards, partitions_per_node=2,
+                                                      compression="gzip"))
+        gate.wait_for_exporter()
+        # Node a finishes; node b's leader is killed while its workers wait.
+        wait_until(lambda: f"{prefix}node-a/manifest.json" in objects(store, prefix + "node-a/"))
+        wait_until(lambda: [k for k in objects(store, prefix + "node-b/") if "part-" in k]
+                   or open_uploads(store))
+        leader = gate.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE usename = %s AND backend_type = 'client backend'"
+            " AND query LIKE '%%stream_export_cluster_node%%'", [NODE_ROLE]).fetchone()[0]
+        os.kill(leader, signal.SIGKILL)
+        thread.join()
+        error = result.get("error")
+        assert isinstance(error, psycopg.Error) and error.sqlstate.startswith(("08", "57P")), result
+        assert "node b" in str(error) or '"b"' in str(error), error
+    finally:
+        try:
+            gate.release()
+        except psycopg.Error:
+            pass
+        coordinator.close()
+    wait_for_server(shards["b"])
+    assert f"{prefix}manifest.json" not in objects(store, prefix)
+    assert [k for k in objects(store, prefix + "node-b/") if "part-" in k or "lease" in k] == []
+    assert open_uploads(store) == []
+    with shards["coordinator"].connect() as c:
+        rows = export(c, prefix, shards, partitions_per_node=2, compression="gzip")
+        assert [(r[0], r[1], r[3]) for r in rows] == [("a", True, ROWS_PER_NODE), ("b", False, ROWS_PER_NODE)]
+        assert c.execute(f"SELECT ok FROM stream_export_verify_manifest('s3://{BUCKET}/{prefix}')").fetchone() \
+            == (True,)
+    lines = exported_lines(store, prefix)
+    for node in ("a", "b"):
+        with shards[node].connect() as c:
+            assert sorted(lines[node], key=lambda l: json.loads(l)["id"]) == \
+                oracle_lines(c, "SELECT * FROM events ORDER BY id")
+    no_leftovers(store, prefix)
+
+
+def test_argument_and_privilege_errors(coordinator, shards):
+    a, b = dsn(shards["a"]), dsn(shards["b"])
+    cases = [
+        ("SELECT * FROM stream_export_cluster('events', 's3://cluster/e/', 'id')", None, "22023"),
+        ("SELECT * FROM stream_export_cluster('events', 's3://cluster/e/', 'id', nodes => %s, cluster => 'x')",
+         [[a]], "22023"),
+        ("SELECT * FROM stream_export_cluster('events', 's3://cluster/e/', 'id', nodes => %s)", [[a, a + " "]],
+         "42710"),
+        ("SELECT * FROM stream_export_cluster('events', '/tmp', 'id', nodes => %s)", [[a]], "0A000"),
+        ("SELECT * FROM stream_export_cluster('events', 's3://cluster/e/', 'id', cluster => 'nope')", None,
+         "42704"),
+        ("SELECT * FROM stream_export_cluster('events', 's3://cluster/e/', 'id', nodes => %s,"
+         " partitions_per_node => 0)", [[a]], "22023"),
+        ("SELECT * FROM stream_export_cluster(NULL, 's3://cluster/e/', 'id', nodes => %s)", [[b]], "22004"),
+        # The coordinator's own database has no node id.
+        ("SELECT * FROM stream_export_cluster('events', 's3://cluster/e/', 'id', nodes => %s)",
+         [[shards["coordinator"].dsn()]], "55000"),
+    ]
+    for sql, params, expected in cases:
+        assert sqlstate_of(coordinator, sql, params) == expected, sql
+    coordinator.execute("CREATE ROLE cluster_plain LOGIN")
+    try:
+        with psycopg.connect(shards["coordinator"].dsn(user="cluster_plain"), autocommit=True) as plain:
+            assert sqlstate_of(plain, "SELECT * FROM stream_export_cluster('events', 's3://cluster/e/', 'id',"
+                                      " nodes => %s)", [[a]]) == "42501"
+    finally:
+        coordinator.execute("DROP ROLE cluster_plain")
+
+
+@pytest.mark.skipif(not HAS_PLPROXY, reason="PL/Proxy is packaged for PostgreSQL 15 only")
+def test_a_plproxy_cluster(coordinator, shards, store):
+    coordinator.execute("CREATE EXTENSION IF NOT EXISTS plproxy")
+    coordinator.execute(
+        "CREATE SERVER shards FOREIGN DATA WRAPPER plproxy OPTIONS (p0 %s, p1 %s)"
+        % tuple("'" + f"host=127.0.0.1 port={shards[n].port} dbname=e2e" + "'" for n in ("a", "b")))
+    coordinator.execute(f"CREATE USER MAPPING FOR PUBLIC SERVER shards OPTIONS (user '{NODE_ROLE}')")
+    try:
+        # The same cluster serves PL/Proxy's own RUN ON ALL functions.
+        coordinator.execute("""
+            CREATE FUNCTION shard_rows() RETURNS SETOF bigint LANGUAGE plproxy AS $$
+                CLUSTER 'shards'; RUN ON ALL; SELECT count(*) FROM events; $$""")
+        assert sorted(r[0] for r in coordinator.execute("SELECT shard_rows()")) == [ROWS_PER_NODE] * 2
+        rows = coordinator.execute(
+            f"SELECT node, rows FROM stream_export_cluster('events', 's3://{BUCKET}/plproxy/', 'id',"
+            " cluster => 'shards') ORDER BY node").fetchall()
+        assert rows == [("a", ROWS_PER_NODE), ("b", ROWS_PER_NODE)]
+        lines = exported_lines(store, "plproxy/")
+        for node in ("a", "b"):
+            with shards[node].connect() as c:
+                assert sorted(lines[node], key=lambda l: json.loads(l)["id"]) == \
+                    oracle_lines(c, "SELECT * FROM events ORDER BY id")
+    finally:
+        coordinator.execute("DROP FUNCTION IF EXISTS shard_rows()")
+        coordinator.execute("DROP SERVER shards CASCADE")
