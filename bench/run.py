@@ -11,6 +11,7 @@ Invoked by scripts/bench.sh, which builds, installs and starts the server.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import gzip
 import hashlib
@@ -90,6 +91,9 @@ class Method:
     # `output` for the byte comparison.
     object_key: str = ""
     store: str = ""
+    # Set for directory and cluster exports to a prefix: checked with
+    # stream_export_verify_manifest instead of read back.
+    prefix: str = ""
 
 
 class Context:
@@ -212,6 +216,31 @@ def object_methods(store: str, label: str) -> list[Method]:
     return found
 
 
+def cluster_methods(ctx: Context) -> list[Method]:
+    """A cluster export of the whole table from one node (this database,
+    node "all"), from two nodes with half the rows each (databases
+    shard_a and shard_b of this server), and the directory export it runs
+    on each node, alone: the coordinator's overhead is the difference."""
+    port = ctx.conn.info.port
+    node = "host=127.0.0.1 port={port} user=postgres dbname={db}"
+    one = [node.format(port=port, db="postgres")]
+    two = [node.format(port=port, db=f"shard_{n}") for n in ("a", "b")]
+    found = [Method(
+        "prefix_zstd_1", "stream_export_to_directory, zstd -3, 1 partition, to S3 (local SeaweedFS)", "",
+        "zstd", False, sql_method("SELECT * FROM stream_export_to_directory('events', 's3://bench/prefix/', "
+                                  "'id', 1, compression => 'zstd', overwrite => true)"),
+        store="seaweedfs", prefix="s3://bench/prefix/")]
+    for name, label, nodes in (("cluster_1_node", "1 node, all rows", one),
+                               ("cluster_2_nodes", "2 nodes, half the rows each", two)):
+        array = "ARRAY[" + ", ".join(f"'{n}'" for n in nodes) + "]"
+        found.append(Method(
+            name, f"stream_export_cluster, zstd -3, {label}, to S3 (local SeaweedFS)", "", "zstd", False,
+            sql_method(f"SELECT * FROM stream_export_cluster('events', 's3://bench/{name}/', 'id', "
+                       f"nodes => {array}, compression => 'zstd', overwrite => true)"),
+            store="seaweedfs", prefix=f"s3://bench/{name}/"))
+    return found
+
+
 def copy_ndjson_available(ctx: Context) -> bool:
     try:
         ctx.conn.execute("LOAD 'pg_stream_export'")
@@ -265,6 +294,7 @@ def methods(ctx: Context) -> list[Method]:
                           "compression => 'zstd', overwrite => true)")),
         *object_methods("moto", "local moto"),
         *object_methods("seaweedfs", "local SeaweedFS"),
+        *cluster_methods(ctx),
         Method("chunked", "CALL stream_export_chunked, plain, default chunk_rows", "chunked", "none", False,
                sql_method("CALL stream_export_chunked('events', '{out}', 'id', overwrite => true)")),
         Method("stream_export_psql", "stream_export read by psql into a file", "stream_export.ndjson", "none", True,
@@ -290,6 +320,11 @@ def methods(ctx: Context) -> list[Method]:
         ]
     else:
         print("note: COPY ... (FORMAT ndjson) is not available yet; that method is skipped")
+    only = os.environ.get("BENCH_ONLY")
+    if only:
+        # The baseline and the reference always run.
+        wanted = {"copy_csv", "copy_row_to_json", *only.split(",")}
+        found = [m for m in found if m.name in wanted]
     return found
 
 
@@ -407,6 +442,18 @@ def measure(ctx: Context, args) -> int:
         ref_sorted = "sorted:" + sorted_digest(f.readlines())
     failed = False
     for m in found:
+        if m.prefix:
+            ctx.conn.execute("SELECT set_config('pg_stream_export.object_store_profile', %s, false)", [m.store])
+            ok, _, checked, detail = ctx.conn.execute(
+                "SELECT * FROM stream_export_verify_manifest(%s)", [m.prefix]).fetchone()
+            ctx.conn.execute("RESET pg_stream_export.object_store_profile")
+            manifest = json.load(store_client(ctx.stores[m.store]).get_object(
+                Bucket="bench", Key=m.prefix.split("/", 3)[3] + "manifest.json")["Body"])
+            m.size = manifest["totals"]["file_bytes"]
+            if not ok or checked != rows:
+                failed = True
+                print(f"!!! {m.name}: the export does not verify ({checked} rows): {detail}")
+            continue
         path = output_file(ctx, m)
         m.digest, m.size = digest_of(path, m.codec)
         if path.is_dir() and m.digest != ref_sorted:
@@ -437,11 +484,13 @@ def measure(ctx: Context, args) -> int:
             f"{ndjson_bytes / med / 1e6:,.0f} | {fmt_mb(m.size)} | {med / base:.2f} | {max(m.peaks) / 1024:.1f} MiB |"
         )
 
-    def ratio(a, b):
-        return statistics.median(next(m for m in found if m.name == a).times) / statistics.median(
-            next(m for m in found if m.name == b).times)
+    def median(name):
+        return statistics.median(next((m.times for m in found if m.name == name), [float("nan")]))
 
-    size = {m.name: m.size for m in found}
+    def ratio(a, b):
+        return median(a) / median(b)
+
+    size = collections.defaultdict(lambda: float("nan"), {m.name: m.size for m in found})
     targets = [
         f"- stream_export_to_file plain / COPY csv: {ratio('to_file', 'copy_csv'):.2f} (target <= 1.0)",
         f"- row_to_json COPY workaround / stream_export_to_file plain: {ratio('copy_row_to_json', 'to_file'):.2f}x faster (target >= 2)",
@@ -473,6 +522,12 @@ def measure(ctx: Context, args) -> int:
     targets.append(
         f"- directory export gzip, 1 partition / 2 partitions: {ratio('to_directory_gzip_1', 'to_directory_gzip_2'):.2f}x faster "
         f"with 2 (target >= 1.7 on 2 cores)")
+    targets.append(
+        f"- cluster export zstd -3 to S3, 1 node / that node's directory export alone: "
+        f"{ratio('cluster_1_node', 'prefix_zstd_1'):.3f} (coordinator overhead, target < 1.05); "
+        f"2 nodes with half the rows each / 1 node with all: {ratio('cluster_2_nodes', 'cluster_1_node'):.2f}x the time; "
+        f"per node: {rows / median('cluster_1_node'):,.0f} rows/s with 1 node, "
+        f"{rows / 2 / median('cluster_2_nodes'):,.0f} rows/s each with 2 (one core each here, beside the store)")
     if any(m.name == "copy_ndjson_psql" for m in found):
         targets.append(f"- psql row_to_json / COPY (FORMAT ndjson) via psql: {ratio('psql_row_to_json', 'copy_ndjson_psql'):.2f}x faster (target >= 2)")
         targets.append(
@@ -482,6 +537,10 @@ def measure(ctx: Context, args) -> int:
     print()
     print(report)
     RESULTS.mkdir(exist_ok=True)
+    if os.environ.get("BENCH_ONLY"):
+        (RESULTS / "latest-only.md").write_text(report)
+        print(f"written: {RESULTS / 'latest-only.md'} (BENCH_ONLY run: not the full report)")
+        return 1 if failed else 0
     (RESULTS / "latest.md").write_text(report)
     chart(found, rows, RESULTS / "latest.png",
           f"make bench, {now}, PostgreSQL {server_version}, {os.cpu_count()} cores, events N = {rows:,}")

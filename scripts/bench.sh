@@ -43,4 +43,15 @@ fi
 echo "==> loading $N rows into events"
 PGOPTIONS='-c TimeZone=UTC' psql -q -X -v ON_ERROR_STOP=1 -v N="$N" -f bench/make_events.sql
 psql -q -X -c "SELECT pg_prewarm('events')" >/dev/null
+# The cluster export rows: this database is the node "all" (every row), and
+# two databases copied from it are nodes "a" and "b" with half the rows
+# each (even and odd ids), compacted as if loaded that way.
+psql -q -X -v ON_ERROR_STOP=1 -c "ALTER DATABASE postgres SET pg_stream_export.node_id = 'all'"
+for node in a b; do
+    keep=$([ $node = a ] && echo 0 || echo 1)
+    psql -q -X -v ON_ERROR_STOP=1 -c "DROP DATABASE IF EXISTS shard_$node" -c "CREATE DATABASE shard_$node TEMPLATE postgres" \
+        -c "ALTER DATABASE shard_$node SET pg_stream_export.node_id = '$node'"
+    psql -q -X -v ON_ERROR_STOP=1 -d shard_$node -c "DELETE FROM events WHERE id % 2 <> $keep" \
+        -c "VACUUM FULL events" -c "ANALYZE events" -c "SELECT pg_prewarm('events')" >/dev/null
+done
 .venv/bin/python bench/run.py --dsn "$dsn" --server-dir "$out" --client-dir "$out" --rounds "$R" --rows "$N" --store "$STORE_ENDPOINT" --aws-dir "$out/aws"

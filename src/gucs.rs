@@ -174,9 +174,9 @@ pub fn define() {
     GucRegistry::define_string_guc(
         c"pg_stream_export.node_id",
         c"This server's name in a cluster export: its files go under node-<id>/ (empty: cluster_name).",
-        c"Letters, digits, '_', '-' and '.', at most 63 characters; every node of a cluster needs its own. Set it in postgresql.conf or with ALTER SYSTEM.",
+        c"Letters, digits, '_', '-' and '.', at most 63 characters; every node of a cluster needs its own. Set it in postgresql.conf, with ALTER SYSTEM, or per database (ALTER DATABASE ... SET) when several databases of one server are nodes.",
         &NODE_ID,
-        GucContext::Sighup,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -228,11 +228,14 @@ fn plproxy_partitions(name: &str) -> Vec<String> {
 
 /// The session settings a node must share with the caller for its lines
 /// to be what `row_to_json` gives here: names, then values.
-const FORWARDED_SETTINGS: [&str; 4] = [
+/// The object store profile the caller chose is used on the nodes too (a
+/// profile name, never a secret; each node has its own configuration).
+const FORWARDED_SETTINGS: [&str; 5] = [
     "TimeZone",
     "IntervalStyle",
     "extra_float_digits",
     "bytea_output",
+    "pg_stream_export.object_store_profile",
 ];
 
 fn forwarded_settings() -> Vec<String> {
@@ -488,7 +491,8 @@ pub fn export_cluster(
                pg_catalog.set_config('TimeZone', $1, false), \
                pg_catalog.set_config('IntervalStyle', $2, false), \
                pg_catalog.set_config('extra_float_digits', $3, false), \
-               pg_catalog.set_config('bytea_output', $4, false) \
+               pg_catalog.set_config('bytea_output', $4, false), \
+               pg_catalog.set_config('pg_stream_export.object_store_profile', $5, false) \
              FROM pg_catalog.pg_extension e \
              JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
              WHERE e.extname = 'pg_stream_export'"
