@@ -543,6 +543,25 @@ impl ExportDirectory {
         }
     }
 
+    /// Remove the file `name` if it is there.
+    pub fn remove_file(&self, name: &str) {
+        match self {
+            ExportDirectory::Server(dir) => match dir.unlink(OsStr::new(name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => raise_io(e, name),
+                _ => {}
+            },
+            ExportDirectory::Prefix(prefix) => {
+                let uri = prefix.uri.join(name);
+                match prefix.client().delete(&uri) {
+                    Err(e) if e.failure != Failure::NotFound => {
+                        object::raise_store_error(&e, "remove", Some(&uri))
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
     /// Remove what the export `export_id` left here when the process that
     /// ran it may be gone: its parts, and under a prefix its uploads in
     /// progress and its lease. Never raises.

@@ -451,6 +451,13 @@ pub fn export_cluster(
     // per prefix, and none where one finished unless `overwrite`.
     let claim = top.claim_manifest(request.overwrite, &export_id);
     let claim_check = || top.check_claim(&claim);
+    // The nodes are about to replace their exports: the manifest of the
+    // export being overwritten would soon list node manifests that are no
+    // longer there, so it goes first. Until the new one is in place the
+    // prefix holds no complete export, never a broken one.
+    if request.overwrite {
+        top.remove_file(MANIFEST);
+    }
 
     let count = conninfos.len();
     let mut run = Run {
