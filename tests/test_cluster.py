@@ -31,6 +31,7 @@ SECRET = "s3cr3t-" + secrets.token_hex(12)
 HAS_PLPROXY = (_sharedir() / "extension" / "plproxy.control").exists()
 ROWS_PER_NODE = 20_000
 NODE_ROLE = "shard_reader"
+NODE_PASSWORD = "pw-" + secrets.token_hex(8)
 
 # Every built-in type family the encoder treats apart, with awkward values.
 SHARD_TABLE = """
@@ -100,25 +101,43 @@ def environment(store) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def shards(store):
-    """The coordinator and nodes a (even ids) and b (odd ids)."""
+def shards(store, aws_dir):
+    """Nodes a (even ids) and b (odd ids), which want a password from the
+    role the coordinator connects as, and the coordinator, which has those
+    passwords only in its OS user's password file (PGPASSFILE). Every
+    statement is logged, to check that no secret is."""
     servers = {}
+    logged = {"log_statement": "all", "log_min_messages": "debug1"}
     try:
-        servers["coordinator"] = start_cluster("pg_stream_export", environment=environment(store))
         for node, first in (("a", 2), ("b", 1)):
             srv = start_cluster("pg_stream_export", environment=environment(store),
-                                settings={"pg_stream_export.node_id": node})
+                                settings={"pg_stream_export.node_id": node, **logged})
             servers[node] = srv
             with srv.connect() as c:
                 c.execute(SHARD_TABLE.replace("FIRST", str(first)).replace("LAST", str(2 * ROWS_PER_NODE)))
                 c.execute(GATE.replace("GATE_ID", str(first + 2 * (ROWS_PER_NODE // 2))))
-                c.execute(f"CREATE ROLE {NODE_ROLE} LOGIN IN ROLE stream_export_object_store_write")
+                c.execute("SET log_statement = 'none'")
+                c.execute(f"CREATE ROLE {NODE_ROLE} LOGIN PASSWORD '{NODE_PASSWORD}'"
+                          " IN ROLE stream_export_object_store_write")
                 c.execute(f"GRANT SELECT ON events TO {NODE_ROLE}")
+            hba = srv.data / "pg_hba.conf"
+            hba.write_text(f"host all {NODE_ROLE} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+            with srv.connect() as c:
+                c.execute("SELECT pg_reload_conf()")
+        passfile = aws_dir / "pgpass"
+        passfile.write_text("".join(f"127.0.0.1:{servers[n].port}:e2e:{NODE_ROLE}:{NODE_PASSWORD}\n"
+                                    for n in ("a", "b")))
+        shutil.chown(passfile, "postgres", "postgres")
+        passfile.chmod(0o600)
+        servers["coordinator"] = start_cluster(
+            "pg_stream_export", environment={**environment(store), "PGPASSFILE": str(passfile)}, settings=logged)
         yield servers
     finally:
         crashed = []
-        for srv in servers.values():
-            crashed += crashes_in(stop_cluster(srv))
+        for name, srv in servers.items():
+            log = stop_cluster(srv)
+            crashed += crashes_in(log)
+            assert NODE_PASSWORD not in log and SECRET not in log, f"a secret is in the log of {name}"
         assert not crashed, "\n".join(crashed)
 
 
@@ -212,6 +231,11 @@ def test_every_line_of_every_node_under_the_callers_settings(coordinator, shards
     assert sqlstate_of(coordinator, "SELECT * FROM stream_export_cluster('events', %s, 'id', nodes => %s)",
                        [f"s3://{BUCKET}/full/", [dsn(shards["a"])]]) == "58P02"
     no_leftovers(store, "full/")
+
+
+def test_nodes_want_the_password_the_coordinator_has_in_its_password_file(shards):
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(dsn(shards["a"]), autocommit=True, passfile="/dev/null")
 
 
 def test_duckdb_reads_the_parts_the_manifest_lists(coordinator, shards, store, tmp_path):
