@@ -2,6 +2,7 @@
 //! file keeps its tests in a `tests` schema module, where the test framework
 //! looks for them.
 
+mod cluster;
 mod encoding;
 mod file_export;
 mod json_options;
