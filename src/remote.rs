@@ -71,8 +71,9 @@ extern "C" {
     fn PQfinish(conn: *mut PGconn);
 }
 
-/// How long a dropped link waits for the server to stop its query.
-const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+/// How long a dropped link (or a set of links stopped together) waits for
+/// the server to stop its query.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// An error the other server reported, with its fields; `sqlstate` is
 /// `None` when the connection itself failed.
@@ -328,25 +329,28 @@ impl Link {
     }
 
     /// Cancel a running query and wait until the server reports its end,
-    /// or `limit` passed, or the connection broke.
-    fn drain(&mut self, limit: Duration) {
+    /// or `deadline` passed, or the connection broke. A query still running
+    /// then is left to end on its own: the connection is given up.
+    pub fn stop_by(&mut self, deadline: Instant) {
         if self.state != State::Busy {
             return;
         }
         self.cancel();
-        let deadline = Instant::now() + limit;
         while self.state == State::Busy && Instant::now() < deadline {
             if let Ok(Some(_)) | Err(_) = self.poll_result() {
                 break;
             }
             wait_readable(&[self.socket()], Duration::from_millis(50));
         }
+        if self.state == State::Busy {
+            self.state = State::Broken;
+        }
     }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.drain(DRAIN_LIMIT);
+        self.stop_by(Instant::now() + DRAIN_LIMIT);
         // SAFETY: finishes the connection this link owns, once.
         unsafe { PQfinish(self.conn) };
     }

@@ -110,7 +110,12 @@ impl Drop for Run {
         for node in &mut self.nodes {
             node.link.cancel();
         }
-        // Each link waits for its node to report the end of its query.
+        // Each node reports the end of its query (its export removed its
+        // parts by then), all within one time limit.
+        let deadline = Instant::now() + crate::remote::DRAIN_LIMIT;
+        for node in &mut self.nodes {
+            node.link.stop_by(deadline);
+        }
         self.nodes.clear();
         for (index, directory) in &self.exporting {
             if !self.answered.get(*index).copied().unwrap_or(false) {
