@@ -428,17 +428,21 @@ pub fn delete_under(
     Ok(deleted)
 }
 
+/// A client for cleaning up after a failure, with the short timeouts of
+/// cleanup; `None` when the configuration does not resolve (never raises).
+fn cleanup_client() -> Option<Client> {
+    config::resolve(
+        &ServerEnvironment,
+        crate::gucs::object_store_profile().as_deref(),
+    )
+    .ok()
+    .and_then(|c| Client::new(c, client::Timeouts::CLEANUP).ok())
+}
+
 /// Remove the part objects of the export `export_id` under `prefix`. Best
 /// effort and never raises: it runs when a directory export failed.
 pub fn remove_parts_of(prefix: &ObjectUri, export_id: &str) {
-    let config = config::resolve(
-        &ServerEnvironment,
-        crate::gucs::object_store_profile().as_deref(),
-    );
-    let Some(client) = config
-        .ok()
-        .and_then(|c| Client::new(c, client::Timeouts::CLEANUP).ok())
-    else {
+    let Some(client) = cleanup_client() else {
         return;
     };
     let _ = delete_under(&client, prefix, &format!("part-{export_id}-"), |_| true);
@@ -449,14 +453,7 @@ pub fn remove_parts_of(prefix: &ObjectUri, export_id: &str) {
 /// uploads in progress, and its lease. Best effort and never raises: it
 /// runs while a cluster export's error unwinds.
 pub fn remove_export_leftovers(prefix: &ObjectUri, export_id: &str) {
-    let config = config::resolve(
-        &ServerEnvironment,
-        crate::gucs::object_store_profile().as_deref(),
-    );
-    let Some(client) = config
-        .ok()
-        .and_then(|c| Client::new(c, client::Timeouts::CLEANUP).ok())
-    else {
+    let Some(client) = cleanup_client() else {
         return;
     };
     let own = format!("part-{export_id}-");
