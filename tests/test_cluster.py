@@ -403,6 +403,43 @@ def test_a_node_killed_mid_export_then_resume_exports_only_that_node(shards, sto
     no_leftovers(store, prefix)
 
 
+def test_a_coordinator_killed_mid_export_leaves_nodes_that_finish_and_are_reused(shards, store):
+    """kill -9 of the coordinator's backend: nothing cancels the nodes, which
+    finish their exports; no top-level manifest is written; once the dead
+    coordinator's lease on the prefix expires, the same call reuses both
+    nodes' exports."""
+    prefix = "coordinator-killed/"
+    gate = Gate(shards["b"])
+    coordinator = shards["coordinator"].connect()
+    coordinator.execute("SET pg_stream_export.object_lease_ttl = '2s'")
+    try:
+        thread, result = run_in_thread(lambda: export(coordinator, prefix, shards, compression="gzip"))
+        gate.wait_for_exporter()
+        os.kill(coordinator.info.backend_pid, signal.SIGKILL)
+        thread.join()
+        assert isinstance(result.get("error"), psycopg.OperationalError), result
+    finally:
+        gate.release()
+        coordinator.close()
+    wait_until(lambda: f"{prefix}node-b/manifest.json" in objects(store, prefix + "node-b/"))
+    wait_until(lambda: not node_exporting(shards["b"]))
+    assert f"{prefix}manifest.json" not in objects(store, prefix)
+    wait_for_server(shards["coordinator"])
+
+    def resumed():
+        with shards["coordinator"].connect() as c:
+            try:
+                return export(c, prefix, shards, compression="gzip")
+            except errors.LockNotAvailable:
+                return None  # the dead coordinator's lease, until it expires
+    rows = wait_until(resumed, timeout=60, interval=0.5)
+    assert [(r[0], r[1], r[3]) for r in rows] == [("a", True, ROWS_PER_NODE), ("b", True, ROWS_PER_NODE)]
+    with shards["coordinator"].connect() as c:
+        assert c.execute(f"SELECT ok FROM stream_export_verify_manifest('s3://{BUCKET}/{prefix}')").fetchone() \
+            == (True,)
+    no_leftovers(store, prefix)
+
+
 def test_argument_and_privilege_errors(coordinator, shards):
     a, b = dsn(shards["a"]), dsn(shards["b"])
     cases = [

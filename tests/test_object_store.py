@@ -882,7 +882,7 @@ def lease_of(store: Store, prefix: str):
 def test_one_export_per_prefix_and_leftovers_are_removed(cluster, conn, store):
     """A chunked export holds the prefix's lease while it runs (renewed,
     here every second); a second chunked or directory export to the prefix
-    gets 55006 and writes nothing. The next export to hold the lease removes
+    gets 55P03 and writes nothing. The next export to hold the lease removes
     what dead exports left: a stray part object and a multipart upload."""
     make_gated_copy(conn, "obj_leased", "upload_gate")
     holder = cluster.connect()

@@ -195,7 +195,7 @@ impl ExportDirectory {
     }
 
     /// Claim the manifest for the directory export `export_id`: `58P02` if
-    /// a finished export is there and not `overwrite`, `55006` (object
+    /// a finished export is there and not `overwrite`, `55P03` (object
     /// prefix) while another export holds the prefix's lease; then remove
     /// what exports that died left ([`ExportDirectory::remove_stale_parts`]).
     pub fn claim_manifest(&self, overwrite: bool, export_id: &str) -> ManifestClaim {
@@ -286,7 +286,7 @@ impl ExportDirectory {
         }
     }
 
-    /// `55006` when the claim is a lease that was lost: nothing more may be
+    /// `55P03` when the claim is a lease that was lost: nothing more may be
     /// committed here.
     pub fn check_claim(&self, claim: &ManifestClaim) {
         if let (ExportDirectory::Prefix(prefix), ManifestClaim::Prefix { lease, .. }) =

@@ -293,7 +293,7 @@ unsafe extern "C-unwind" fn abort_uploads_on_exit(_code: libc::c_int, _arg: pg_s
     let _ = std::panic::catch_unwind(lease::release_live_leases);
 }
 
-/// Take the lease of `prefix` for an export (see [`lease`]): `55006` when
+/// Take the lease of `prefix` for an export (see [`lease`]): `55P03` when
 /// another export holds it.
 pub fn acquire_lease(client: &Arc<Client>, prefix: &ObjectUri, export_id: &str) -> Lease {
     register_exit_callback();
@@ -322,7 +322,7 @@ pub fn acquire_lease(client: &Arc<Client>, prefix: &ObjectUri, export_id: &str) 
     }
 }
 
-/// `55006` when `lease` was lost (taken over after it could not be renewed
+/// `55P03` when `lease` was lost (taken over after it could not be renewed
 /// in time): nothing more may be committed under the prefix.
 pub fn check_lease(lease: &Lease, prefix: &ObjectUri) {
     if !lease.is_held() {
