@@ -483,13 +483,14 @@ impl ExportDirectory {
         }
     }
 
-    /// The directory `name` inside this one (a cluster export's node
-    /// directory); only under an object prefix: `None` on the server.
+    /// The directory `name` (ending with `/`) inside this one, such as a
+    /// cluster export's node directory; only under an object prefix: `None`
+    /// on the server.
     pub fn child(&self, name: &str) -> Option<ExportDirectory> {
         match self {
             ExportDirectory::Server(_) => None,
             ExportDirectory::Prefix(prefix) => Some(ExportDirectory::Prefix(Prefix {
-                uri: prefix.uri.join(&format!("{name}/")),
+                uri: prefix.uri.join(name),
                 client: prefix.client.clone(),
             })),
         }

@@ -571,7 +571,7 @@ pub fn export_cluster(
     let mut finished: Vec<Option<(NodeExport, Vec<NodePart>)>> = vec![None; count];
     let mut to_export = Vec::new();
     for (index, node) in run.nodes.iter().enumerate() {
-        let Some(directory) = top.child(&format!("node-{}", node.id)) else {
+        let Some(directory) = top.child(&node_directory(&node.id)) else {
             continue;
         };
         if same_request {
@@ -603,9 +603,7 @@ pub fn export_cluster(
             )
         },
         &|node| {
-            let directory = top
-                .child(&format!("node-{}", node.id))
-                .map(|d| d.describe());
+            let directory = top.child(&node_directory(&node.id)).map(|d| d.describe());
             vec![
                 Some(request.source.to_owned()),
                 directory,
@@ -622,7 +620,7 @@ pub fn export_cluster(
     drop(results);
     for &index in &to_export {
         let node = &run.nodes[index];
-        let directory = top.child(&format!("node-{}", node.id));
+        let directory = top.child(&node_directory(&node.id));
         let bytes = directory.and_then(|d| d.read_small(MANIFEST));
         let export = bytes
             .as_deref()
