@@ -228,9 +228,14 @@ def test_terminating_the_leader_stops_its_workers(scratch, server_dir):
 
 def test_a_killed_directory_exports_files_are_removed_by_the_next_export(scratch, server_dir):
     conn, pid, thread, result = start_directory_export(scratch, server_dir)
+    restarts = scratch.log_text().count("database system is ready to accept connections")
     os.kill(pid, signal.SIGKILL)
     thread.join(timeout=60)
     conn.close()
+    # The server takes connections until the postmaster notices the crash:
+    # wait for the restart that follows it, not only for a connection.
+    wait_until(lambda: scratch.log_text().count("database system is ready to accept connections") > restarts,
+               timeout=60, interval=0.1)
     wait_for_server(scratch)
     left = sorted(p.name for p in server_dir.iterdir())
     assert "manifest.json.partial" in left
