@@ -10,8 +10,13 @@
 //! both, so it stays; a row updated or deleted by another transaction
 //! after the snapshot makes the DELETE fail with `40001` (PostgreSQL's
 //! serialization failure), which rolls the chunk back: nothing is deleted
-//! that was not exported as it is now. The DELETE must remove as many rows
-//! as were exported, or the chunk is rolled back. The chunk's record in
+//! that was not exported as it is now. Before the DELETE, every line is
+//! read back and turned into a row that must equal the row it came from,
+//! and the DELETE must change nothing but those rows
+//! ([`super::archive_checks`]); it must remove exactly the exported keys
+//! (their count and the sum of their hashes), or the chunk is rolled back.
+//! Floats are written with at least `extra_float_digits = 1`, the
+//! shortest text that reads back exactly. The chunk's record in
 //! `stream_export_archive_part` commits with its DELETE, so the catalog
 //! lists exactly the chunks whose rows are gone.
 
@@ -19,6 +24,7 @@ use pgrx::prelude::*;
 use pgrx::spi::Spi;
 use pgrx::PgMemoryContexts;
 
+use super::archive_checks::ArchivedTable;
 use super::catalog::{catalog_failed, catalog_schema};
 use super::chunked::{chunk_snapshot, CommittingSpi};
 use super::{to_part_if_any, Counts};
@@ -28,7 +34,6 @@ use crate::engine::export::{relation_row_estimate, Export, KeyParam};
 use crate::engine::scan::select_one;
 use crate::engine::source::Source;
 use crate::error::raise;
-use crate::ident::quote_identifier;
 use crate::layout::{archive_part_name, new_export_id};
 use crate::options::ExportOptions;
 use crate::progress::Destination;
@@ -104,6 +109,7 @@ struct Archive<'a> {
     condition: Option<&'a str>,
     /// The table's quoted name, for the DELETE.
     table: String,
+    oid: pg_sys::Oid,
     archive_id: String,
 }
 
@@ -127,6 +133,7 @@ pub fn archive(
     let key = options.key.clone().unwrap_or_default();
     let table = archived_table(source);
     let qualified_name = table.canonical().to_owned();
+    let oid = table.relation_oid();
     let rows = table.rows_where(condition);
     // The key and the options are checked before anything is written.
     drop(Export::open(
@@ -143,6 +150,7 @@ pub fn archive(
         key,
         condition,
         table: qualified_name,
+        oid,
         archive_id: new_export_id(),
     };
     let mut totals = ArchiveTotals {
@@ -197,20 +205,13 @@ pub fn archive(
 }
 
 impl Archive<'_> {
-    /// The DELETE of one chunk's rows: keys up to `$1` (and after `$2`
-    /// when `lower`) that match the condition.
-    fn delete_sql(&self, lower: bool) -> String {
-        let key = quote_identifier(&self.key);
-        let lower = if lower {
-            format!("{key} > $2 AND ")
-        } else {
-            String::new()
-        };
-        format!(
-            "DELETE FROM {} WHERE {lower}{key} <= $1 AND ({}\n)",
-            self.table,
-            self.condition.unwrap_or("true")
-        )
+    fn checks(&self) -> ArchivedTable<'_> {
+        ArchivedTable {
+            oid: self.oid,
+            name: &self.table,
+            key: &self.key,
+            condition: self.condition,
+        }
     }
 
     /// Archive the next chunk, the rows after `after`: in place, checked,
@@ -224,6 +225,22 @@ impl Archive<'_> {
     ) -> Option<(Counts, Position)> {
         let index = totals.chunks as usize;
         let (snapshot, _) = chunk_snapshot();
+        let checks = self.checks();
+        // CREATE TRIGGER, CREATE RULE and a new foreign key to the table
+        // wait for this chunk now, so what is checked below holds for its
+        // DELETE.
+        Spi::run(&format!("LOCK TABLE {} IN ROW EXCLUSIVE MODE", self.table))
+            .unwrap_or_else(|e| catalog_failed(e));
+        if index == 0 {
+            // Before anything is written: every row that matches.
+            checks.check_definition(None);
+        }
+        // Floats read back exactly only from their shortest exact text.
+        Spi::run(
+            "SELECT pg_catalog.set_config('extra_float_digits', '1', true) \
+             WHERE pg_catalog.current_setting('extra_float_digits')::integer < 1",
+        )
+        .unwrap_or_else(|e| catalog_failed(e));
         let mut options = self.options.clone();
         options.after = after.map(|p| p.token.clone());
         let name = archive_part_name(&self.archive_id, index, options.compression.file_suffix());
@@ -247,25 +264,27 @@ impl Archive<'_> {
         };
         drop(export);
         check_in_place(self.directory, &name, index, &counts);
-        let deleted = Spi::connect_mut(|client| {
+        let exported_keys = checks.check_lines_restore(self.directory, &name, counts.rows);
+        let range = || {
             let mut args = vec![last_key.arg()];
             if let Some(lower) = after {
                 args.push(lower.last_key.arg());
             }
-            client
-                .update(&self.delete_sql(after.is_some()), None, &args)
-                .map(|table| table.len() as u64)
+            args
+        };
+        let args = range();
+        checks.check_definition(Some(args.as_slice()));
+        let (deleted, deleted_keys) = Spi::connect_mut(|client| {
+            let table = client.update(&checks.delete_sql(after.is_some()), Some(1), &range())?;
+            let row = table.first();
+            Ok::<_, pgrx::spi::SpiError>((
+                row.get::<i64>(1)?.unwrap_or(0) as u64,
+                row.get::<String>(2)?.unwrap_or_default(),
+            ))
         })
         .unwrap_or_else(|e| catalog_failed(e));
-        if deleted != counts.rows {
-            raise(
-                PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
-                format!(
-                    "archive chunk {index} (\"{name}\"): the DELETE would remove {deleted} rows, but {} were exported; none of them were deleted",
-                    counts.rows
-                ),
-                Some("the condition must give the same rows every time it is evaluated (no random() or clock_timestamp()); CALL again to continue"),
-            );
+        if deleted != counts.rows || deleted_keys != exported_keys {
+            checks.deleted_other_rows(index, &name, deleted, counts.rows);
         }
         let target = match self.directory {
             ExportDirectory::Server(dir) => dir.path().join(&name).display().to_string(),

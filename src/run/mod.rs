@@ -10,6 +10,7 @@
 //! Directory workers ([`to_part`]) and chunked exports use the same pieces.
 
 pub mod archive;
+mod archive_checks;
 mod catalog;
 pub mod chunked;
 pub mod cluster;

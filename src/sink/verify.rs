@@ -89,20 +89,7 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// `interrupt` is called between chunks (a cancel or timeout check that
 /// may raise).
 pub fn verify(input: impl Read, interrupt: &mut dyn FnMut()) -> io::Result<Verdict> {
-    let mut buffered = BufReader::with_capacity(CHUNK_BYTES, input);
-    let head = buffered.fill_buf()?;
-    let codec = if head.starts_with(&[0x1f, 0x8b]) {
-        Compression::Gzip
-    } else if head.starts_with(&ZSTD_MAGIC) {
-        Compression::Zstd
-    } else {
-        Compression::None
-    };
-    let mut reader: Box<dyn Read> = match codec {
-        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
-        Compression::None => Box::new(buffered),
-    };
+    let (codec, mut reader) = decoded(input)?;
     let mut scanner = Scanner::default();
     let mut chunk = vec![0u8; CHUNK_BYTES];
     loop {
@@ -127,6 +114,26 @@ pub fn verify(input: impl Read, interrupt: &mut dyn FnMut()) -> io::Result<Verdi
         scanner.feed(&chunk[..n]);
     }
     Ok(scanner.finish())
+}
+
+/// The uncompressed bytes of an export read from `input`, whose codec
+/// (plain, gzip or zstd) is detected from its first bytes.
+pub fn decoded<'a>(input: impl Read + 'a) -> io::Result<(Compression, Box<dyn Read + 'a>)> {
+    let mut buffered = BufReader::with_capacity(CHUNK_BYTES, input);
+    let head = buffered.fill_buf()?;
+    let codec = if head.starts_with(&[0x1f, 0x8b]) {
+        Compression::Gzip
+    } else if head.starts_with(&ZSTD_MAGIC) {
+        Compression::Zstd
+    } else {
+        Compression::None
+    };
+    let reader: Box<dyn Read + 'a> = match codec {
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?),
+        Compression::None => Box::new(buffered),
+    };
+    Ok((codec, reader))
 }
 
 /// The line being read: too short yet to tell, a record, or a line that
