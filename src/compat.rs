@@ -45,3 +45,50 @@ pub unsafe fn set_signal_handler(signal: libc::c_int, handler: pg_sys::pqsigfunc
 /// `FORMAT json` statements without this extension's own options to it.
 /// The one place that knows this version boundary.
 pub const NATIVE_COPY_JSON: bool = pg_sys::PG_VERSION_NUM >= 190000;
+
+/// The start time of the oldest transaction in progress in any other
+/// backend that runs SQL (client backends and background workers, in
+/// every database; autovacuum never inserts a row), from the server's
+/// backend status array, read afresh; `None` when there is none. A backend
+/// that does not report its activity (`track_activities` off) counts from
+/// its own start, the earliest its transaction can have begun. Any role
+/// may call it: nothing about the transactions leaves this function but
+/// that one time.
+pub fn oldest_other_transaction_start() -> Option<pg_sys::TimestampTz> {
+    // SAFETY: the status array is copied into this backend's memory by the
+    // first fetch after the clear (PostgreSQL's own read protocol); the
+    // entries are read by 1-based index below the count it reports, and
+    // only plain fields are read.
+    unsafe {
+        pg_sys::pgstat_clear_backend_activity_snapshot();
+        let count = pg_sys::pgstat_fetch_stat_numbackends();
+        let mut oldest: Option<pg_sys::TimestampTz> = None;
+        for index in 1..=count {
+            #[cfg(feature = "pg15")]
+            let entry = pg_sys::pgstat_fetch_stat_local_beentry(index);
+            #[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
+            let entry = pg_sys::pgstat_get_local_beentry_by_index(index);
+            if entry.is_null() {
+                continue;
+            }
+            let status = &(*entry).backendStatus;
+            let runs_sql = matches!(
+                status.st_backendType,
+                pg_sys::BackendType::B_BACKEND | pg_sys::BackendType::B_BG_WORKER
+            );
+            let start = if status.st_state == pg_sys::BackendState::STATE_DISABLED {
+                status.st_proc_start_timestamp
+            } else {
+                status.st_xact_start_timestamp
+            };
+            if status.st_procpid == pg_sys::MyProcPid || !runs_sql || start == 0 {
+                continue;
+            }
+            oldest = Some(oldest.map_or(start, |o: pg_sys::TimestampTz| o.min(start)));
+        }
+        // The copy belongs to this transaction; the next reader wants a
+        // fresh one too.
+        pg_sys::pgstat_clear_backend_activity_snapshot();
+        oldest
+    }
+}

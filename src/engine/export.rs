@@ -161,6 +161,26 @@ impl Key {
         }
     }
 
+    /// The order of two key values (`<0`, `0`, `>0`), by the type's btree
+    /// comparison under the key's collation, as `ORDER BY` orders them.
+    fn compare(&self, a: &KeyValue, b: &KeyValue) -> i32 {
+        // SAFETY: the type cache entry lives for the backend's life; its
+        // comparison function is called on two non-NULL values of the key
+        // type. A type without one cannot be a key (ORDER BY needs it).
+        unsafe {
+            let entry =
+                pg_sys::lookup_type_cache(self.type_oid, pg_sys::TYPECACHE_CMP_PROC_FINFO as i32);
+            if entry.is_null() || (*entry).cmp_proc_finfo.fn_oid == pg_sys::InvalidOid {
+                invalid(
+                    format!("key type {} has no ordering", type_name(self.type_oid)),
+                    Some(KEY_HINT),
+                );
+            }
+            let finfo = std::ptr::addr_of_mut!((*entry).cmp_proc_finfo);
+            pg_sys::FunctionCall2Coll(finfo, self.collation, a.datum(), b.datum()).value() as i32
+        }
+    }
+
     /// Text form of a key value for a resume token: the type's output
     /// function under fixed settings, so that it reads back exactly in any
     /// session (see [`crate::gucs::with_key_text_settings`]).
@@ -232,6 +252,13 @@ struct Keyset {
     to: Option<KeyValue>,
     /// The last key exported (or the resume token's), `None` at the start.
     last: Option<KeyValue>,
+    /// An incremental job's run (see [`Export::read_job_window`]): the
+    /// job's position, when the walk starts below it at the floor.
+    position: Option<KeyValue>,
+    /// ... and the condition a row at or below the position must meet.
+    late_condition: Option<String>,
+    /// The last key to read (inclusive), if any.
+    through: Option<KeyValue>,
     /// The value bound into the open batch's query; kept unchanged while
     /// that portal is open, since the executor reads it in place.
     bound: Option<KeyValue>,
@@ -361,6 +388,9 @@ impl Export {
                     to,
                     bound: None,
                     last,
+                    position: None,
+                    late_condition: None,
+                    through: None,
                     cursor: None,
                     row_cxt,
                     batch_limit: 0,
@@ -504,11 +534,52 @@ impl Export {
     }
 
     /// The token to resume after the last row, with a key; `None` without.
+    /// For a job's run ([`Export::read_job_window`]) it is the job's
+    /// position or the last row's key, whichever is greater.
     pub fn resume_token(&self) -> Option<String> {
         let Walk::Keyset(keyset) = &self.walk else {
             return None;
         };
-        Some(keyset.token_after(keyset.last.as_ref(), self.rows_before + self.rows))
+        let last = match (&keyset.position, &keyset.last) {
+            (Some(position), Some(last)) if self.rows > 0 => {
+                if keyset.key.compare(last, position) > 0 {
+                    Some(last)
+                } else {
+                    Some(position)
+                }
+            }
+            (Some(position), _) => Some(position),
+            (None, last) => last.as_ref(),
+        };
+        Some(keyset.token_after(last, self.rows_before + self.rows))
+    }
+
+    /// Make this export (opened with `after` = the job's position P, not
+    /// yet fetched) one run of an incremental job: it reads, in key order,
+    /// the rows with a key above `floor` (a key in the form tokens hold;
+    /// `None`: from the start) that are either above P or were inserted by
+    /// a transaction the previous run's `snapshot` did not see (and that is
+    /// not `run_xid`, the previous run's own). Without a position (the
+    /// job's first part) there is nothing below it to look at again.
+    pub fn read_job_window(&mut self, floor: Option<&str>, snapshot: &str, run_xid: Option<u64>) {
+        let Walk::Keyset(keyset) = &mut self.walk else {
+            return;
+        };
+        if keyset.last.is_none() {
+            return;
+        }
+        let condition = late_row_condition(snapshot, run_xid);
+        keyset.position = keyset.last.take();
+        keyset.last = floor.map(|text| keyset.key.parse_token_text(text));
+        keyset.late_condition = Some(condition);
+    }
+
+    /// Read no row whose key is above `key_text` (a key in the form tokens
+    /// hold).
+    pub fn read_through(&mut self, key_text: &str) {
+        if let Walk::Keyset(keyset) = &mut self.walk {
+            keyset.through = Some(keyset.key.parse_token_text(key_text));
+        }
     }
 
     /// The key column and its type as SQL (`format_type_be`), with a key.
@@ -711,6 +782,14 @@ fn open_batch(keyset: &mut Keyset, source: &Source, limit: u64) {
         params.push((key.type_oid, Some(to.datum())));
         conditions.push(format!("{column} < ${}", params.len()));
     }
+    if let Some(through) = &keyset.through {
+        params.push((key.type_oid, Some(through.datum())));
+        conditions.push(format!("{column} <= ${}", params.len()));
+    }
+    if let (Some(position), Some(late)) = (&keyset.position, &keyset.late_condition) {
+        params.push((key.type_oid, Some(position.datum())));
+        conditions.push(format!("({column} > ${} OR {late})", params.len()));
+    }
     keyset.batch_limit = limit + extra;
     keyset.batch_rows = 0;
     params.push((
@@ -728,6 +807,53 @@ fn open_batch(keyset: &mut Keyset, source: &Source, limit: u64) {
         params.len()
     );
     keyset.cursor = Some(Cursor::open(&sql, &params, keyset.row_cxt));
+}
+
+/// A snapshot as `pg_current_snapshot()::text` writes it
+/// (`xmin:xmax:xip,...`), checked to be only that.
+struct SnapshotText {
+    xmax: u64,
+}
+
+fn parse_snapshot(text: &str) -> Option<SnapshotText> {
+    let mut fields = text.split(':');
+    let xmin: u64 = fields.next()?.parse().ok()?;
+    let xmax: u64 = fields.next()?.parse().ok()?;
+    let xip = fields.next()?;
+    if fields.next().is_some() || xmin > xmax || xmax > i64::MAX as u64 {
+        return None;
+    }
+    if !xip.is_empty() && !xip.split(',').all(|x| x.parse::<u64>().is_ok()) {
+        return None;
+    }
+    Some(SnapshotText { xmax })
+}
+
+/// SQL true of a row of the source whose inserting transaction (`xmin`)
+/// the snapshot `snapshot` did not see, other than `run_xid`. The 32-bit
+/// xmin is widened to a full transaction id relative to the snapshot's
+/// xmax (the signed 32-bit difference added to it); the special ids below
+/// 3 (bootstrap, frozen) count as seen.
+fn late_row_condition(snapshot: &str, run_xid: Option<u64>) -> String {
+    let Some(parsed) = parse_snapshot(snapshot) else {
+        raise(
+            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            format!("the job's recorded snapshot is not a snapshot: \"{snapshot}\""),
+            Some("the job's catalog row was changed outside pg_stream_export's functions"),
+        )
+    };
+    let low = parsed.xmax % (1 << 32);
+    let xmin = format!("{SOURCE_ALIAS}.xmin::text::int8");
+    let widened = format!(
+        "({} + ((({xmin} - {low}) + 6442450944) % 4294967296 - 2147483648))",
+        parsed.xmax
+    );
+    let own = run_xid
+        .map(|xid| format!(" OR {widened} = {xid}"))
+        .unwrap_or_default();
+    format!(
+        "NOT ({xmin} < 3{own} OR pg_catalog.pg_visible_in_snapshot({widened}::text::pg_catalog.xid8, '{snapshot}'::pg_catalog.pg_snapshot))"
+    )
 }
 
 /// The checked walk sees NULL keys only in its first batch (`key > $1`

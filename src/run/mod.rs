@@ -132,7 +132,12 @@ impl Single {
     /// Open the export of `source`; `shown_as` is its destination in the
     /// activity view and the audit line.
     pub fn open(source: Source, options: ExportOptions, kind: Destination, shown_as: &str) -> Self {
-        let mut export = Export::open(source, options, kind);
+        Single::of(Export::open(source, options, kind), shown_as)
+    }
+
+    /// An export opened (and set up) by the caller, as [`Single::open`]
+    /// would show it.
+    pub fn of(mut export: Export, shown_as: &str) -> Self {
         export.track(shown_as);
         Single { export }
     }
