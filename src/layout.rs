@@ -112,6 +112,13 @@ pub fn node_directory(id: &str) -> String {
     format!("node-{id}/")
 }
 
+/// `<job>.job.json`: the small file or object that binds an incremental
+/// job's destination to the job (its id, database and server), written by
+/// its first run and checked by every run.
+pub fn job_binding_name(job: &str) -> String {
+    format!("{job}.job.json")
+}
+
 /// `<job>-NNNNNNNN.ndjson[.gz|.zst]`: part `number` of an incremental
 /// job. Part n holds the rows after the last row of part n-1, so the name
 /// follows from where the part starts: a run that died after writing it

@@ -71,7 +71,7 @@ def test_each_run_exports_exactly_the_rows_added_since_the_last(conn, server_dir
     position = conn.execute("SELECT position FROM stream_export_job WHERE name = %s", [job]).fetchone()[0]
     conn.execute("CALL stream_export_increment(%s)", [job])
     assert "no new rows" in notices[-1]
-    assert sorted(p.name for p in server_dir.iterdir()) == sorted([first.name, second.name])
+    assert sorted(p.name for p in server_dir.iterdir()) == sorted([first.name, second.name, f"{job}.job.json"])
     assert conn.execute("SELECT position, parts, rows FROM stream_export_job WHERE name = %s",
                         [job]).fetchone() == (position, 2, 2600)
 
@@ -168,8 +168,10 @@ def test_a_role_runs_only_its_own_jobs_with_its_own_privileges(server, conn, ser
         assert other.execute("SELECT count(*) FROM stream_export_job WHERE name = 'tenant'").fetchone() == (0,)
         assert other.execute("SELECT count(*) FROM stream_export_job_part WHERE job = 'tenant'").fetchone() == (0,)
         assert sqlstate_of(other, "CALL stream_export_increment('tenant')") == "42704"
-        assert other.execute("UPDATE stream_export_job SET position = NULL WHERE name = 'tenant'").rowcount == 0
-        assert other.execute("DELETE FROM stream_export_job WHERE name = 'tenant'").rowcount == 0
+        # The catalog changes only through the extension's functions.
+        assert sqlstate_of(other, "UPDATE stream_export_job SET position = NULL WHERE name = 'tenant'") == "42501"
+        assert sqlstate_of(other, "DELETE FROM stream_export_job WHERE name = 'tenant'") == "42501"
+        assert sqlstate_of(other, "SELECT stream_export_job_drop('tenant')") == "42704"
         # Nor plant a job in another role's name.
         assert sqlstate_of(other, """INSERT INTO stream_export_job (name, owner, source, key, destination)
                                      VALUES ('planted', '"JobOwner"', 'job_rls', 'id', '/tmp')""") == "42501"
@@ -252,7 +254,8 @@ def assert_exactly_once(c, job: str, directory: Path, parts: int) -> None:
     table = job.replace("-", "_")
     assert recorded_lines(c, job) == oracle(c, table)
     files = sorted(p.name for p in directory.iterdir())
-    assert files == [f"{job}-{n:08d}.ndjson.gz" for n in range(1, parts + 1)], files
+    # The parts, and the binding of the destination to the job.
+    assert files == [f"{job}-{n:08d}.ndjson.gz" for n in range(1, parts + 1)] + [f"{job}.job.json"], files
 
 
 def test_killed_before_the_write(scratch, server_dir):

@@ -32,3 +32,60 @@ pub fn catalog_failed(e: pgrx::spi::SpiError) -> ! {
         None,
     )
 }
+
+/// The role that owns the extension's job catalog (the role that created
+/// the extension): the functions write the catalog with its rights, and
+/// nobody else may.
+fn catalog_owner(client: &SpiClient<'_>, schema: &str) -> SpiResult<pg_sys::Oid> {
+    let table = client.select(
+        "SELECT relowner FROM pg_catalog.pg_class WHERE oid = $1::regclass",
+        Some(1),
+        &[format!("{schema}.stream_export_job").into()],
+    )?;
+    let owner = match table.is_empty() {
+        true => None,
+        false => table.first().get_one::<pg_sys::Oid>()?,
+    };
+    Ok(owner.unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            "the table stream_export_job of pg_stream_export is missing",
+            Some("ALTER EXTENSION pg_stream_export UPDATE, or create the extension again"),
+        )
+    }))
+}
+
+/// Run `f` (catalog statements only) as the catalog's owner, as
+/// PostgreSQL's foreign-key triggers do: the user id is switched with a
+/// local, restricted security context and switched back when `f` returns
+/// or unwinds (an error's transaction abort also restores it). The export
+/// itself never runs in here: it keeps the caller's rights.
+pub fn as_catalog_owner<T>(
+    client: &mut SpiClient<'_>,
+    schema: &str,
+    f: impl FnOnce(&mut SpiClient<'_>) -> SpiResult<T>,
+) -> SpiResult<T> {
+    let owner = catalog_owner(client, schema)?;
+    struct Restore(pg_sys::Oid, i32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: puts back the user id and context saved below.
+            unsafe { pg_sys::SetUserIdAndSecContext(self.0, self.1) };
+        }
+    }
+    let mut user = pg_sys::InvalidOid;
+    let mut context = 0;
+    // SAFETY: reads and sets the backend's current user id and security
+    // context; `Restore` puts the saved ones back on every way out.
+    let _restore = unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+        Restore(user, context)
+    };
+    f(client)
+}

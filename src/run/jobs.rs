@@ -1,22 +1,38 @@
-//! Incremental jobs: a named export of the rows added to a source since
+//! Incremental jobs: a named export of the rows added to a table since
 //! the job last ran, into the job's next part file or object, with the
 //! job's position advanced in the same transaction that records the part.
 //!
-//! Exactly once, whatever dies when: part n is named after n alone
-//! ([`job_part_name`]) and starts after the position the job's row holds,
-//! so a run that died after putting part n in place but before its
-//! transaction committed left a complete file under the very name the
-//! next run would write. The next run finds it, checks it against its
-//! footer and that it continues the job's rows, and records it instead of
-//! writing it again ("recovered"); a file that does not check out is
-//! replaced. A run that died earlier left at most a `.partial` file or an
-//! unfinished upload, which the next write replaces as any export does.
-//! The job's row is locked for the run, so two runs of one job take turns.
+//! Exactly once on a live table. Run N takes a snapshot S_N (after the
+//! job's row is locked) and the time t_N right after it, and exports in key
+//! order, into one part: the rows S_N sees above the position P_{N-1}, and
+//! the late rows: keys in (F_{N-1}, P_{N-1}] whose inserting transaction
+//! S_{N-1} did not see (they committed after run N-1 looked). It records
+//! S_N, t_N, its position P_N and a floor F_N: the position of the latest
+//! run r whose t_r is at or before t_min, the start of the oldest
+//! transaction in progress in another backend when the run began (now if
+//! none), read before S_N is taken. A key drawn from a sequence by a
+//! transaction T that S_N did not see was drawn after T started, so after
+//! t_min, so after S_r was taken: it is greater than every key S_r saw,
+//! so greater than F_N. The late-row window (F, P] is bounded and read
+//! through the key's index.
+//!
+//! A job and its destination are bound to each other by `<job>.job.json`
+//! (the job's id, database and server), written by the first run and
+//! checked by every run. Part n is named after n alone ([`job_part_name`]),
+//! so a run that put part n in place but did not commit (killed, rolled
+//! back, a failed COMMIT) left it under the name the next run writes. The
+//! next run records it as it is ("recovered") only if it checks against
+//! its footer and re-reading its key range now gives the same rows, CRC-32
+//! and position; otherwise it writes the part again. The job's row is
+//! locked for the run, so two runs of one job take turns.
+//!
+//! The catalog is written with its owner's rights ([`as_catalog_owner`]);
+//! the export runs with the caller's.
 
 use pgrx::prelude::*;
 use pgrx::spi::{Spi, SpiClient, SpiResult};
 
-use super::catalog::{catalog_failed, catalog_schema};
+use super::catalog::{as_catalog_owner, catalog_failed, catalog_schema};
 
 use super::{Single, Written};
 use crate::destination::output::Output;
@@ -24,7 +40,7 @@ use crate::destination::ExportDirectory;
 use crate::engine::export::Export;
 use crate::engine::source::Source;
 use crate::error::raise;
-use crate::layout::{job_name_problem, job_part_name};
+use crate::layout::{job_binding_name, job_name_problem, job_part_name};
 use crate::options::{ExportOptions, RawOptions};
 use crate::progress::Destination;
 use crate::token::ResumeToken;
@@ -32,27 +48,24 @@ use crate::token::ResumeToken;
 /// A job's definition and where it stands, as its catalog row holds them.
 struct Job {
     name: String,
+    job_id: String,
     source: String,
     key: String,
+    key_type: Option<String>,
     destination: String,
     compression: String,
     compression_level: Option<i32>,
-    /// The resume token after the last exported row (`None`: from the
+    /// The resume token after the last exported key, P (`None`: from the
     /// start).
     position: Option<String>,
+    /// The snapshot of the run that wrote the last part (`None` before the
+    /// first part, or for parts written before 0.4).
+    snapshot: Option<String>,
+    /// The floor F of that run, a resume token (`None`: from the start).
+    floor: Option<String>,
+    /// That run's own transaction id.
+    run_xid: Option<u64>,
     parts: i64,
-    rows: i64,
-}
-
-impl Job {
-    fn options(&self) -> ExportOptions {
-        options(
-            &self.compression,
-            self.compression_level,
-            &self.key,
-            self.position.as_deref(),
-        )
-    }
 }
 
 /// The options every part of a job is written with: key order, after the
@@ -84,13 +97,65 @@ pub enum Increment {
         rows: u64,
         recovered: bool,
     },
-    /// No row after the job's position: nothing written.
+    /// No row to export: nothing written.
     Nothing,
+}
+
+/// The current role (SET ROLE included).
+fn current_role() -> pg_sys::Oid {
+    // SAFETY: reads the backend's current user id.
+    unsafe { pg_sys::GetUserId() }
+}
+
+fn check_name(name: &str) {
+    if let Some(problem) = job_name_problem(name) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid job name: \"{name}\""),
+            Some(problem),
+        );
+    }
+}
+
+/// The table a job reads: `source` must name a plain or partitioned table
+/// (`0A000` for anything else: a view or a query has no rows of its own
+/// whose inserting transaction could be told).
+fn job_table(source: &str) -> Source {
+    let resolved = Source::resolve(source);
+    let relkind = match &resolved {
+        // SAFETY: a catalog lookup by OID.
+        Source::Relation { oid, .. } => (unsafe { pg_sys::get_rel_relkind(*oid) }) as u8,
+        _ => 0,
+    };
+    if !matches!(relkind, b'r' | b'p') {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("the source of an incremental job must be a table: \"{source}\" is not"),
+            Some("a job exports each row of a plain or partitioned table exactly once; for a view or a query, export with stream_export_to_file(..., key => ..., after => ...)"),
+        );
+    }
+    resolved
+}
+
+/// The SQL type of `column` of the table `source` (`format_type`).
+fn key_type_of(source: &Source, column: &str) -> String {
+    crate::engine::scan::select_one::<String>(
+        "SELECT pg_catalog.format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute \
+         WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+        &[source.relation_oid().into(), column.into()],
+    )
+    .unwrap_or_else(|| {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+            format!("column \"{column}\" does not exist in the export source"),
+            Some("key names a column of the source exactly, case included"),
+        )
+    })
 }
 
 /// Define a job: every part of it is checked now (name, options,
 /// destination and its privilege, source and key), then it is recorded as
-/// the current role's.
+/// the current role's, with its key's type and a new random id.
 pub fn create(
     name: &str,
     source: &str,
@@ -99,167 +164,537 @@ pub fn create(
     compression: &str,
     compression_level: Option<i32>,
 ) {
-    if let Some(problem) = job_name_problem(name) {
-        raise(
-            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("invalid job name: \"{name}\""),
-            Some(problem),
-        );
-    }
+    check_name(name);
     let options = options(compression, compression_level, key, None);
     drop(ExportDirectory::open(destination));
+    let table = job_table(source);
     drop(Export::open(
-        Source::resolve(source),
+        table.clone(),
         options.clone(),
         Destination::File,
     ));
+    let key_type = key_type_of(&table, key);
+    let owner = current_role();
     Spi::connect_mut(|client| {
         let schema = catalog_schema(client)?;
-        let taken = !client
-            .select(
-                &format!("SELECT FROM {schema}.stream_export_job WHERE name = $1"),
-                Some(1),
-                &[name.into()],
-            )?
-            .is_empty();
-        if taken {
-            raise(
-                PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
-                format!("job \"{name}\" already exists"),
-                Some(
-                    "DELETE FROM stream_export_job WHERE name = ... removes a job (its files stay)",
+        as_catalog_owner(client, &schema, |client| {
+            let taken = !client
+                .select(
+                    &format!("SELECT FROM {schema}.stream_export_job WHERE name = $1"),
+                    Some(1),
+                    &[name.into()],
+                )?
+                .is_empty();
+            if taken {
+                raise(
+                    PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+                    format!("job \"{name}\" already exists"),
+                    Some("SELECT stream_export_job_drop(name) removes a job (its files stay)"),
+                );
+            }
+            client.update(
+                &format!(
+                    "INSERT INTO {schema}.stream_export_job \
+                     (name, owner, source, key, destination, compression, compression_level, key_type) \
+                     VALUES ($1, $2::pg_catalog.oid::pg_catalog.regrole, $3, $4, $5, $6, $7, $8)"
                 ),
-            );
-        }
-        client.update(
-            &format!(
-                "INSERT INTO {schema}.stream_export_job \
-                 (name, source, key, destination, compression, compression_level) \
-                 VALUES ($1, $2, $3, $4, $5, $6)"
-            ),
-            None,
-            &[
-                name.into(),
-                source.into(),
-                key.into(),
-                destination.into(),
-                options.compression.to_string().into(),
-                compression_level.into(),
-            ],
-        )?;
-        Ok(())
+                None,
+                &[
+                    name.into(),
+                    owner.into(),
+                    source.into(),
+                    key.into(),
+                    destination.into(),
+                    options.compression.to_string().into(),
+                    compression_level.into(),
+                    key_type.into(),
+                ],
+            )?;
+            Ok(())
+        })
     })
     .unwrap_or_else(|e| catalog_failed(e))
 }
 
-/// Lock the job `name` for this transaction and read it: `42704` when
-/// there is none this role can see, `42501` when it is another role's (a
-/// superuser sees every job, but runs only its own).
-fn lock(client: &mut SpiClient<'_>, schema: &str, name: &str) -> SpiResult<Job> {
+/// Remove the job `name` and its history (its files stay): its owner or a
+/// superuser.
+pub fn drop_job(name: &str) {
+    let caller = current_role();
+    Spi::connect_mut(|client| {
+        let schema = catalog_schema(client)?;
+        as_catalog_owner(client, &schema, |client| {
+            owner_of(client, &schema, name, caller, false)?;
+            client.update(
+                &format!("DELETE FROM {schema}.stream_export_job WHERE name = $1"),
+                None,
+                &[name.into()],
+            )?;
+            Ok(())
+        })
+    })
+    .unwrap_or_else(|e| catalog_failed(e))
+}
+
+/// The schema of the extension's catalog, when the extension is
+/// installed in this database.
+fn installed_schema(client: &SpiClient<'_>) -> SpiResult<Option<String>> {
+    let installed = !client
+        .select(
+            "SELECT FROM pg_catalog.pg_extension WHERE extname = 'pg_stream_export'",
+            Some(1),
+            &[],
+        )?
+        .is_empty();
+    match installed {
+        true => catalog_schema(client).map(Some),
+        false => Ok(None),
+    }
+}
+
+/// Before `DROP ROLE`: `2BP01` when one of `roles` owns jobs in this
+/// database (a role's jobs in other databases are not seen from here).
+pub fn refuse_dropping_owners(roles: &[pg_sys::Oid]) {
+    if roles.is_empty() {
+        return;
+    }
+    Spi::connect_mut(|client| {
+        let Some(schema) = installed_schema(client)? else {
+            return Ok(());
+        };
+        as_catalog_owner(client, &schema, |c| {
+            let table = c.select(
+                &format!(
+                    "SELECT owner::text, pg_catalog.string_agg(pg_catalog.quote_ident(name), ', ' ORDER BY name) \
+                     FROM {schema}.stream_export_job WHERE owner::pg_catalog.oid = ANY ($1) \
+                     GROUP BY owner ORDER BY 1 LIMIT 1"
+                ),
+                Some(1),
+                &[roles.to_vec().into()],
+            )?;
+            if table.is_empty() {
+                return Ok(());
+            }
+            let row = table.first();
+            let owner = row.get::<String>(1)?.unwrap_or_default();
+            let jobs = row.get::<String>(2)?.unwrap_or_default();
+            let database: String =
+                crate::engine::scan::select_one("SELECT pg_catalog.current_database()::text", &[])
+                    .unwrap_or_default();
+            raise(
+                PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                format!(
+                    "role {owner} cannot be dropped because it owns incremental jobs in database \"{database}\": {jobs}"
+                ),
+                Some("DROP OWNED BY the role removes its jobs (their files stay); REASSIGN OWNED BY the role TO another gives them to that role"),
+            );
+        })
+    })
+    .unwrap_or_else(|e| catalog_failed(e))
+}
+
+/// After `DROP OWNED BY`: the roles' jobs in this database go (their files
+/// stay).
+pub fn drop_jobs_of(roles: &[pg_sys::Oid]) {
+    change_owned_jobs(roles, None);
+}
+
+/// After `REASSIGN OWNED BY ... TO to`: the roles' jobs are `to`'s.
+pub fn reassign_jobs(roles: &[pg_sys::Oid], to: pg_sys::Oid) {
+    change_owned_jobs(roles, Some(to));
+}
+
+fn change_owned_jobs(roles: &[pg_sys::Oid], to: Option<pg_sys::Oid>) {
+    if roles.is_empty() {
+        return;
+    }
+    Spi::connect_mut(|client| {
+        let Some(schema) = installed_schema(client)? else {
+            return Ok(());
+        };
+        as_catalog_owner(client, &schema, |c| {
+            match to {
+                None => c.update(
+                    &format!(
+                        "DELETE FROM {schema}.stream_export_job WHERE owner::pg_catalog.oid = ANY ($1)"
+                    ),
+                    None,
+                    &[roles.to_vec().into()],
+                ),
+                Some(to) => c.update(
+                    &format!(
+                        "UPDATE {schema}.stream_export_job SET owner = $2::pg_catalog.oid::pg_catalog.regrole \
+                         WHERE owner::pg_catalog.oid = ANY ($1)"
+                    ),
+                    None,
+                    &[roles.to_vec().into(), to.into()],
+                ),
+            }
+            .map(|_| ())
+        })
+    })
+    .unwrap_or_else(|e| catalog_failed(e))
+}
+
+/// Check that `caller` may act on the job `name` (lock its row first when
+/// `lock`): `42704` when there is none, or it is another role's and the
+/// caller is no superuser (it does not see it); `42501` for a superuser
+/// running another role's job; a job whose owner is gone is only for a
+/// superuser to remove. Returns the owner.
+fn owner_of(
+    client: &mut SpiClient<'_>,
+    schema: &str,
+    name: &str,
+    caller: pg_sys::Oid,
+    running: bool,
+) -> SpiResult<pg_sys::Oid> {
+    let table = client.select(
+        &format!(
+            "SELECT owner::pg_catalog.oid, owner::text, \
+             EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.oid = owner::pg_catalog.oid) \
+             FROM {schema}.stream_export_job WHERE name = $1"
+        ),
+        Some(1),
+        &[name.into()],
+    )?;
+    // SAFETY: a catalog lookup by role OID.
+    let superuser = unsafe { pg_sys::superuser_arg(caller) };
+    let not_found = || -> ! {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("job \"{name}\" does not exist"),
+            Some("jobs are made with stream_export_job_create(); a role sees only its own"),
+        )
+    };
+    if table.is_empty() {
+        not_found();
+    }
+    let row = table.first();
+    let owner = row.get::<pg_sys::Oid>(1)?.unwrap_or(pg_sys::InvalidOid);
+    if owner == caller {
+        return Ok(owner);
+    }
+    if !superuser {
+        not_found();
+    }
+    let owner_name = row.get::<String>(2)?.unwrap_or_default();
+    if row.get::<bool>(3)? != Some(true) {
+        if !running {
+            return Ok(owner);
+        }
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("job \"{name}\" belongs to role {owner_name}, which no longer exists"),
+            Some("nobody can run it: a superuser removes it with SELECT stream_export_job_drop(name)"),
+        );
+    }
+    if running {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("job \"{name}\" belongs to role \"{owner_name}\""),
+            Some("a job runs only as its owner, with the owner's privileges: SET ROLE to it first"),
+        );
+    }
+    Ok(owner)
+}
+
+/// Lock the job `name` for this transaction and read it (see [`owner_of`]).
+fn lock(
+    client: &mut SpiClient<'_>,
+    schema: &str,
+    name: &str,
+    caller: pg_sys::Oid,
+) -> SpiResult<Job> {
+    owner_of(client, schema, name, caller, true)?;
     let table = client.update(
         &format!(
-            "SELECT owner = pg_catalog.quote_ident(current_user)::regrole, owner::text, source, key, destination, \
-             compression, compression_level, position, parts, rows \
+            "SELECT job_id, source, key, key_type, destination, compression, compression_level, \
+             position, snapshot, floor, run_xid::text, parts \
              FROM {schema}.stream_export_job WHERE name = $1 FOR NO KEY UPDATE"
         ),
         Some(1),
         &[name.into()],
     )?;
     if table.is_empty() {
+        // Removed while this run waited for it.
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             format!("job \"{name}\" does not exist"),
-            Some("jobs are made with stream_export_job_create(); a role sees only its own"),
+            None,
         );
     }
     let row = table.first();
-    if row.get::<bool>(1)? != Some(true) {
-        let owner = row.get::<String>(2)?.unwrap_or_default();
-        raise(
-            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("job \"{name}\" belongs to role \"{owner}\""),
-            Some("a job runs only as its owner, with the owner's privileges: SET ROLE to it first"),
-        );
-    }
     let text = |n: usize| -> SpiResult<String> { Ok(row.get::<String>(n)?.unwrap_or_default()) };
     Ok(Job {
         name: name.to_owned(),
-        source: text(3)?,
-        key: text(4)?,
+        job_id: text(1)?,
+        source: text(2)?,
+        key: text(3)?,
+        key_type: row.get::<String>(4)?,
         destination: text(5)?,
         compression: text(6)?,
         compression_level: row.get::<i32>(7)?,
         position: row.get::<String>(8)?,
-        parts: row.get::<i64>(9)?.unwrap_or(0),
-        rows: row.get::<i64>(10)?.unwrap_or(0),
+        snapshot: row.get::<String>(9)?,
+        floor: row.get::<String>(10)?,
+        run_xid: row.get::<String>(11)?.and_then(|x| x.parse().ok()),
+        parts: row.get::<i64>(12)?.unwrap_or(0),
     })
+}
+
+/// The identity a job's destination is bound to.
+fn binding(job: &Job) -> serde_json::Value {
+    // SAFETY: reads the server's system identifier, fixed at initdb.
+    let system = unsafe { pg_sys::GetSystemIdentifier() };
+    let database: String =
+        crate::engine::scan::select_one("SELECT pg_catalog.current_database()::text", &[])
+            .unwrap_or_default();
+    serde_json::json!({
+        "pg_stream_export_job": 1,
+        "job": job.name,
+        "job_id": job.job_id,
+        "database": database,
+        "system_identifier": system.to_string(),
+    })
+}
+
+/// Check that `directory` is this job's (its binding names this job, this
+/// database and this server), binding it at the first run: `55000` naming
+/// the owner when it belongs to another job or database, before anything
+/// is written.
+fn check_binding(directory: &ExportDirectory, job: &Job) {
+    let name = job_binding_name(&job.name);
+    let ours = binding(job);
+    let found = match directory.read_small(&name) {
+        Some(bytes) => bytes,
+        None => {
+            directory.write_small(&name, (ours.to_string() + "\n").as_bytes());
+            return;
+        }
+    };
+    let theirs: Option<serde_json::Value> = serde_json::from_slice(&found).ok();
+    let field = |key: &str| -> String {
+        theirs
+            .as_ref()
+            .and_then(|v| v.get(key))
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let same = ["job_id", "database", "system_identifier"]
+        .iter()
+        .all(|key| ours.get(*key).and_then(|v| v.as_str()) == Some(field(key).as_str()));
+    if !same {
+        raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "the destination of job \"{}\" belongs to job \"{}\" (id {}) of database \"{}\" on the server with system identifier {}",
+                job.name,
+                field("job"),
+                field("job_id"),
+                field("database"),
+                field("system_identifier")
+            ),
+            Some("each job writes into a destination of its own (its binding is the file or object \"<job>.job.json\" there): give this job another destination, or remove the other job's files if that job is gone"),
+        );
+    }
+}
+
+/// Export run N's rows (see the module's comment) as of the active
+/// snapshot, into nothing but counters when `through` is given (a
+/// leftover part's last key, to check it against).
+fn job_export(job: &Job, table: &Source, plain: bool, through: Option<&str>) -> Export {
+    let options = match plain {
+        true => options("none", None, &job.key, job.position.as_deref()),
+        false => options(
+            &job.compression,
+            job.compression_level,
+            &job.key,
+            job.position.as_deref(),
+        ),
+    };
+    let mut export = Export::open(table.clone(), options, Destination::File);
+    if let Some(snapshot) = &job.snapshot {
+        let floor = job.floor.as_deref().map(|token| {
+            ResumeToken::decode(token)
+                .ok()
+                .and_then(|t| t.last_key)
+                .unwrap_or_else(|| {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                        format!("job \"{}\": its recorded floor is not a key token", job.name),
+                        Some("the job's catalog row was changed outside pg_stream_export's functions"),
+                    )
+                })
+        });
+        export.read_job_window(floor.as_deref(), snapshot, job.run_xid);
+    }
+    if let Some(key) = through {
+        export.read_through(key);
+    }
+    export
 }
 
 /// Run the job `name` once (see the module's comment).
 pub fn increment(name: &str) -> Increment {
     let started = std::time::Instant::now();
+    let caller = current_role();
+    // SAFETY: reads the transaction's isolation level.
+    let per_statement = unsafe { pg_sys::XactIsoLevel } < pg_sys::XACT_REPEATABLE_READ as i32;
+    if !per_statement {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            "CALL stream_export_increment runs only in a READ COMMITTED transaction",
+            Some("a run takes its snapshot after it has its job; under REPEATABLE READ or SERIALIZABLE the transaction's snapshot is older than that"),
+        );
+    }
     Spi::connect_mut(|client| {
         let schema = catalog_schema(client)?;
-        let job = lock(client, &schema, name)?;
-        let options = job.options();
-        let directory = ExportDirectory::open(&job.destination);
-        let number = job.parts + 1;
-        let file = job_part_name(&job.name, number, options.compression.file_suffix());
-        let (written, recovered) = match recover(&directory, &file, &job) {
-            Some(written) => (written, true),
-            None => match write_part(&directory, &file, &job, options) {
-                Some(written) => (written, false),
-                None => {
-                    client.update(
-                        &format!(
-                            "UPDATE {schema}.stream_export_job SET last_run_at = now() \
-                             WHERE name = $1"
-                        ),
+        let mut job = as_catalog_owner(client, &schema, |c| lock(c, &schema, name, caller))?;
+        check_name(&job.name);
+        let table = job_table(&job.source);
+        let key_type = key_type_of(&table, &job.key);
+        match &job.key_type {
+            Some(recorded) if *recorded != key_type => raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "job \"{name}\": key column \"{}\" is of type {key_type} now, but the job was made for type {recorded}",
+                    job.key
+                ),
+                Some("the job's position is a key of the old type: drop the job (stream_export_job_drop) and make it again, with a new destination"),
+            ),
+            Some(_) => {}
+            None => {
+                // A job made before 0.4: its key's type is recorded now.
+                as_catalog_owner(client, &schema, |c| {
+                    c.update(
+                        &format!("UPDATE {schema}.stream_export_job SET key_type = $2 WHERE name = $1"),
                         None,
-                        &[name.into()],
-                    )?;
-                    return Ok(Increment::Nothing);
-                }
+                        &[name.into(), key_type.clone().into()],
+                    )
+                    .map(|_| ())
+                })?;
+                job.key_type = Some(key_type);
+            }
+        }
+        let directory = ExportDirectory::open(&job.destination);
+        check_binding(&directory, &job);
+        let number = job.parts + 1;
+        let suffix = options(&job.compression, job.compression_level, &job.key, None)
+            .compression
+            .file_suffix();
+        let file = job_part_name(&job.name, number, suffix);
+
+        // The start of the oldest transaction in progress elsewhere, read
+        // before this run's snapshot is taken (now, when there is none).
+        // SAFETY: reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let horizon = crate::compat::oldest_other_transaction_start().map_or(now, |t| t.min(now));
+
+        // The rows committed by the time this run has its job, not by the
+        // time the CALL started: in READ COMMITTED a snapshot taken now.
+        // SAFETY: pushes the transaction's current snapshot as the active
+        // one for the export's queries; popped below. An error before that
+        // aborts the transaction, whose cleanup empties the snapshot stack.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+        let (snapshot, taken_at) = crate::engine::scan::select_first_row(
+            "SELECT pg_catalog.pg_current_snapshot()::text, pg_catalog.clock_timestamp()",
+            &[],
+            |row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<pgrx::datum::TimestampWithTimeZone>(2)?,
+                ))
             },
+        )
+        .unwrap_or_else(|| catalog_failed(pgrx::spi::SpiError::NoTupleTable));
+        let outcome = match recover(&directory, &file, &job, &table) {
+            Some(written) => Some((written, true)),
+            None => write_part(&directory, &file, &job, &table).map(|w| (w, false)),
+        };
+        // SAFETY: pops the snapshot pushed above; the export's own are popped.
+        unsafe { pg_sys::PopActiveSnapshot() };
+
+        let Some((written, recovered)) = outcome else {
+            // A part an earlier run left under this name unrecorded holds
+            // rows that are not there now: it goes.
+            directory.remove_file(&file);
+            as_catalog_owner(client, &schema, |c| {
+                c.update(
+                    &format!(
+                        "UPDATE {schema}.stream_export_job SET last_run_at = now() WHERE name = $1"
+                    ),
+                    None,
+                    &[name.into()],
+                )
+                .map(|_| ())
+            })?;
+            return Ok(Increment::Nothing);
         };
         let target = written.path.to_string_lossy().into_owned();
         let resume_token = written.resume_token.clone().unwrap_or_default();
         let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
-        client.update(
-            &format!(
-                "INSERT INTO {schema}.stream_export_job_part \
-                 (job, part, target, rows, bytes, file_bytes, crc32, after_token, resume_token, \
-                  recovered, elapsed) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-            ),
-            None,
-            &[
-                name.into(),
-                number.into(),
-                target.clone().into(),
-                (written.rows as i64).into(),
-                (written.bytes as i64).into(),
-                (written.file_bytes as i64).into(),
-                format!("{:08x}", written.crc32).into(),
-                job.position.clone().into(),
-                resume_token.clone().into(),
-                recovered.into(),
-                elapsed.into(),
-            ],
-        )?;
-        client.update(
-            &format!(
-                "UPDATE {schema}.stream_export_job SET position = $2, parts = $3, \
-                 rows = rows + $4, last_run_at = now(), last_part_at = now() WHERE name = $1"
-            ),
-            None,
-            &[
-                name.into(),
-                resume_token.into(),
-                number.into(),
-                (written.rows as i64).into(),
-            ],
-        )?;
+        as_catalog_owner(client, &schema, |c| {
+            // F_N: the position of the latest run whose snapshot was taken
+            // at or before the horizon (this run's never is).
+            let floor = c
+                .select(
+                    &format!(
+                        "SELECT resume_token FROM {schema}.stream_export_job_part \
+                         WHERE job = $1 AND coalesce(snapshot_at, finished_at) <= \
+                         '2000-01-01 00:00:00+00'::timestamptz + $2::int8 * interval '1 microsecond' \
+                         ORDER BY part DESC LIMIT 1"
+                    ),
+                    Some(1),
+                    &[name.into(), horizon.into()],
+                )?
+                .first()
+                .get_one::<String>()
+                .unwrap_or(None);
+            c.update(
+                &format!(
+                    "INSERT INTO {schema}.stream_export_job_part \
+                     (job, part, target, rows, bytes, file_bytes, crc32, after_token, resume_token, \
+                      recovered, elapsed, snapshot, snapshot_at, floor, run_xid) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+                             pg_catalog.pg_current_xact_id())"
+                ),
+                None,
+                &[
+                    name.into(),
+                    number.into(),
+                    target.clone().into(),
+                    (written.rows as i64).into(),
+                    (written.bytes as i64).into(),
+                    (written.file_bytes as i64).into(),
+                    format!("{:08x}", written.crc32).into(),
+                    job.position.clone().into(),
+                    resume_token.clone().into(),
+                    recovered.into(),
+                    elapsed.into(),
+                    snapshot.clone().into(),
+                    taken_at.into(),
+                    floor.clone().into(),
+                ],
+            )?;
+            c.update(
+                &format!(
+                    "UPDATE {schema}.stream_export_job SET position = $2, parts = $3, \
+                     rows = rows + $4, last_run_at = now(), last_part_at = now(), \
+                     snapshot = $5, floor = $6, run_xid = pg_catalog.pg_current_xact_id() \
+                     WHERE name = $1"
+                ),
+                None,
+                &[
+                    name.into(),
+                    resume_token.into(),
+                    number.into(),
+                    (written.rows as i64).into(),
+                    snapshot.into(),
+                    floor.into(),
+                ],
+            )
+            .map(|_| ())
+        })?;
         Ok(Increment::Part {
             number,
             target,
@@ -270,10 +705,11 @@ pub fn increment(name: &str) -> Increment {
     .unwrap_or_else(|e| catalog_failed(e))
 }
 
-/// The part `file` a run that died before its commit left in place, if it
-/// is whole (it matches its footer) and continues the job: its token
-/// counts the job's rows plus its own. Anything else is not taken.
-fn recover(directory: &ExportDirectory, file: &str, job: &Job) -> Option<Written> {
+/// The part `file` a run that did not commit left in place, if it is
+/// whole (it matches its footer) and holds exactly what this run reads
+/// now up to its last key: the same rows, CRC-32 and position. Anything
+/// else is not taken (and is replaced).
+fn recover(directory: &ExportDirectory, file: &str, job: &Job, table: &Source) -> Option<Written> {
     let mut reader = Counted {
         inner: directory.open_file(file).ok()?,
         bytes: 0,
@@ -282,9 +718,19 @@ fn recover(directory: &ExportDirectory, file: &str, job: &Job) -> Option<Written
         pgrx::check_for_interrupts!();
     })
     .ok()?;
-    let token = verdict.resume_token.filter(|_| verdict.ok)?;
-    let decoded = ResumeToken::decode(&token).ok()?;
-    if verdict.rows == 0 || decoded.rows != job.rows as u64 + verdict.rows {
+    let token = verdict.resume_token.clone().filter(|_| verdict.ok)?;
+    let last_key = ResumeToken::decode(&token).ok()?.last_key?;
+    if verdict.rows == 0 {
+        return None;
+    }
+    // Its key range, read again now (as a part without compression: the
+    // CRC-32 covers the uncompressed lines).
+    let mut export = job_export(job, table, true, Some(&last_key));
+    let (_, counts) = super::pump(&mut export, std::io::sink(), u64::MAX);
+    let same = counts.rows == verdict.rows
+        && counts.crc32 == verdict.crc32
+        && export.resume_token().as_deref() == Some(token.as_str());
+    if !same {
         return None;
     }
     let path = match &directory {
@@ -301,30 +747,21 @@ fn recover(directory: &ExportDirectory, file: &str, job: &Job) -> Option<Written
     })
 }
 
-/// Export the rows after the job's position into `file`, replacing what an
-/// earlier run left under that name unrecorded; `None`, and nothing left
-/// behind, when there is no such row.
+/// Export run N's rows into `file`, replacing what an earlier run left
+/// under that name unrecorded; `None`, and nothing left behind, when there
+/// is no such row.
 fn write_part(
     directory: &ExportDirectory,
     file: &str,
     job: &Job,
-    options: ExportOptions,
+    table: &Source,
 ) -> Option<Written> {
-    let source = Source::resolve(&job.source);
+    let export = job_export(job, table, false, None);
     let output = directory.create_part(file, true);
-    // The rows committed by the time this run has its job, not by the time
-    // the CALL started: in READ COMMITTED a snapshot taken now (under
-    // REPEATABLE READ or SERIALIZABLE this is the transaction's one).
-    // SAFETY: pushes the transaction's current snapshot as the active one
-    // for the export's queries; popped below. An error before that aborts
-    // the transaction, whose cleanup empties the snapshot stack.
-    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
-    let single = Single::open(source, options, Destination::File, &output.describe());
+    let single = Single::of(export, &output.describe());
     let (path, counts, resume_token) = single.run(output, |output: Output, counts| {
         (counts.rows > 0).then(|| output.commit())
     });
-    // SAFETY: pops the snapshot pushed above; the export's own are popped.
-    unsafe { pg_sys::PopActiveSnapshot() };
     Some(super::written(path?, counts, resume_token))
 }
 

@@ -10,6 +10,11 @@
 //! text. Every other statement goes to the previous hook, or to PostgreSQL,
 //! from a frame that holds nothing and catches nothing, so that its errors
 //! reach the client exactly as they would without the extension.
+//!
+//! The same hook keeps incremental jobs' owners real: `DROP ROLE` of a role
+//! that owns jobs in this database is refused, `DROP OWNED BY` removes its
+//! jobs and `REASSIGN OWNED BY` gives them to the new role (see
+//! [`crate::run::jobs::refuse_dropping_owners`]).
 
 use std::ffi::{c_char, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,6 +88,10 @@ unsafe extern "C-unwind" fn process_utility(
             run_ndjson_copy(pstmt, query_string, qc);
             return;
         }
+        let role_statement = is_role_statement(pstmt);
+        if role_statement {
+            before_role_statement(pstmt);
+        }
         match PREVIOUS_HOOK {
             Some(previous) => previous(
                 pstmt,
@@ -104,6 +113,81 @@ unsafe extern "C-unwind" fn process_utility(
                 dest,
                 qc,
             ),
+        }
+        if role_statement {
+            after_role_statement(pstmt);
+        }
+    }
+}
+
+/// The utility statement of `pstmt`, if it is a DROP ROLE, DROP OWNED or
+/// REASSIGN OWNED statement. Cannot raise.
+///
+/// # Safety
+/// `pstmt` must be a valid PlannedStmt.
+unsafe fn is_role_statement(pstmt: *mut pg_sys::PlannedStmt) -> bool {
+    // SAFETY: forwarded; only node tags are read.
+    unsafe {
+        let stmt = (*pstmt).utilityStmt;
+        !stmt.is_null()
+            && (is_a(stmt, pg_sys::NodeTag::T_DropRoleStmt)
+                || is_a(stmt, pg_sys::NodeTag::T_DropOwnedStmt)
+                || is_a(stmt, pg_sys::NodeTag::T_ReassignOwnedStmt))
+    }
+}
+
+/// The roles a list of RoleSpec names (those that exist; `PUBLIC` names
+/// none).
+///
+/// # Safety
+/// `roles` must be NULL or a List of RoleSpec nodes.
+unsafe fn role_oids(roles: *mut pg_sys::List) -> Vec<pg_sys::Oid> {
+    // SAFETY: forwarded; get_rolespec_oid with missing_ok gives InvalidOid
+    // for a role that does not exist.
+    unsafe {
+        PgList::<pg_sys::RoleSpec>::from_pg(roles)
+            .iter_ptr()
+            .filter(|spec| (**spec).roletype != pg_sys::RoleSpecType::ROLESPEC_PUBLIC)
+            .map(|spec| pg_sys::get_rolespec_oid(spec, true))
+            .filter(|oid| *oid != pg_sys::InvalidOid)
+            .collect()
+    }
+}
+
+/// Before DROP ROLE: refuse it for a role that owns jobs here.
+///
+/// # Safety
+/// `pstmt` must be a role statement ([`is_role_statement`]).
+#[pg_guard]
+unsafe extern "C-unwind" fn before_role_statement(pstmt: *mut pg_sys::PlannedStmt) {
+    // SAFETY: the tag was checked by the hook.
+    unsafe {
+        let stmt = (*pstmt).utilityStmt;
+        if is_a(stmt, pg_sys::NodeTag::T_DropRoleStmt) {
+            let roles = role_oids((*stmt.cast::<pg_sys::DropRoleStmt>()).roles);
+            run::jobs::refuse_dropping_owners(&roles);
+        }
+    }
+}
+
+/// After DROP OWNED BY (its privilege checks passed): the roles' jobs go;
+/// after REASSIGN OWNED BY: they are the new role's.
+///
+/// # Safety
+/// `pstmt` must be a role statement ([`is_role_statement`]).
+#[pg_guard]
+unsafe extern "C-unwind" fn after_role_statement(pstmt: *mut pg_sys::PlannedStmt) {
+    // SAFETY: the tag was checked by the hook.
+    unsafe {
+        let stmt = (*pstmt).utilityStmt;
+        if is_a(stmt, pg_sys::NodeTag::T_DropOwnedStmt) {
+            let roles = role_oids((*stmt.cast::<pg_sys::DropOwnedStmt>()).roles);
+            run::jobs::drop_jobs_of(&roles);
+        } else if is_a(stmt, pg_sys::NodeTag::T_ReassignOwnedStmt) {
+            let reassign = stmt.cast::<pg_sys::ReassignOwnedStmt>();
+            let roles = role_oids((*reassign).roles);
+            let to = pg_sys::get_rolespec_oid((*reassign).newrole, false);
+            run::jobs::reassign_jobs(&roles, to);
         }
     }
 }

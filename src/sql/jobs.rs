@@ -31,6 +31,13 @@ fn stream_export_job_create(
     );
 }
 
+/// Remove the job `name` and its history (its files stay); its owner or a
+/// superuser.
+#[pg_extern(volatile, parallel_unsafe)]
+fn stream_export_job_drop(name: Option<&str>) {
+    jobs::drop_job(required(name, "name"));
+}
+
 /// `CALL stream_export_increment(job)`; its SQL definition is in the
 /// catalog block below (a procedure).
 #[pg_extern(sql = false)]
@@ -99,7 +106,8 @@ fn stream_export_archive(
 pgrx::extension_sql!(
     r#"
 -- Incremental jobs: a definition per job, and the history of its parts.
--- Each role sees and runs only its own jobs (row-level security); the
+-- Each role sees and runs only its own jobs (row-level security); only the
+-- extension's functions change them (with the tables' owner's rights); the
 -- tables are dumped by pg_dump with the database.
 CREATE TABLE stream_export_job (
     name text PRIMARY KEY,
@@ -114,9 +122,14 @@ CREATE TABLE stream_export_job (
     rows bigint NOT NULL DEFAULT 0,
     created_at timestamptz NOT NULL DEFAULT now(),
     last_run_at timestamptz,
-    last_part_at timestamptz
+    last_part_at timestamptz,
+    job_id text NOT NULL DEFAULT (pg_catalog.gen_random_uuid())::text,
+    key_type text,
+    snapshot text,
+    floor text,
+    run_xid xid8
 );
-COMMENT ON TABLE stream_export_job IS 'pg_stream_export incremental jobs: what CALL stream_export_increment(name) exports next (position: the resume token after the last exported row; NULL: from the start).';
+COMMENT ON TABLE stream_export_job IS 'pg_stream_export incremental jobs: what CALL stream_export_increment(name) exports next (position: the resume token after the last exported row, NULL: from the start; snapshot, floor, run_xid: the last part''s run, whose late rows the next run picks up).';
 CREATE TABLE stream_export_job_part (
     job text NOT NULL REFERENCES stream_export_job (name) ON DELETE CASCADE ON UPDATE CASCADE,
     part bigint NOT NULL,
@@ -130,9 +143,13 @@ CREATE TABLE stream_export_job_part (
     recovered boolean NOT NULL DEFAULT false,
     elapsed interval,
     finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    snapshot text,
+    snapshot_at timestamptz,
+    floor text,
+    run_xid xid8,
     PRIMARY KEY (job, part)
 );
-COMMENT ON TABLE stream_export_job_part IS 'pg_stream_export incremental jobs: every part written, in order (recovered: written by a run that died before it could record it, and taken over by the next run).';
+COMMENT ON TABLE stream_export_job_part IS 'pg_stream_export incremental jobs: every part written, in order (recovered: written by a run that did not commit, found to hold exactly what the table holds in its key range, and taken over by the next run).';
 ALTER TABLE stream_export_job ENABLE ROW LEVEL SECURITY;
 ALTER TABLE stream_export_job_part ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_jobs ON stream_export_job
@@ -140,7 +157,7 @@ CREATE POLICY own_jobs ON stream_export_job
 CREATE POLICY own_job_parts ON stream_export_job_part
     USING (EXISTS (SELECT FROM stream_export_job j WHERE j.name = job))
     WITH CHECK (EXISTS (SELECT FROM stream_export_job j WHERE j.name = job));
-GRANT SELECT, INSERT, UPDATE, DELETE ON stream_export_job, stream_export_job_part TO PUBLIC;
+GRANT SELECT ON stream_export_job, stream_export_job_part TO PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('stream_export_job', '');
 SELECT pg_catalog.pg_extension_config_dump('stream_export_job_part', '');
 CREATE PROCEDURE stream_export_increment(job text)

@@ -1,0 +1,34 @@
+-- pg_stream_export 0.3.0 -> 0.4.0 (ALTER EXTENSION pg_stream_export UPDATE).
+\echo Use "ALTER EXTENSION pg_stream_export UPDATE TO '0.4.0'" to load this file. \quit
+
+-- Archives: nothing in the catalog changes (the checks before each DELETE
+-- are in the library).
+
+-- Incremental jobs: exactly once on a live table. Each run records its
+-- snapshot, the time right after it, its floor and its own transaction id,
+-- so that the next run picks up the rows that committed late; each job has
+-- a random id (bound to its destination) and records its key's type (jobs
+-- made before 0.4.0 get theirs at their next run). Only the extension's
+-- functions change the catalog now: INSERT, UPDATE and DELETE are no longer
+-- granted; stream_export_job_drop removes a job.
+ALTER TABLE stream_export_job
+    ADD COLUMN job_id text NOT NULL DEFAULT (pg_catalog.gen_random_uuid())::text,
+    ADD COLUMN key_type text,
+    ADD COLUMN snapshot text,
+    ADD COLUMN floor text,
+    ADD COLUMN run_xid xid8;
+ALTER TABLE stream_export_job_part
+    ADD COLUMN snapshot text,
+    ADD COLUMN snapshot_at timestamptz,
+    ADD COLUMN floor text,
+    ADD COLUMN run_xid xid8;
+COMMENT ON TABLE stream_export_job IS 'pg_stream_export incremental jobs: what CALL stream_export_increment(name) exports next (position: the resume token after the last exported row, NULL: from the start; snapshot, floor, run_xid: the last part''s run, whose late rows the next run picks up).';
+COMMENT ON TABLE stream_export_job_part IS 'pg_stream_export incremental jobs: every part written, in order (recovered: written by a run that did not commit, found to hold exactly what the table holds in its key range, and taken over by the next run).';
+REVOKE INSERT, UPDATE, DELETE ON stream_export_job, stream_export_job_part FROM PUBLIC;
+
+CREATE  FUNCTION "stream_export_job_drop"(
+	"name" TEXT /* Option < & str > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'stream_export_job_drop_wrapper';

@@ -1,0 +1,371 @@
+"""Incremental jobs never lose, invent or mangle a row (issue 37).
+
+- Exactly once on a live table: writers whose transactions commit in any
+  order (ids held across runs, nextval long before the insert), runs from
+  two sessions at once: the union of the parts is the table, each row once.
+- A part left by a run that did not commit (ROLLBACK, a failed COMMIT) is
+  taken only if it holds what the table holds now; a destination holding
+  another job's or another database's parts is refused.
+- The key's type is recorded and checked; names are checked at every run;
+  the catalog changes only through the extension's functions; a role that
+  owns jobs cannot be dropped, and DROP OWNED / REASSIGN OWNED take its jobs.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+
+import psycopg
+import pytest
+
+from helpers import listed_part_lines, oracle_lines, sqlstate_of
+
+
+def recorded_lines(conn, job: str) -> list[str]:
+    return listed_part_lines(
+        conn, "SELECT target, rows FROM stream_export_job_part WHERE job = %s ORDER BY part", [job])
+
+
+def oracle(conn, table: str) -> list[str]:
+    return oracle_lines(conn, f"SELECT * FROM {table} ORDER BY id")
+
+
+def fresh_job(conn, job: str, table: str, directory, key: str = "id") -> None:
+    conn.execute("DELETE FROM stream_export_job WHERE name = %s", [job])
+    conn.execute("SELECT stream_export_job_create(%s, %s, %s, %s)", [job, table, key, str(directory)])
+
+
+# --- A. exactly once on a live table -------------------------------------------------
+
+def test_rows_that_commit_late_are_exported_once(server, conn, server_dir):
+    conn.execute("""
+        DROP TABLE IF EXISTS live_events;
+        CREATE TABLE live_events (id bigserial PRIMARY KEY, writer int NOT NULL, n int NOT NULL,
+                                  note text, at timestamptz NOT NULL DEFAULT clock_timestamp());
+    """)
+    fresh_job(conn, "live", "live_events", server_dir)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def guarded(body):
+        def run():
+            try:
+                body()
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                errors.append(e)
+                stop.set()
+        return run
+
+    def writer(w: int):
+        rng = random.Random(w)
+        with server.connect(autocommit=False) as c:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                if w == 0 and n % 15 == 1:
+                    # nextval long before the insert, in the same transaction.
+                    (held,) = c.execute("SELECT nextval('live_events_id_seq')").fetchone()
+                    time.sleep(rng.uniform(1.0, 2.0))
+                    c.execute("INSERT INTO live_events (id, writer, n, note) VALUES (%s, %s, %s, 'held')",
+                              [held, w, n])
+                else:
+                    for _ in range(rng.randint(1, 4)):
+                        c.execute("INSERT INTO live_events (writer, n, note) VALUES (%s, %s, 'x')", [w, n])
+                    # Mostly short, sometimes longer than the time between runs.
+                    time.sleep(rng.choice([0, 0.01, 0.05, 0.2]) if rng.random() < 0.85
+                               else rng.uniform(0.6, 1.5))
+                if rng.random() < 0.05:
+                    c.rollback()
+                else:
+                    c.commit()
+
+    def runner(r: int):
+        rng = random.Random(100 + r)
+        with server.connect() as c:
+            while not stop.is_set():
+                c.execute("CALL stream_export_increment('live')")
+                time.sleep(rng.uniform(0.3, 0.5))
+
+    threads = [threading.Thread(target=guarded(lambda w=w: writer(w))) for w in range(4)]
+    threads += [threading.Thread(target=guarded(lambda r=r: runner(r))) for r in range(2)]
+    for t in threads:
+        t.start()
+    stop.wait(18)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    # Every writer has committed or rolled back: the last runs ship the rest.
+    conn.execute("CALL stream_export_increment('live')")
+    conn.execute("CALL stream_export_increment('live')")
+
+    lines = recorded_lines(conn, "live")
+    expected = oracle(conn, "live_events")
+    assert len(expected) > 300
+    duplicated = [line for line, count in collections.Counter(lines).items() if count > 1]
+    missing = sorted(set(expected) - set(lines))
+    invented = sorted(set(lines) - set(expected))
+    assert (missing[:5], len(missing), duplicated[:5], invented[:5]) == ([], 0, [], [])
+    assert sorted(lines) == sorted(expected)
+    parts = conn.execute("SELECT count(*), bool_or(recovered) FROM stream_export_job_part WHERE job = 'live'"
+                         ).fetchone()
+    assert parts[0] > 10 and parts[1] is False
+
+
+def test_a_job_reads_a_table_and_nothing_else(conn, server_dir):
+    conn.execute("""
+        DROP VIEW IF EXISTS job_view;
+        DROP TABLE IF EXISTS job_base;
+        CREATE TABLE job_base (id int PRIMARY KEY, v text);
+        INSERT INTO job_base SELECT g, 'v' || g FROM generate_series(1, 10) g;
+        CREATE VIEW job_view AS SELECT * FROM job_base;
+    """)
+    conn.execute("DELETE FROM stream_export_job WHERE name LIKE 'notable%'")
+    create = "SELECT stream_export_job_create(%s, %s, 'id', %s)"
+    assert sqlstate_of(conn, create, ["notable1", "job_view", str(server_dir)]) == "0A000"
+    assert sqlstate_of(conn, create, ["notable2", "SELECT * FROM job_base", str(server_dir)]) == "0A000"
+    # A job whose source became a view fails its run with 0A000.
+    conn.execute(create, ["notable3", "job_base", str(server_dir)])
+    conn.execute("""
+        ALTER TABLE job_base RENAME TO job_base_old;
+        CREATE VIEW job_base AS SELECT * FROM job_base_old;
+    """)
+    try:
+        assert sqlstate_of(conn, "CALL stream_export_increment('notable3')") == "0A000"
+    finally:
+        conn.execute("DROP VIEW job_base; ALTER TABLE job_base_old RENAME TO job_base")
+    assert list(server_dir.iterdir()) == []
+
+
+# --- B. recovery only of what is this job's and still true ---------------------------
+
+def test_a_rolled_back_run_is_not_recovered(conn, server_dir):
+    conn.execute("""
+        DROP TABLE IF EXISTS job_rollback;
+        CREATE TABLE job_rollback (id int PRIMARY KEY, v text);
+        INSERT INTO job_rollback SELECT g, 'v' || g FROM generate_series(1, 10) g;
+    """)
+    fresh_job(conn, "rollback", "job_rollback", server_dir)
+    conn.execute("CALL stream_export_increment('rollback')")
+    conn.execute("INSERT INTO job_rollback SELECT g, 'v' || g FROM generate_series(11, 20) g")
+    with conn.transaction(force_rollback=True):
+        conn.execute("DELETE FROM job_rollback WHERE id = 15")
+        conn.execute("CALL stream_export_increment('rollback')")
+    # The part the rolled-back run left is there, without row 15.
+    assert (server_dir / "rollback-00000002.ndjson").exists()
+    conn.execute("CALL stream_export_increment('rollback')")
+    assert conn.execute("SELECT part, rows, recovered FROM stream_export_job_part WHERE job = 'rollback' "
+                        "ORDER BY part").fetchall() == [(1, 10, False), (2, 10, False)]
+    assert recorded_lines(conn, "rollback") == oracle(conn, "job_rollback")
+
+
+def test_a_run_whose_commit_failed_is_not_recovered(server, server_dir):
+    with server.connect(autocommit=False) as c:
+        c.execute("""
+            DROP TABLE IF EXISTS job_fk_child;
+            DROP TABLE IF EXISTS job_fk_parent;
+            CREATE TABLE job_fk_parent (id int PRIMARY KEY);
+            CREATE TABLE job_fk_child (id int PRIMARY KEY,
+                parent int REFERENCES job_fk_parent DEFERRABLE INITIALLY DEFERRED);
+            INSERT INTO job_fk_parent VALUES (1);
+            INSERT INTO job_fk_child SELECT g, 1 FROM generate_series(1, 10) g;
+        """)
+        c.commit()
+        c.execute("DELETE FROM stream_export_job WHERE name = 'fk'")
+        c.execute("SELECT stream_export_job_create('fk', 'job_fk_child', 'id', %s)", [str(server_dir)])
+        c.execute("CALL stream_export_increment('fk')")
+        c.commit()
+        c.execute("INSERT INTO job_fk_child SELECT g, 1 FROM generate_series(11, 20) g")
+        c.commit()
+        c.execute("INSERT INTO job_fk_child VALUES (21, 999)")  # no such parent: COMMIT fails
+        c.execute("CALL stream_export_increment('fk')")
+        with pytest.raises(psycopg.Error) as failed:
+            c.commit()
+        assert failed.value.sqlstate == "23503"
+    with server.connect() as c:
+        notices: list[str] = []
+        c.add_notice_handler(lambda d: notices.append(d.message_primary))
+        c.execute("CALL stream_export_increment('fk')")
+        assert "recovered" not in notices[-1]
+        assert c.execute("SELECT part, rows, recovered FROM stream_export_job_part WHERE job = 'fk' "
+                         "ORDER BY part").fetchall() == [(1, 10, False), (2, 10, False)]
+        assert recorded_lines(c, "fk") == oracle(c, "job_fk_child")
+
+
+def test_a_restored_copy_of_the_database_does_not_take_the_destination(server, conn, server_dir):
+    conn.execute("""
+        DROP TABLE IF EXISTS job_restored;
+        CREATE TABLE job_restored (id int PRIMARY KEY, v text);
+        INSERT INTO job_restored SELECT g, 'prod ' || g FROM generate_series(1, 50) g;
+    """)
+    fresh_job(conn, "restored", "job_restored", server_dir)
+    conn.execute("CALL stream_export_increment('restored')")
+    with server.connect(dbname="postgres") as admin:
+        admin.execute("DROP DATABASE IF EXISTS e2e_staging")
+        # The copy holds the job, its history and its table, as a restore would.
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        conn.close()
+        admin.execute("CREATE DATABASE e2e_staging TEMPLATE e2e")
+    try:
+        with server.connect(dbname="e2e_staging") as staging:
+            staging.execute("INSERT INTO job_restored SELECT g, 'staging ' || g FROM generate_series(51, 100) g")
+            before = sorted(p.name for p in server_dir.iterdir())
+            try:
+                staging.execute("CALL stream_export_increment('restored')")
+                raise AssertionError("the copy wrote into production's destination")
+            except psycopg.Error as e:
+                assert e.sqlstate == "55000"
+                assert '"e2e"' in e.diag.message_primary and "restored" in e.diag.message_primary
+            assert sorted(p.name for p in server_dir.iterdir()) == before
+        with server.connect() as prod:
+            # A second job pointed at the same destination is refused too.
+            fresh_job(prod, "restored-2", "job_restored", server_dir)
+            prod.execute("SELECT stream_export_job_drop('restored-2')")
+            prod.execute("INSERT INTO job_restored SELECT g, 'prod ' || g FROM generate_series(51, 60) g")
+            prod.execute("CALL stream_export_increment('restored')")
+            assert recorded_lines(prod, "restored") == oracle(prod, "job_restored")
+    finally:
+        with server.connect(dbname="postgres") as admin:
+            admin.execute("DROP DATABASE IF EXISTS e2e_staging")
+
+
+def test_a_second_job_does_not_take_another_jobs_destination(conn, server_dir):
+    conn.execute("""
+        DROP TABLE IF EXISTS job_second;
+        CREATE TABLE job_second (id int PRIMARY KEY);
+        INSERT INTO job_second SELECT generate_series(1, 30);
+    """)
+    fresh_job(conn, "second", "job_second", server_dir)
+    conn.execute("CALL stream_export_increment('second')")
+    # Dropped and made again: a new job, which finds the old one's parts.
+    conn.execute("SELECT stream_export_job_drop('second')")
+    fresh_job(conn, "second", "job_second", server_dir)
+    before = {p.name: p.read_bytes() for p in server_dir.iterdir()}
+    assert sqlstate_of(conn, "CALL stream_export_increment('second')") == "55000"
+    assert {p.name: p.read_bytes() for p in server_dir.iterdir()} == before
+
+
+# --- C. the key's type --------------------------------------------------------------
+
+def test_a_changed_key_type_stops_the_job(conn, server_dir):
+    conn.execute("""
+        DROP TABLE IF EXISTS job_keytype;
+        CREATE TABLE job_keytype (id int PRIMARY KEY, v text);
+        INSERT INTO job_keytype SELECT g, 'v' || g FROM generate_series(1, 20) g;
+    """)
+    fresh_job(conn, "keytype", "job_keytype", server_dir)
+    assert conn.execute("SELECT key_type FROM stream_export_job WHERE name = 'keytype'").fetchone() == ("integer",)
+    conn.execute("CALL stream_export_increment('keytype')")
+    conn.execute("ALTER TABLE job_keytype ALTER id TYPE text")
+    try:
+        conn.execute("CALL stream_export_increment('keytype')")
+        raise AssertionError("ran with a changed key type")
+    except psycopg.Error as e:
+        assert e.sqlstate == "55000"
+        message = e.diag.message_primary
+        assert '"id"' in message and "integer" in message and "text" in message
+    # A table made again under the name, with a uuid key.
+    conn.execute("""
+        DROP TABLE job_keytype;
+        CREATE TABLE job_keytype (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), v text);
+        INSERT INTO job_keytype (v) SELECT 'u' || g FROM generate_series(1, 5) g;
+    """)
+    assert sqlstate_of(conn, "CALL stream_export_increment('keytype')") == "55000"
+    assert conn.execute("SELECT parts FROM stream_export_job WHERE name = 'keytype'").fetchone() == (1,)
+
+
+# --- D. names, the catalog, roles ---------------------------------------------------
+
+def make_role(conn, role: str) -> None:
+    conn.execute(f"""
+        DO $$ BEGIN
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN
+                CREATE ROLE {role} LOGIN;
+            END IF;
+        END $$;
+        GRANT pg_write_server_files, pg_read_server_files TO {role};
+    """)
+
+
+def test_owners_change_the_catalog_only_through_the_functions(server, conn, server_dir):
+    make_role(conn, "job_plain")
+    conn.execute("""
+        DROP TABLE IF EXISTS job_catalog;
+        CREATE TABLE job_catalog (id int PRIMARY KEY);
+        INSERT INTO job_catalog SELECT generate_series(1, 10);
+        GRANT SELECT ON job_catalog TO job_plain;
+        DELETE FROM stream_export_job WHERE name = 'plain';
+    """)
+    with psycopg.connect(server.dsn(user="job_plain"), autocommit=True) as plain:
+        plain.execute("SELECT stream_export_job_create('plain', 'job_catalog', 'id', %s)", [str(server_dir)])
+        plain.execute("CALL stream_export_increment('plain')")
+        for statement in ["UPDATE stream_export_job SET name = '../esc' WHERE name = 'plain'",
+                          "UPDATE stream_export_job SET position = NULL WHERE name = 'plain'",
+                          "UPDATE stream_export_job_part SET rows = 0 WHERE job = 'plain'",
+                          "DELETE FROM stream_export_job_part WHERE job = 'plain'",
+                          "DELETE FROM stream_export_job WHERE name = 'plain'",
+                          """INSERT INTO stream_export_job (name, source, key, destination)
+                             VALUES ('mine', 'job_catalog', 'id', '/tmp')"""]:
+            assert sqlstate_of(plain, statement) == "42501", statement
+        # Still readable, and removable through the function.
+        assert plain.execute("SELECT parts FROM stream_export_job WHERE name = 'plain'").fetchone() == (1,)
+        plain.execute("SELECT stream_export_job_drop('plain')")
+        assert plain.execute("SELECT count(*) FROM stream_export_job_part WHERE job = 'plain'").fetchone() == (0,)
+        assert sqlstate_of(plain, "SELECT stream_export_job_drop('plain')") == "42704"
+
+
+def test_the_name_is_checked_at_every_run(conn, server_dir):
+    conn.execute("""
+        DROP TABLE IF EXISTS job_renamed;
+        CREATE TABLE job_renamed (id int PRIMARY KEY);
+        INSERT INTO job_renamed SELECT generate_series(1, 10);
+    """)
+    fresh_job(conn, "renamed", "job_renamed", server_dir)
+    # Only a superuser can still change the row by hand.
+    conn.execute("UPDATE stream_export_job SET name = '../esc' WHERE name = 'renamed'")
+    try:
+        assert sqlstate_of(conn, "CALL stream_export_increment('../esc')") == "22023"
+    finally:
+        conn.execute("DELETE FROM stream_export_job WHERE name = '../esc'")
+    assert list(server_dir.iterdir()) == []
+    assert not (server_dir.parent / "esc-00000001.ndjson").exists()
+
+
+def test_a_role_that_owns_jobs_is_not_dropped_without_them(server, conn, server_dir):
+    conn.execute("LOAD 'pg_stream_export'")  # the hook is in the library
+    for role in ("job_leaving", "job_heir"):
+        conn.execute(f"DROP OWNED BY {role}" if conn.execute(
+            "SELECT FROM pg_roles WHERE rolname = %s", [role]).fetchone() else "SELECT")
+        make_role(conn, role)
+    conn.execute("""
+        DROP TABLE IF EXISTS job_roles;
+        CREATE TABLE job_roles (id int PRIMARY KEY);
+        INSERT INTO job_roles SELECT generate_series(1, 10);
+        GRANT SELECT ON job_roles TO job_leaving, job_heir;
+    """)
+    with psycopg.connect(server.dsn(user="job_leaving"), autocommit=True) as leaving:
+        for job in ("leaving-a", "leaving-b"):
+            leaving.execute("SELECT stream_export_job_create(%s, 'job_roles', 'id', %s)", [job, str(server_dir)])
+    try:
+        conn.execute("DROP ROLE job_leaving")
+        raise AssertionError("a role that owns jobs was dropped")
+    except psycopg.Error as e:
+        assert e.sqlstate == "2BP01"
+        assert "leaving-a" in e.diag.message_primary and '"e2e"' in e.diag.message_primary
+        assert "DROP OWNED" in (e.diag.message_hint or "")
+    # REASSIGN OWNED gives the jobs away; DROP OWNED removes what is left.
+    conn.execute("REASSIGN OWNED BY job_leaving TO job_heir")
+    assert conn.execute("SELECT array_agg(owner::text ORDER BY name) FROM stream_export_job "
+                        "WHERE name LIKE 'leaving-%'").fetchone() == (["job_heir", "job_heir"],)
+    conn.execute("DROP OWNED BY job_leaving")
+    conn.execute("DROP ROLE job_leaving")
+    with psycopg.connect(server.dsn(user="job_heir"), autocommit=True) as heir:
+        heir.execute("CALL stream_export_increment('leaving-a')")
+    conn.execute("REVOKE ALL ON job_roles FROM job_heir")
+    conn.execute("DROP OWNED BY job_heir")
+    assert conn.execute("SELECT count(*) FROM stream_export_job WHERE name LIKE 'leaving-%'").fetchone() == (0,)
+    conn.execute("DROP ROLE job_heir")
