@@ -32,3 +32,9 @@ CREATE  FUNCTION "stream_export_job_drop"(
 VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'stream_export_job_drop_wrapper';
+
+-- Cluster exports run with the caller's rights: a role that is not a
+-- superuser names its nodes by foreign server (of this wrapper, or of
+-- postgres_fdw or dblink_fdw) and reaches them with its own user mapping.
+CREATE FOREIGN DATA WRAPPER stream_export_nodes;
+COMMENT ON FOREIGN DATA WRAPPER stream_export_nodes IS 'pg_stream_export: servers that are nodes of cluster exports (libpq options; user and password in user mappings)';

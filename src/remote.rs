@@ -69,6 +69,114 @@ extern "C" {
     fn PQcancel(cancel: *mut PGcancel, errbuf: *mut c_char, errbufsize: c_int) -> c_int;
     fn PQfreeCancel(cancel: *mut PGcancel);
     fn PQfinish(conn: *mut PGconn);
+    fn PQconnectionUsedPassword(conn: *const PGconn) -> c_int;
+    fn PQconninfoParse(conninfo: *const c_char, errmsg: *mut *mut c_char) -> *mut PQconninfoOption;
+    fn PQconndefaults() -> *mut PQconninfoOption;
+    fn PQconninfoFree(options: *mut PQconninfoOption);
+    fn PQfreemem(pointer: *mut c_void);
+}
+
+/// libpq's description of one connection option (`PQconninfoOption`).
+#[repr(C)]
+struct PQconninfoOption {
+    keyword: *mut c_char,
+    envvar: *mut c_char,
+    compiled: *mut c_char,
+    val: *mut c_char,
+    label: *mut c_char,
+    dispchar: *mut c_char,
+    dispsize: c_int,
+}
+
+/// A connection's options as keyword and value pairs, in order: what a
+/// [`Link`] is started with. Never turned back into one string, so a
+/// value (a password, a URI) cannot change how another is read.
+pub type Params = Vec<(String, String)>;
+
+/// Read the `key=value` pairs or the URI of a connection string with
+/// libpq's own parser; `None` when libpq cannot parse it. libpq's message
+/// is not kept: it quotes pieces of the string, which may be a password.
+pub fn parse_conninfo(conninfo: &str) -> Option<Params> {
+    let text = CString::new(conninfo).ok()?;
+    let mut message: *mut c_char = std::ptr::null_mut();
+    // SAFETY: a NUL-terminated string; libpq allocates the options array
+    // (and the message on failure), both freed here.
+    let options = unsafe { PQconninfoParse(text.as_ptr(), &mut message) };
+    if !message.is_null() {
+        // SAFETY: allocated by libpq for this call.
+        unsafe { PQfreemem(message.cast()) };
+    }
+    if options.is_null() {
+        return None;
+    }
+    let params = options_of(options)
+        .into_iter()
+        .filter_map(|o| Some((o.keyword, o.value?)))
+        .collect();
+    // SAFETY: the array PQconninfoParse returned, freed once.
+    unsafe { PQconninfoFree(options) };
+    Some(params)
+}
+
+/// What libpq says about one of its connection options.
+#[derive(Debug, Clone)]
+pub struct KnownOption {
+    pub keyword: String,
+    value: Option<String>,
+    /// A secret (a password): libpq marks it `*`.
+    pub secret: bool,
+    /// A debug option (`replication`): libpq marks it `D`.
+    pub debug: bool,
+}
+
+/// Copy a libpq option array (ending with a NULL keyword).
+fn options_of(options: *const PQconninfoOption) -> Vec<KnownOption> {
+    let mut known = Vec::new();
+    let mut option = options;
+    loop {
+        // SAFETY: `option` points into the array, which ends with an entry
+        // whose keyword is NULL; its strings are NULL or NUL-terminated.
+        let entry = unsafe { &*option };
+        let Some(keyword) = text_of(entry.keyword) else {
+            break;
+        };
+        let dispchar = text_of(entry.dispchar).unwrap_or_default();
+        known.push(KnownOption {
+            keyword,
+            value: text_of(entry.val),
+            secret: dispchar.contains('*'),
+            debug: dispchar.contains('D'),
+        });
+        // SAFETY: not past the terminating entry, which was not reached.
+        option = unsafe { option.add(1) };
+    }
+    known
+}
+
+/// Every connection option this libpq knows (`PQconndefaults`).
+pub fn known_options() -> Vec<KnownOption> {
+    // SAFETY: libpq allocates the array, freed once here.
+    let options = unsafe { PQconndefaults() };
+    if options.is_null() {
+        return Vec::new();
+    }
+    let known = options_of(options)
+        .into_iter()
+        .map(|o| KnownOption { value: None, ..o })
+        .collect();
+    // SAFETY: as above.
+    unsafe { PQconninfoFree(options) };
+    known
+}
+
+/// `text` with every secret in it replaced.
+fn redacted(text: String, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .fold(text, |text, secret| {
+            text.replace(secret.as_str(), "********")
+        })
 }
 
 /// How long a dropped link (or a set of links stopped together) waits for
@@ -116,6 +224,8 @@ pub struct Link {
     rows: Rows,
     /// A cancel was sent for the running query.
     cancel_sent: bool,
+    /// The secret values the link was started with, kept out of errors.
+    secrets: Vec<String>,
 }
 
 fn text_of(pointer: *const c_char) -> Option<String> {
@@ -129,21 +239,46 @@ fn text_of(pointer: *const c_char) -> Option<String> {
 }
 
 impl Link {
-    /// Start connecting with the connection string `conninfo` (a
-    /// `key=value` string or a URI), as `application_name`. Finish with
-    /// [`Link::poll_connect`].
-    pub fn start(conninfo: &str, application_name: &str) -> Result<Link, RemoteError> {
+    /// Start connecting with the options `params` (see [`parse_conninfo`]),
+    /// as `application_name` (unless `params` names one); finish with
+    /// [`Link::poll_connect`]. No value is read as a connection string:
+    /// `dbname` is a database name.
+    pub fn start_params(params: &Params, application_name: &str) -> Result<Link, RemoteError> {
         let to_c = |s: &str| {
             CString::new(s).map_err(|_| RemoteError::connection("contains a NUL byte".into()))
         };
-        let keys = [c"dbname", c"fallback_application_name"];
-        let values = [to_c(conninfo)?, to_c(application_name)?];
-        let key_pointers = [keys[0].as_ptr(), keys[1].as_ptr(), std::ptr::null()];
-        let value_pointers = [values[0].as_ptr(), values[1].as_ptr(), std::ptr::null()];
+        let secret_keywords: Vec<String> = known_options()
+            .into_iter()
+            .filter(|o| o.secret)
+            .map(|o| o.keyword)
+            .collect();
+        let secrets: Vec<String> = params
+            .iter()
+            .filter(|(key, _)| secret_keywords.contains(key))
+            .map(|(_, value)| value.clone())
+            .collect();
+        let mut keys = Vec::with_capacity(params.len() + 1);
+        let mut values = Vec::with_capacity(params.len() + 1);
+        for (key, value) in params {
+            keys.push(to_c(key)?);
+            values.push(to_c(value)?);
+        }
+        keys.push(to_c("fallback_application_name")?);
+        values.push(to_c(application_name)?);
+        let key_pointers: Vec<*const c_char> = keys
+            .iter()
+            .map(|k| k.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
+        let value_pointers: Vec<*const c_char> = values
+            .iter()
+            .map(|v| v.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
         // SAFETY: NULL-terminated arrays of NUL-terminated strings that
         // outlive the call; libpq copies what it keeps.
         let conn =
-            unsafe { PQconnectStartParams(key_pointers.as_ptr(), value_pointers.as_ptr(), 1) };
+            unsafe { PQconnectStartParams(key_pointers.as_ptr(), value_pointers.as_ptr(), 0) };
         if conn.is_null() {
             return Err(RemoteError::connection("out of memory".into()));
         }
@@ -153,6 +288,7 @@ impl Link {
             failure: None,
             rows: Vec::new(),
             cancel_sent: false,
+            secrets,
         };
         // SAFETY: a connection libpq just made.
         if unsafe { PQstatus(conn) } == CONNECTION_BAD {
@@ -164,7 +300,15 @@ impl Link {
 
     fn connection_error(&self) -> RemoteError {
         // SAFETY: the connection is open (not yet finished).
-        RemoteError::connection(text_of(unsafe { PQerrorMessage(self.conn) }).unwrap_or_default())
+        let message = text_of(unsafe { PQerrorMessage(self.conn) }).unwrap_or_default();
+        RemoteError::connection(redacted(message, &self.secrets))
+    }
+
+    /// Did the server ask for the password, and get it? (What dblink
+    /// requires of connections made for roles that are not superusers.)
+    pub fn used_password(&self) -> bool {
+        // SAFETY: the connection is open.
+        unsafe { PQconnectionUsedPassword(self.conn) == 1 }
     }
 
     /// Is the connection still being made?
@@ -290,7 +434,9 @@ impl Link {
                 }
                 PGRES_COMMAND_OK => {}
                 _ if self.failure.is_none() => {
-                    let field = |f| text_of(PQresultErrorField(result, f));
+                    let field = |f| {
+                        text_of(PQresultErrorField(result, f)).map(|t| redacted(t, &self.secrets))
+                    };
                     self.failure = Some(RemoteError {
                         sqlstate: field(PG_DIAG_SQLSTATE),
                         message: field(PG_DIAG_MESSAGE_PRIMARY).unwrap_or_else(|| {

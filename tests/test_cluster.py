@@ -14,7 +14,11 @@ import os
 import secrets
 import shutil
 import signal
+import socket
+import struct
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -494,3 +498,200 @@ def test_a_plproxy_cluster(coordinator, shards, store):
     finally:
         coordinator.execute("DROP FUNCTION IF EXISTS shard_rows()")
         coordinator.execute("DROP SERVER shards CASCADE")
+
+
+# A cluster export for a role that is not a superuser (issue 38): its nodes
+# are foreign servers it may use, reached with its own user mapping's
+# password, never with the coordinator's files or as the server's
+# superuser.
+
+GRANTEE = "cluster_grantee"
+
+
+@pytest.fixture
+def grantee(shards):
+    """A plain role with EXECUTE on stream_export_cluster and the object
+    store, USAGE on foreign servers node_a and node_b (of the extension's
+    stream_export_nodes wrapper), and user mappings with the nodes'
+    password (made with statement logging off: no secret in any log)."""
+    coordinator = shards["coordinator"]
+    with coordinator.connect() as c:
+        c.execute("SET log_statement = 'none'")
+        c.execute(f"CREATE ROLE {GRANTEE} LOGIN IN ROLE stream_export_object_store_write")
+        c.execute(f"GRANT EXECUTE ON FUNCTION stream_export_cluster(text, text, text, text[], text, integer,"
+                  f" text, integer, boolean, text) TO {GRANTEE}")
+        for node in ("a", "b"):
+            c.execute(f"CREATE SERVER node_{node} FOREIGN DATA WRAPPER stream_export_nodes"
+                      f" OPTIONS (host '127.0.0.1', port '{shards[node].port}', dbname 'e2e')")
+            c.execute(f"GRANT USAGE ON FOREIGN SERVER node_{node} TO {GRANTEE}")
+            c.execute(f"CREATE USER MAPPING FOR {GRANTEE} SERVER node_{node}"
+                      f" OPTIONS (user '{NODE_ROLE}', password '{NODE_PASSWORD}')")
+    try:
+        with psycopg.connect(coordinator.dsn(user=GRANTEE), autocommit=True) as conn:
+            yield conn
+    finally:
+        with coordinator.connect() as c:
+            c.execute("SET log_statement = 'none'")
+            for name in c.execute("SELECT srvname FROM pg_foreign_server s JOIN pg_foreign_data_wrapper w"
+                                  " ON w.oid = s.srvfdw WHERE w.fdwname = 'stream_export_nodes'").fetchall():
+                c.execute(f"DROP SERVER {name[0]} CASCADE")
+            c.execute(f"DROP OWNED BY {GRANTEE}")
+            c.execute(f"DROP ROLE {GRANTEE}")
+
+
+def grantee_export(conn, prefix: str, nodes=("node_a", "node_b"), **options):
+    args = "".join(f", {k} => %({k})s" for k in options)
+    return conn.execute(
+        f"SELECT node, reused, partitions, rows FROM stream_export_cluster('events', 's3://{BUCKET}/{prefix}',"
+        f" 'id', nodes => %(nodes)s{args}) ORDER BY node", {"nodes": list(nodes), **options}).fetchall()
+
+
+def test_a_grantee_exports_through_foreign_servers_with_its_own_password(grantee, shards, store):
+    rows = grantee_export(grantee, "grantee/", partitions_per_node=2)
+    assert rows == [("a", False, 2, ROWS_PER_NODE), ("b", False, 2, ROWS_PER_NODE)]
+    lines = exported_lines(store, "grantee/")
+    for node in ("a", "b"):
+        with shards[node].connect() as c:
+            assert sorted(lines[node], key=lambda l: json.loads(l)["id"]) == \
+                oracle_lines(c, "SELECT * FROM events ORDER BY id")
+    no_leftovers(store, "grantee/")
+
+
+def test_a_grantee_cannot_reach_a_node_as_the_servers_superuser(grantee, shards, store):
+    coordinator = shards["coordinator"]
+    socket_dir = coordinator.directory
+    # A connection string, to the coordinator's own socket as postgres.
+    assert sqlstate_of(grantee, "SELECT * FROM stream_export_cluster('events', %s, 'id', nodes => %s)",
+                       [f"s3://{BUCKET}/escalate/", [f"host={socket_dir} port={coordinator.port} dbname=e2e"
+                                                     " user=postgres"]]) == "42501"
+    with coordinator.connect() as c:
+        c.execute("SET log_statement = 'none'")
+        # A server of its own with a user mapping as postgres: the node
+        # (trust) does not ask for the password, which the grantee must use.
+        c.execute("CREATE SERVER self FOREIGN DATA WRAPPER stream_export_nodes"
+                  f" OPTIONS (host '127.0.0.1', port '{coordinator.port}', dbname 'e2e')")
+        c.execute(f"GRANT USAGE ON FOREIGN SERVER self TO {GRANTEE}")
+        c.execute(f"CREATE USER MAPPING FOR {GRANTEE} SERVER self OPTIONS (user 'postgres', password 'guess')")
+        # The server's files are not the grantee's: a passfile or service
+        # in the server's options is refused; so is a mapping without a
+        # password, and a server the grantee may not use.
+        c.execute("CREATE SERVER filed FOREIGN DATA WRAPPER stream_export_nodes"
+                  f" OPTIONS (host '127.0.0.1', port '{shards['a'].port}', dbname 'e2e', passfile '/tmp/x')")
+        c.execute(f"GRANT USAGE ON FOREIGN SERVER filed TO {GRANTEE}")
+        c.execute(f"CREATE USER MAPPING FOR {GRANTEE} SERVER filed OPTIONS (user '{NODE_ROLE}', password 'x')")
+        c.execute("CREATE SERVER nopass FOREIGN DATA WRAPPER stream_export_nodes"
+                  f" OPTIONS (host '127.0.0.1', port '{shards['a'].port}', dbname 'e2e')")
+        c.execute(f"GRANT USAGE ON FOREIGN SERVER nopass TO {GRANTEE}")
+        c.execute(f"CREATE USER MAPPING FOR {GRANTEE} SERVER nopass OPTIONS (user '{NODE_ROLE}')")
+        c.execute("CREATE SERVER unusable FOREIGN DATA WRAPPER stream_export_nodes"
+                  f" OPTIONS (host '127.0.0.1', port '{shards['a'].port}', dbname 'e2e')")
+    for nodes, expected in ((["self"], "2F003"), (["filed"], "42501"), (["nopass"], "2F003"),
+                            (["unusable"], "42501"), (["no_such_server"], "42704")):
+        assert sqlstate_of(grantee, "SELECT * FROM stream_export_cluster('events', %s, 'id', nodes => %s)",
+                           [f"s3://{BUCKET}/escalate/", nodes]) == expected, nodes
+    assert [k for k in objects(store, "escalate/") if "part-" in k] == []
+    # A superuser keeps connection strings (and reaches the coordinator's
+    # own database only to be told it is the coordinator).
+    with coordinator.connect() as c:
+        assert sqlstate_of(c, "SELECT * FROM stream_export_cluster('events', %s, 'id', nodes => %s)",
+                           [f"s3://{BUCKET}/escalate/", [f"host={socket_dir} port={coordinator.port} dbname=e2e"
+                                                         " user=postgres"]]) == "55000"
+
+
+class FakeServer:
+    """A listener that answers like PostgreSQL asking for a clear-text
+    password, and keeps every byte it is sent."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.received = bytearray()
+        self.connections = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            self.connections += 1
+            conn.settimeout(2)
+            try:
+                while True:
+                    head = conn.recv(8)
+                    self.received += head
+                    if len(head) < 8:
+                        break
+                    length, code = struct.unpack("!ii", head)
+                    if code in (80877103, 80877104):  # SSLRequest, GSSENCRequest
+                        conn.sendall(b"N")
+                        continue
+                    self.received += conn.recv(max(length - 8, 0))
+                    conn.sendall(b"R" + struct.pack("!ii", 8, 3))  # AuthenticationCleartextPassword
+                    while chunk := conn.recv(4096):
+                        self.received += chunk
+                    break
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        self.stopped.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def test_a_grantee_cannot_send_the_servers_password_file_to_a_listener_of_its_own(grantee, shards, aws_dir):
+    """The coordinator's password file has a password for
+    shard-a.internal; the grantee points that name at its own listener."""
+    stolen = "pf-" + secrets.token_hex(8)
+    passfile = aws_dir / "pgpass"
+    original = passfile.read_text()
+    passfile.write_text(original + f"shard-a.internal:*:*:*:{stolen}\n")
+    fake = FakeServer()
+    try:
+        sneaky = f"host=shard-a.internal hostaddr=127.0.0.1 port={fake.port} dbname=e2e user={NODE_ROLE}"
+        assert sqlstate_of(grantee, "SELECT * FROM stream_export_cluster('events', %s, 'id', nodes => %s)",
+                           [f"s3://{BUCKET}/exfil/", [sneaky]]) == "42501"
+        with shards["coordinator"].connect() as c:
+            c.execute("SET log_statement = 'none'")
+            c.execute("CREATE SERVER sneaky FOREIGN DATA WRAPPER stream_export_nodes"
+                      f" OPTIONS (host 'shard-a.internal', hostaddr '127.0.0.1', port '{fake.port}', dbname 'e2e')")
+            c.execute(f"GRANT USAGE ON FOREIGN SERVER sneaky TO {GRANTEE}")
+            c.execute(f"CREATE USER MAPPING FOR {GRANTEE} SERVER sneaky OPTIONS (user 'x', password 'mine')")
+        assert sqlstate_of(grantee, "SELECT * FROM stream_export_cluster('events', %s, 'id', nodes => %s)",
+                           [f"s3://{BUCKET}/exfil/", ["sneaky"]]) == "42501"
+    finally:
+        fake.close()
+        passfile.write_text(original)
+    assert stolen.encode() not in bytes(fake.received)
+    assert fake.connections == 0
+
+
+def test_the_coordinator_as_its_own_node_is_refused_at_once_under_its_own_lock(shards):
+    """Listed as a node inside a transaction that locks the source, the
+    coordinator's own database would wait on that lock until a timeout."""
+    coordinator = shards["coordinator"]
+    with coordinator.connect() as c:
+        c.execute("CREATE TABLE IF NOT EXISTS own_rows AS SELECT g AS id FROM generate_series(1, 100) g")
+        c.execute("ALTER DATABASE e2e SET pg_stream_export.node_id = 'coordinator'")
+    try:
+        with coordinator.connect(autocommit=False) as c:
+            c.execute("SET statement_timeout = '20s'")
+            c.execute("LOCK TABLE own_rows")
+            started = time.monotonic()
+            assert sqlstate_of(c, "SELECT * FROM stream_export_cluster('own_rows', %s, 'id', nodes => %s)",
+                               [f"s3://{BUCKET}/own/", [coordinator.dsn()]]) == "55000"
+            assert time.monotonic() - started < 10
+            c.rollback()
+    finally:
+        with coordinator.connect() as c:
+            c.execute("ALTER DATABASE e2e RESET pg_stream_export.node_id")
+            c.execute("DROP TABLE IF EXISTS own_rows")

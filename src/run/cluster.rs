@@ -5,11 +5,15 @@
 //! writes `manifest.json` last: a manifest of manifests that lists every
 //! node's manifest (size and CRC-32 of its bytes) and all parts.
 //!
-//! The nodes come from a list of libpq connection strings or from a
-//! PL/Proxy cluster's configuration. Credentials never pass through SQL
-//! text: connection strings name hosts, services, users; passwords come
-//! from the server's password file or the PL/Proxy user mapping, and the
-//! nodes reach the object store with their own configuration.
+//! The nodes come from foreign servers with the caller's user mappings
+//! (as dblink and postgres_fdw take them), from a PL/Proxy cluster's
+//! configuration, or, for superusers only, from libpq connection strings.
+//! A role that is not a superuser reaches a node only with credentials of
+//! its own: a password from its user mapping, which the node must ask for
+//! and get, never the server's password file, service file, client
+//! certificates or Kerberos credentials. No connection string or option
+//! is ever put into an error or a log line, and the nodes reach the
+//! object store with their own configuration.
 //!
 //! What holds when it fails (a node's error, a node that cannot be reached
 //! or goes away, a cancel or `statement_timeout` here): every node still
@@ -31,7 +35,7 @@ use crate::error::{raise, raise_with_fields, sqlstate_code, ErrorFields};
 use crate::ident::quote_identifier;
 use crate::layout::{new_export_id, node_directory, node_id_problem, MANIFEST};
 use crate::options::ExportOptions;
-use crate::remote::{wait_readable, Link, RemoteError};
+use crate::remote::{parse_conninfo, wait_readable, Link, Params, RemoteError};
 use crate::run::manifest::{
     write_manifest, ClusterExport, Consistency, NodeExport, NodePart, Totals,
 };
@@ -48,7 +52,8 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// Where the nodes are.
 pub enum Nodes<'a> {
-    /// libpq connection strings, one per node.
+    /// Foreign server names or (superusers only) libpq connection
+    /// strings, one per node.
     Connections(Vec<String>),
     /// A PL/Proxy cluster's name: its partitions' connection strings.
     PlProxy(&'a str),
@@ -85,6 +90,9 @@ struct Node {
     link: Link,
     id: String,
     schema: String,
+    /// The node must have asked for the password (a connection made for
+    /// a role that is not a superuser).
+    password_required: bool,
 }
 
 /// The run's nodes, and the node directories this run writes into. When
@@ -148,63 +156,383 @@ fn raise_node_error(node: &str, error: RemoteError) -> ! {
     )
 }
 
-/// Quote a value for a libpq `key=value` connection string.
-fn conninfo_value(value: &str) -> String {
-    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+/// How the coordinator reaches one node: its connection options, and
+/// whether the node must authenticate the caller with its password.
+struct Address {
+    params: Params,
+    password_required: bool,
 }
 
-/// The connection strings of the PL/Proxy cluster `name`: the partitions
-/// of its SQL/MED server (`CREATE SERVER name FOREIGN DATA WRAPPER
-/// plproxy OPTIONS (p0 '...', ...)`), with the user and password of the
-/// current user's mapping (or PUBLIC's), or else what its configuration
-/// function `plproxy.get_cluster_partitions(name)` returns.
-fn plproxy_partitions(name: &str) -> Vec<String> {
-    let found = Spi::connect(|client| -> pgrx::spi::SpiResult<Option<Vec<String>>> {
-        let server = client.select(
-            "SELECT s.srvoptions::text[] FROM pg_catalog.pg_foreign_server s \
-             JOIN pg_catalog.pg_foreign_data_wrapper w ON w.oid = s.srvfdw \
-             WHERE s.srvname = $1 AND w.fdwname = 'plproxy'",
-            Some(1),
-            &[name.into()],
-        )?;
-        if let Some(row) = server.into_iter().next() {
-            let options: Vec<String> = row.get(1)?.unwrap_or_default();
-            let mapping = client.select(
-                "SELECT m.umoptions::text[] FROM pg_catalog.pg_user_mappings m \
-                 WHERE m.srvname = $1 AND (m.umuser = 0 OR m.usename = current_user) \
-                 ORDER BY m.umuser = 0 LIMIT 1",
-                Some(1),
-                &[name.into()],
-            )?;
-            let mapping: Vec<String> = match mapping.into_iter().next() {
-                Some(row) => row.get(1)?.unwrap_or_default(),
-                None => Vec::new(),
+/// The options a role that is not a superuser may give for a node (from a
+/// foreign server, a PL/Proxy partition or its user mapping): where the
+/// node is and how to talk to it, never a file or credential of the
+/// coordinator's server (`passfile`, `service`, `sslkey`, `sslcert`,
+/// `sslrootcert`, `sslpassword`, `krbsrvname`, ...).
+const CALLER_OPTIONS: [&str; 21] = [
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "connect_timeout",
+    "sslmode",
+    "sslcompression",
+    "sslsni",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "channel_binding",
+    "target_session_attrs",
+    "load_balance_hosts",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "application_name",
+];
+
+/// Where the client certificate and key of a connection made for a role
+/// that is not a superuser are looked for: nowhere (libpq sends none when
+/// the file does not exist), not the server's `~/.postgresql/`.
+const NO_CLIENT_CERTIFICATE: &str = "/nonexistent/pg_stream_export/no-client-certificate";
+
+fn is_superuser() -> bool {
+    // SAFETY: a plain check of the current user.
+    unsafe { pg_sys::superuser() }
+}
+
+/// Does a `nodes` element look like a connection string (rather than the
+/// name of a foreign server)?
+fn is_connection_string(text: &str) -> bool {
+    text.contains('=') || text.starts_with("postgresql://") || text.starts_with("postgres://")
+}
+
+/// The `name = 'value'` options of a catalog options list.
+///
+/// # Safety
+/// `list` is NIL or a list of `DefElem` with string values (the options of
+/// a catalog entry).
+unsafe fn options_of(list: *mut pg_sys::List) -> Params {
+    // SAFETY: per the contract; catalog options are always strings.
+    unsafe {
+        pgrx::PgList::<pg_sys::DefElem>::from_pg(list)
+            .iter_ptr()
+            .map(|def| {
+                let text = |p: *const std::ffi::c_char| {
+                    std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+                };
+                (text((*def).defname), text(pg_sys::defGetString(def)))
+            })
+            .collect()
+    }
+}
+
+/// The foreign server `name`: its OID and options, after checking that the
+/// caller may use it (`USAGE`, as dblink and postgres_fdw ask).
+fn foreign_server(name: &str, what: &str) -> (pg_sys::Oid, Params) {
+    let missing = || -> ! {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("{what}: there is no foreign server \"{name}\""),
+            Some("Name a server created with CREATE SERVER ... FOREIGN DATA WRAPPER stream_export_nodes OPTIONS (host '...', port '...', dbname '...') (or a postgres_fdw or dblink_fdw server); a superuser may give a libpq connection string instead."),
+        )
+    };
+    let Ok(c_name) = std::ffi::CString::new(name) else {
+        missing()
+    };
+    // SAFETY: a catalog lookup that returns NULL when there is no server.
+    let server = unsafe { pg_sys::GetForeignServerByName(c_name.as_ptr(), true) };
+    if server.is_null() {
+        missing();
+    }
+    let usage = crate::engine::scan::select_one::<bool>(
+        "SELECT pg_catalog.has_server_privilege($1, 'USAGE')",
+        &[name.into()],
+    );
+    if usage != Some(true) {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("permission denied for foreign server {name}"),
+            Some("The server's owner grants it: GRANT USAGE ON FOREIGN SERVER ... TO ...;"),
+        );
+    }
+    // SAFETY: `server` is the catalog entry just found, with its options.
+    unsafe { ((*server).serverid, options_of((*server).options)) }
+}
+
+/// The options of the caller's user mapping for `server` (or PUBLIC's),
+/// `None` when there is none.
+fn user_mapping(server: pg_sys::Oid) -> Option<Params> {
+    PgTryBuilder::new(|| {
+        // SAFETY: the mapping of the current user (or PUBLIC) for a server
+        // that exists; it raises 42704 when there is none.
+        unsafe {
+            let mapping = pg_sys::GetUserMapping(pg_sys::GetUserId(), server);
+            Some(options_of((*mapping).options))
+        }
+    })
+    .catch_when(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, |_| None)
+    .execute()
+}
+
+/// The libpq options among `options` (a foreign server's, which may also
+/// hold its wrapper's own, such as postgres_fdw's `fetch_size`), without
+/// libpq's debug options (`replication`) and `client_encoding`.
+fn libpq_options(options: Params) -> Params {
+    let known = crate::remote::known_options();
+    options
+        .into_iter()
+        .filter(|(key, _)| {
+            key != "client_encoding" && known.iter().any(|o| &o.keyword == key && !o.debug)
+        })
+        .collect()
+}
+
+/// `params` with `overrides` put in place of the options of the same name.
+fn with_options(mut params: Params, overrides: Params) -> Params {
+    for (key, value) in overrides {
+        params.retain(|(k, _)| *k != key);
+        params.push((key, value));
+    }
+    params
+}
+
+/// The user and password of a user mapping.
+fn credentials(mapping: Params) -> Params {
+    mapping
+        .into_iter()
+        .filter(|(key, _)| matches!(key.as_str(), "user" | "password"))
+        .collect()
+}
+
+/// The connection of a node named by the foreign server `name`: the
+/// server's libpq options with the user mapping's user and password.
+fn server_address(name: &str, what: &str, superuser: bool) -> Address {
+    let (oid, options) = foreign_server(name, what);
+    let mapping = user_mapping(oid);
+    if superuser {
+        let params = with_options(
+            libpq_options(options),
+            libpq_options(mapping.unwrap_or_default()),
+        );
+        return Address {
+            params,
+            password_required: false,
+        };
+    }
+    let Some(mapping) = mapping else {
+        raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            format!("{what}: there is no user mapping for the current role on foreign server \"{name}\""),
+            Some("CREATE USER MAPPING FOR CURRENT_USER SERVER ... OPTIONS (user '...', password '...');"),
+        );
+    };
+    refuse_credentials_in(&options, what, &format!("foreign server \"{name}\""));
+    callers_address(
+        with_options(libpq_options(options), credentials(mapping)),
+        what,
+    )
+}
+
+/// `42501` when a server's own options (not a user mapping's) give a user
+/// or a secret to a role that is not a superuser.
+fn refuse_credentials_in(options: &Params, what: &str, from: &str) {
+    let secret: Vec<String> = crate::remote::known_options()
+        .into_iter()
+        .filter(|o| o.secret)
+        .map(|o| o.keyword)
+        .collect();
+    if let Some((key, _)) = options
+        .iter()
+        .find(|(k, _)| *k == "user" || secret.contains(k))
+    {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("{what}: {from} gives \"{key}\", which only the caller's user mapping may give to a role that is not a superuser"),
+            Some("Put user and password in the user mapping of each role that exports (CREATE USER MAPPING FOR ... OPTIONS (user '...', password '...'))."),
+        );
+    }
+}
+
+/// The connection options of a node for a role that is not a superuser
+/// (as dblink and postgres_fdw allow them): only the options of
+/// [`CALLER_OPTIONS`], no `hostaddr` that differs from `host` (the
+/// server's password file is looked up by host), a password, and no
+/// client certificate, GSSAPI encryption or authentication without that
+/// password.
+fn callers_address(params: Params, what: &str) -> Address {
+    if let Some((key, _)) = params
+        .iter()
+        .find(|(key, _)| !CALLER_OPTIONS.contains(&key.as_str()))
+    {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("{what}: the connection option \"{key}\" is not allowed for a role that is not a superuser"),
+            Some("Such a role reaches a node with host, port, dbname, SSL mode and timeouts from a foreign server and user and password from its user mapping; the server's files (passfile, service, sslkey, sslcert, sslrootcert) are not its to use."),
+        );
+    }
+    let value = |name: &str| {
+        params
+            .iter()
+            .rev()
+            .find(|(key, _)| key == name)
+            .map(|(_, v)| v.as_str())
+    };
+    if let (Some(host), Some(hostaddr)) = (value("host"), value("hostaddr")) {
+        if host != hostaddr {
+            raise(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("{what}: hostaddr differs from host, which a role that is not a superuser may not give"),
+                Some("Give the node's address as host only."),
+            );
+        }
+    }
+    if value("password").is_none_or(str::is_empty) {
+        raise(
+            PgSqlErrorCode::ERRCODE_S_R_E_PROHIBITED_SQL_STATEMENT_ATTEMPTED,
+            format!("{what}: password is required"),
+            Some("A role that is not a superuser must give the node's password in its user mapping: CREATE USER MAPPING FOR CURRENT_USER SERVER ... OPTIONS (user '...', password '...');"),
+        );
+    }
+    let known = crate::remote::known_options();
+    let knows = |name: &str| known.iter().any(|o| o.keyword == name);
+    let mut forced: Params = vec![
+        ("sslcert".into(), NO_CLIENT_CERTIFICATE.into()),
+        ("sslkey".into(), NO_CLIENT_CERTIFICATE.into()),
+    ];
+    if knows("gssencmode") {
+        forced.push(("gssencmode".into(), "disable".into()));
+    }
+    if knows("require_auth") {
+        forced.push(("require_auth".into(), "scram-sha-256,md5,password".into()));
+    }
+    Address {
+        params: with_options(params, forced),
+        password_required: true,
+    }
+}
+
+/// The nodes of a `nodes` list: foreign server names, or (superusers
+/// only) connection strings.
+fn listed_addresses(list: &[String], superuser: bool) -> Vec<Address> {
+    let count = list.len();
+    list.iter()
+        .enumerate()
+        .map(|(index, entry)| {
+            let what = format!("node #{} of {count}", index + 1);
+            if !is_connection_string(entry) {
+                return server_address(entry, &what, superuser);
+            }
+            if !superuser {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                    format!("{what}: only a superuser may give a node as a connection string"),
+                    Some("Name foreign servers instead: nodes => ARRAY['shard_a', ...], each with a user mapping of yours that gives user and password."),
+                );
+            }
+            let Some(params) = parse_conninfo(entry) else {
+                raise(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("{what}: the connection string cannot be parsed"),
+                    Some("Give key=value pairs or a postgresql:// URI."),
+                );
             };
-            let credentials: String = mapping
-                .iter()
-                .filter_map(|option| option.split_once('='))
-                .filter(|(key, _)| matches!(*key, "user" | "password"))
-                .map(|(key, value)| format!(" {key}={}", conninfo_value(value)))
-                .collect();
-            let mut partitions: Vec<(usize, String)> = options
-                .iter()
-                .filter_map(|option| option.split_once('='))
-                .filter_map(|(key, value)| {
-                    let number = key.strip_prefix('p')?.parse().ok()?;
-                    Some((number, format!("{value}{credentials}")))
-                })
-                .collect();
-            partitions.sort();
-            return Ok(Some(partitions.into_iter().map(|(_, c)| c).collect()));
+            Address {
+                params,
+                password_required: false,
+            }
+        })
+        .collect()
+}
+
+/// The partition number of a PL/Proxy server option: `p0` or PL/Proxy's
+/// own `partition_0`.
+fn plproxy_partition_number(key: &str) -> Option<usize> {
+    let digits = key
+        .strip_prefix("partition_")
+        .or_else(|| key.strip_prefix('p'))?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The nodes of the PL/Proxy cluster `name`: the partitions of its SQL/MED
+/// server (`CREATE SERVER name FOREIGN DATA WRAPPER plproxy OPTIONS (p0
+/// '...', ...)`, or `partition_0`, ...), with the user and password of the
+/// current user's mapping (or PUBLIC's), or else (superusers only) what
+/// its configuration function `plproxy.get_cluster_partitions(name)`
+/// returns. A partition listed twice (PL/Proxy wants a power of two) is
+/// one node.
+fn plproxy_addresses(name: &str, superuser: bool) -> Vec<Address> {
+    let is_plproxy_server = crate::engine::scan::select_one::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_foreign_server s \
+           JOIN pg_catalog.pg_foreign_data_wrapper w ON w.oid = s.srvfdw \
+           WHERE s.srvname = $1 AND w.fdwname = 'plproxy')",
+        &[name.into()],
+    ) == Some(true);
+    let what = format!("PL/Proxy cluster \"{name}\"");
+    if is_plproxy_server {
+        let (oid, options) = foreign_server(name, &what);
+        let mapping = credentials(user_mapping(oid).unwrap_or_default());
+        let mut partitions: Vec<(usize, String)> = options
+            .into_iter()
+            .filter_map(|(key, value)| Some((plproxy_partition_number(&key)?, value)))
+            .collect();
+        partitions.sort();
+        let mut seen = std::collections::HashSet::new();
+        let partitions: Vec<String> = partitions
+            .into_iter()
+            .map(|(_, c)| c)
+            .filter(|c| seen.insert(c.clone()))
+            .collect();
+        let count = partitions.len();
+        let addresses = partitions
+            .iter()
+            .enumerate()
+            .map(|(index, conninfo)| {
+                let what = format!("node #{} of {count}", index + 1);
+                let Some(params) = parse_conninfo(conninfo) else {
+                    raise(
+                        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!("{what}: the connection string of PL/Proxy cluster \"{name}\" cannot be parsed"),
+                        None,
+                    );
+                };
+                if superuser {
+                    Address {
+                        params: with_options(params, mapping.clone()),
+                        password_required: false,
+                    }
+                } else {
+                    if params.iter().any(|(key, _)| key == "password") {
+                        refuse_credentials_in(&params, &what, &format!("PL/Proxy cluster \"{name}\""));
+                    }
+                    callers_address(with_options(params, mapping.clone()), &what)
+                }
+            })
+            .collect::<Vec<Address>>();
+        if count == 0 {
+            no_plproxy_cluster(name);
         }
-        let function = client.select(
-            "SELECT pg_catalog.to_regprocedure('plproxy.get_cluster_partitions(text)') IS NOT NULL",
-            Some(1),
-            &[],
-        )?;
-        if function.first().get_one::<bool>()? != Some(true) {
-            return Ok(None);
-        }
+        return addresses;
+    }
+    let has_function = crate::engine::scan::select_one::<bool>(
+        "SELECT pg_catalog.to_regprocedure('plproxy.get_cluster_partitions(text)') IS NOT NULL",
+        &[],
+    ) == Some(true);
+    if !has_function {
+        no_plproxy_cluster(name);
+    }
+    if !superuser {
+        raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("only a superuser may export the PL/Proxy cluster \"{name}\" of plproxy.get_cluster_partitions()"),
+            Some("Define the cluster as a server of the plproxy foreign data wrapper, with a user mapping of yours that gives user and password."),
+        );
+    }
+    let found = Spi::connect(|client| -> pgrx::spi::SpiResult<Vec<String>> {
         let rows = client.select(
             "SELECT p::text FROM plproxy.get_cluster_partitions($1) p",
             None,
@@ -214,21 +542,52 @@ fn plproxy_partitions(name: &str) -> Vec<String> {
         for row in rows {
             partitions.extend(row.get::<String>(1)?);
         }
-        Ok(Some(partitions))
+        Ok(partitions)
     });
-    match found {
-        Ok(Some(partitions)) if !partitions.is_empty() => partitions,
-        Ok(_) => raise(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
-            format!("there is no PL/Proxy cluster \"{name}\""),
-            Some("Define it as a server of the plproxy foreign data wrapper (CREATE SERVER ... FOREIGN DATA WRAPPER plproxy OPTIONS (p0 '...')), or with plproxy.get_cluster_partitions(), or pass nodes => ARRAY['connection string', ...]."),
-        ),
+    let partitions = match found {
+        Ok(partitions) => partitions,
         Err(e) => raise(
             PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             format!("reading the PL/Proxy cluster \"{name}\" failed: {e}"),
             None,
         ),
+    };
+    let mut seen = std::collections::HashSet::new();
+    let partitions: Vec<String> = partitions
+        .into_iter()
+        .filter(|c| seen.insert(c.clone()))
+        .collect();
+    let count = partitions.len();
+    let addresses: Vec<Address> = partitions
+        .iter()
+        .enumerate()
+        .map(|(index, conninfo)| match parse_conninfo(conninfo) {
+            Some(params) => Address {
+                params,
+                password_required: false,
+            },
+            None => raise(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!(
+                    "node #{} of {count}: the connection string of PL/Proxy cluster \"{name}\" cannot be parsed",
+                    index + 1
+                ),
+                None,
+            ),
+        })
+        .collect();
+    if addresses.is_empty() {
+        no_plproxy_cluster(name);
     }
+    addresses
+}
+
+fn no_plproxy_cluster(name: &str) -> ! {
+    raise(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+        format!("there is no PL/Proxy cluster \"{name}\""),
+        Some("Define it as a server of the plproxy foreign data wrapper (CREATE SERVER ... FOREIGN DATA WRAPPER plproxy OPTIONS (p0 '...')), or with plproxy.get_cluster_partitions(), or pass nodes => ARRAY['server', ...]."),
+    )
 }
 
 /// The session settings a node must share with the caller for its lines
@@ -264,6 +623,11 @@ fn connect_all(nodes: &mut [Node], timeout: Duration) {
         let mut waiting = Vec::new();
         for node in nodes.iter_mut() {
             match node.link.poll_connect() {
+                Ok(true) if node.password_required && !node.link.used_password() => raise(
+                    PgSqlErrorCode::ERRCODE_S_R_E_PROHIBITED_SQL_STATEMENT_ATTEMPTED,
+                    format!("could not connect to node {}: password is required", node.label),
+                    Some("A role that is not a superuser may only reach a node that asks for the password of its user mapping; the node's authentication method (pg_hba.conf) must be changed."),
+                ),
                 Ok(true) => {}
                 Ok(false) => waiting.push(node.link.socket()),
                 Err(e) => raise(
@@ -343,6 +707,24 @@ fn run_on(
         // stops the nodes.
         pgrx::check_for_interrupts!();
     }
+}
+
+/// What tells one server's database from another's: the system identifier
+/// (shared by a primary and its physical replicas), the postmaster's start
+/// time (not shared by them) and the database.
+const SERVER_IDENTITY: &str =
+    "(SELECT s.system_identifier::text FROM pg_catalog.pg_control_system() s), \
+     pg_catalog.pg_postmaster_start_time()::text, \
+     pg_catalog.current_database()::text";
+
+/// [`SERVER_IDENTITY`] of the coordinator.
+fn server_identity() -> Vec<Option<String>> {
+    crate::engine::scan::select_first_row(&format!("SELECT {SERVER_IDENTITY}"), &[], |row| {
+        Ok((1..=3)
+            .map(|i| row.get::<String>(i).ok().flatten())
+            .collect::<Vec<_>>())
+    })
+    .unwrap_or_default()
 }
 
 /// The node's id: `pg_stream_export.node_id`, else `cluster_name`.
@@ -441,14 +823,11 @@ pub fn export_cluster(
             Some("Give an s3:// prefix that every node and the coordinator can reach."),
         );
     }
-    let mut conninfos = match nodes {
-        Nodes::Connections(list) => list,
-        Nodes::PlProxy(name) => plproxy_partitions(name),
+    let superuser = is_superuser();
+    let addresses = match nodes {
+        Nodes::Connections(list) => listed_addresses(&list, superuser),
+        Nodes::PlProxy(name) => plproxy_addresses(name, superuser),
     };
-    // A PL/Proxy cluster has a power of two partitions: one node may be
-    // listed more than once.
-    let mut seen = std::collections::HashSet::new();
-    conninfos.retain(|c| seen.insert(c.clone()));
     let settings = forwarded_settings();
     let export_id = new_export_id();
     let started_at = now_text();
@@ -464,7 +843,7 @@ pub fn export_cluster(
         top.remove_file(MANIFEST);
     }
 
-    let count = conninfos.len();
+    let count = addresses.len();
     let mut run = Run {
         nodes: Vec::with_capacity(count),
         exporting: Vec::new(),
@@ -472,14 +851,15 @@ pub fn export_cluster(
         export_id: export_id.clone(),
         armed: true,
     };
-    for (index, conninfo) in conninfos.iter().enumerate() {
+    for (index, address) in addresses.iter().enumerate() {
         let label = format!("#{} of {count}", index + 1);
-        match Link::start(conninfo, APPLICATION_NAME) {
+        match Link::start_params(&address.params, APPLICATION_NAME) {
             Ok(link) => run.nodes.push(Node {
                 label,
                 link,
                 id: String::new(),
                 schema: String::new(),
+                password_required: address.password_required,
             }),
             Err(e) => raise(
                 PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
@@ -504,17 +884,38 @@ pub fn export_cluster(
                pg_catalog.set_config('IntervalStyle', $2, false), \
                pg_catalog.set_config('extra_float_digits', $3, false), \
                pg_catalog.set_config('bytea_output', $4, false), \
-               pg_catalog.set_config('pg_stream_export.object_store_profile', $5, false) \
+               pg_catalog.set_config('pg_stream_export.object_store_profile', $5, false), \
+               {SERVER_IDENTITY} \
              FROM pg_catalog.pg_extension e \
              JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
              WHERE e.extname = 'pg_stream_export'"
-                .to_owned()
+                .replace("{SERVER_IDENTITY}", SERVER_IDENTITY)
         },
         &|_| settings.iter().cloned().map(Some).collect(),
         &claim_check,
     );
     let version = env!("CARGO_PKG_VERSION");
+    let coordinator = server_identity();
     for (node, rows) in run.nodes.iter_mut().zip(described) {
+        // The coordinator's own database as a node would export with a
+        // second session of this server, which can wait on this
+        // transaction's locks until a timeout.
+        if let Some(row) = rows.first() {
+            let identity: Vec<Option<String>> = row.iter().skip(9).take(3).cloned().collect();
+            if identity.len() == 3
+                && identity.iter().all(Option::is_some)
+                && identity == coordinator
+            {
+                raise(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "node {} is the coordinator's own database",
+                        node.label
+                    ),
+                    Some("List the shards, not the server you call stream_export_cluster on; to export this database, use stream_export_to_directory."),
+                );
+            }
+        }
         let Some(row) = rows.into_iter().next() else {
             raise(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,

@@ -80,7 +80,7 @@ fn stream_export_cluster(
             if list.is_empty() || list.iter().any(|c| c.as_deref().is_none_or(str::is_empty)) {
                 raise(
                     PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-                    "nodes must list at least one connection string, none of them NULL or empty",
+                    "nodes must list at least one foreign server or connection string, none of them NULL or empty",
                     None,
                 );
             }
@@ -162,9 +162,16 @@ fn stream_export_cluster_node(
 
 pgrx::extension_sql!(
     r#"
--- It connects to other servers as the server's OS user, with that user's
--- password and service files: only roles a superuser trusts with them.
+-- A superuser may name nodes by connection string, reaching them with the
+-- server's password and service files; any other caller names foreign
+-- servers and reaches the nodes with its own user mapping's password.
+-- Still only for roles a superuser grants it to.
 REVOKE EXECUTE ON FUNCTION stream_export_cluster(text, text, text, text[], text, integer, text, integer, boolean, text) FROM PUBLIC;
+-- The kind of foreign server that names a cluster export's node: libpq
+-- options (host, port, dbname, ...), with user and password in each
+-- role's user mapping. No handler: it is not for foreign tables.
+CREATE FOREIGN DATA WRAPPER stream_export_nodes;
+COMMENT ON FOREIGN DATA WRAPPER stream_export_nodes IS 'pg_stream_export: servers that are nodes of cluster exports (libpq options; user and password in user mappings)';
 "#,
     name = "stream_export_cluster_privileges",
     requires = [stream_export_cluster],
