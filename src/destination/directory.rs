@@ -105,6 +105,46 @@ pub enum Journal {
 }
 
 /// The journal object of chunk `index` in object storage.
+/// The commit point of an export: interrupts held from just before its
+/// manifest is put in place until its clean-up is done, so that a cancel
+/// or `statement_timeout` can neither interrupt the commit half-way (the
+/// request that puts the manifest, whose outcome would then be unknown)
+/// nor fail a call whose export is committed.
+pub struct CommitPoint;
+
+impl CommitPoint {
+    /// A cancel that came before acts now, before anything is committed.
+    pub fn enter() -> CommitPoint {
+        pgrx::check_for_interrupts!();
+        // SAFETY: HOLD_INTERRUPTS(): the backend's own counter, read and
+        // written only by this thread.
+        unsafe { pgrx::pg_sys::InterruptHoldoffCount += 1 };
+        CommitPoint
+    }
+
+    /// The export is committed: a cancel or statement timeout that came
+    /// meanwhile came too late, and the call succeeds. A terminate or
+    /// shutdown still ends the backend at its next check.
+    pub fn committed(self) {
+        // SAFETY: clears the flag the cancel handler sets; the backend's
+        // own, read and written only by this thread apart from the handler
+        // (which only sets it).
+        unsafe { pgrx::pg_sys::QueryCancelPending = 0 };
+    }
+}
+
+impl Drop for CommitPoint {
+    fn drop(&mut self) {
+        // SAFETY: RESUME_INTERRUPTS(). An ERROR raised meanwhile already set
+        // the counter to zero (errfinish does), and then it stays zero.
+        unsafe {
+            if pgrx::pg_sys::InterruptHoldoffCount > 0 {
+                pgrx::pg_sys::InterruptHoldoffCount -= 1;
+            }
+        }
+    }
+}
+
 fn journal_entry_name(index: usize) -> String {
     format!("progress-{index:010}.json")
 }
@@ -437,12 +477,25 @@ impl ExportDirectory {
     /// Write the manifest of the export `export_id` with `write` (which may
     /// stream it) and put it in place: the commit point. With `overwrite`,
     /// the parts of the export it replaced are removed afterwards.
+    ///
+    /// From just before the manifest is put in place (a rename, or the one
+    /// PUT of the whole manifest) to the end, interrupts are held
+    /// ([`CommitPoint`]): a cancel or `statement_timeout` cannot make it
+    /// unknown whether the export was committed, and once it is, this
+    /// returns (the cancel came too late). `on_commit_point` is called right
+    /// before: from there on the caller must not remove the export's
+    /// parts, since the manifest may list them. A PUT that fails with no
+    /// answer is decided by what the store holds afterwards; if that is
+    /// not the new manifest the error is raised and the parts stay, for the
+    /// next export to the prefix to remove. Replaced parts are removed only
+    /// once the new manifest is in place.
     pub fn commit_manifest(
         &self,
         claim: ManifestClaim,
         export_id: &str,
         overwrite: bool,
         write: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+        on_commit_point: &mut dyn FnMut(),
     ) {
         let own = format!("part-{export_id}-");
         match (self, claim) {
@@ -454,9 +507,12 @@ impl ExportDirectory {
                 let file = write(&mut out)
                     .and_then(|_| out.into_inner().map_err(|e| e.into_error()))
                     .unwrap_or_else(|e| raise_io(e, MANIFEST));
+                let point = CommitPoint::enter();
+                on_commit_point();
                 listing::commit_manifest(dir, partial, file, overwrite, |part| {
                     part.starts_with(&own)
                 });
+                point.committed();
             }
             (
                 ExportDirectory::Prefix(prefix),
@@ -467,17 +523,31 @@ impl ExportDirectory {
             ) => {
                 object::check_lease(&lease, &prefix.uri);
                 let uri = prefix.uri.join(MANIFEST);
-                let mut upload = object::upload_with(prefix.client(), &uri, overwrite);
-                write(&mut upload)
-                    .and_then(|_| upload.finish())
-                    .unwrap_or_else(|e| object::raise_upload_error(e, &uri));
+                // Whole before anything of it leaves: one PUT commits it.
+                let mut manifest = Vec::new();
+                write(&mut manifest).unwrap_or_else(|e| raise_io(e, MANIFEST));
+                let point = CommitPoint::enter();
+                on_commit_point();
+                let client = object::commit_client(prefix.client());
+                if let Err(e) = client.put(&uri, &manifest, overwrite) {
+                    if !object::holds(&client, &uri, &manifest) {
+                        drop(point);
+                        object::raise_store_error(&e, "upload", Some(&uri));
+                    }
+                }
                 for part in replaced_parts
                     .iter()
                     .filter(|p| !p.starts_with(&own) && is_part_file_name(p))
                 {
-                    let _ = prefix.client().delete(&prefix.uri.join(part));
+                    // A cancel stops the clean-up, not the export: what is
+                    // left, the next export to the prefix removes.
+                    if object::cancel_or_exit_pending() {
+                        break;
+                    }
+                    let _ = client.delete(&prefix.uri.join(part));
                 }
                 drop(lease);
+                point.committed();
             }
             _ => unreachable!("a manifest claim belongs to its own kind of directory"),
         }

@@ -337,15 +337,22 @@ fn commit_manifest(
         file_bytes: tally.file_bytes,
         ..Totals::default()
     };
-    directory.commit_manifest(claim, &export.export_id, overwrite, &mut |out| {
-        let parts = directory.journal_entries(tally.chunks).map(|line| {
-            let line = line?;
-            serde_json::from_str::<Value>(&line)
-                .map(|entry| chunk_part_of(&entry))
-                .map_err(std::io::Error::other)
-        });
-        write_manifest(out, &finished, &totals, parts)
-    });
+    directory.commit_manifest(
+        claim,
+        &export.export_id,
+        overwrite,
+        &mut |out| {
+            let parts = directory.journal_entries(tally.chunks).map(|line| {
+                let line = line?;
+                serde_json::from_str::<Value>(&line)
+                    .map(|entry| chunk_part_of(&entry))
+                    .map_err(std::io::Error::other)
+            });
+            write_manifest(out, &finished, &totals, parts)
+        },
+        // A chunked export keeps its parts when it fails (to go on later).
+        &mut || {},
+    );
 }
 
 fn unfinished_mismatch(

@@ -1068,11 +1068,18 @@ pub fn export_cluster(
         .iter()
         .flat_map(|(_, parts)| parts.iter().cloned().map(Ok));
     let mut parts = Some(parts);
-    top.commit_manifest(claim, &export_id, request.overwrite, &mut |out| {
-        let parts = parts.take().into_iter().flatten();
-        write_manifest(out, &export, &totals, parts)
-    });
-    run.armed = false;
+    top.commit_manifest(
+        claim,
+        &export_id,
+        request.overwrite,
+        &mut |out| {
+            let parts = parts.take().into_iter().flatten();
+            write_manifest(out, &export, &totals, parts)
+        },
+        // From the commit point on, the manifest of manifests may list
+        // every node's parts: nothing may remove them.
+        &mut || run.armed = false,
+    );
     finished
         .into_iter()
         .map(|(node, _)| NodeOutcome {

@@ -1084,13 +1084,15 @@ fn commit_manifest(
         snapshot: snapshot.to_owned(),
         snapshot_time: snapshot_time.to_owned(),
     };
-    leader
-        .directory
-        .commit_manifest(manifest_claim, &leader.export_id, overwrite, &mut |out| {
-            write_manifest(out, &export, &totals, parts.iter().map(Ok))
-        });
-    // The new export is in place: from here on nothing may undo it.
-    leader.armed = false;
+    leader.directory.commit_manifest(
+        manifest_claim,
+        &leader.export_id,
+        overwrite,
+        &mut |out| write_manifest(out, &export, &totals, parts.iter().map(Ok)),
+        // From the commit point on, the manifest may list the parts:
+        // nothing may remove them.
+        &mut || leader.armed = false,
+    );
     DirectoryTotals {
         partitions: bounds.len() as i32,
         workers: workers as i32,

@@ -239,6 +239,12 @@ impl Client {
         self.stopped.load(Ordering::SeqCst)
     }
 
+    /// A client of the same store with its own connections and `timeouts`,
+    /// and no watchdog.
+    pub fn with_timeouts(&self, timeouts: Timeouts) -> Result<Client, StoreError> {
+        Client::new(self.config.clone(), timeouts)
+    }
+
     /// A client of the same store for clean-up once this one stopped: its
     /// own connections, short timeouts, no watchdog.
     pub fn for_cleanup(&self) -> Result<Client, StoreError> {

@@ -114,10 +114,23 @@ impl Lease {
     ) -> Result<Lease, LeaseError> {
         let uri = prefix.join(LEASE);
         let text = lease_text(export_id, holder, ttl);
-        let etag = match client.put_if(&uri, text.as_bytes(), &Condition::Absent) {
+        let taken = match client.put_if(&uri, text.as_bytes(), &Condition::Absent) {
+            Ok(etag) => Ok(etag),
+            Err(e) if e.failure == Failure::Exists => take_over(&client, &uri, &text),
+            Err(e) => Err(e.into()),
+        };
+        let etag = match taken {
             Ok(etag) => etag,
-            Err(e) if e.failure == Failure::Exists => take_over(&client, &uri, &text)?,
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // A PUT stopped by a cancel (or lost with the connection)
+                // may have reached the store: a lease of this export left
+                // behind would keep every export out of the prefix until
+                // it expired.
+                if matches!(e, LeaseError::Store(_)) {
+                    remove_if_ours(&client, &uri, export_id);
+                }
+                return Err(e);
+            }
         };
         let shared = Arc::new(Shared {
             etag: Mutex::new(etag.unwrap_or_default()),
@@ -181,6 +194,20 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// Delete the lease at `uri` if it is `export_id`'s, through a clean-up
+/// client (the export's own may be stopped). Never fails.
+fn remove_if_ours(client: &Client, uri: &ObjectUri, export_id: &str) {
+    let Ok(cleanup) = client.for_cleanup() else {
+        return;
+    };
+    if let Ok(Some((text, _))) = cleanup.get_small(uri) {
+        let lease: Value = serde_json::from_str(&text).unwrap_or_default();
+        if lease["export_id"].as_str() == Some(export_id) {
+            let _ = cleanup.delete(uri);
+        }
     }
 }
 

@@ -184,12 +184,51 @@ fn timeouts() -> client::Timeouts {
     }
 }
 
+/// A client for the one request that commits an export (its manifest): a
+/// cancel or `statement_timeout` does not stop it, since whether it
+/// reached the store would then be unknown; the session's timeouts bound
+/// it, and a terminate or shutdown stops it.
+pub fn commit_client(client: &Client) -> Client {
+    match client.with_timeouts(timeouts()) {
+        Ok(client) => client.stopping_when(exit_pending),
+        Err(e) => raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            e.detail,
+            None,
+        ),
+    }
+}
+
+/// Whether the object `uri` holds exactly `bytes` now: how a PUT that
+/// ended with no answer is decided. `false` also when the store cannot
+/// tell.
+pub fn holds(client: &Client, uri: &ObjectUri, bytes: &[u8]) -> bool {
+    use std::io::Read;
+    let Ok(reader) = client.get(uri) else {
+        return false;
+    };
+    let mut held = Vec::with_capacity(bytes.len());
+    reader
+        .take(bytes.len() as u64 + 1)
+        .read_to_end(&mut held)
+        .is_ok()
+        && held == bytes
+}
+
+/// Whether a terminate or shutdown is pending for this backend (see
+/// [`cancel_or_exit_pending`]).
+fn exit_pending() -> bool {
+    // SAFETY: a plain volatile read of a `volatile sig_atomic_t` flag that
+    // a signal handler writes; any thread may read it.
+    unsafe { std::ptr::read_volatile(std::ptr::addr_of!(pg_sys::ProcDiePending)) != 0 }
+}
+
 /// Whether a cancel (`pg_cancel_backend`, `statement_timeout`) or an exit
 /// (`pg_terminate_backend`, shutdown) is pending for this backend. Asked by
 /// a client's watchdog thread: it only reads the two flags PostgreSQL's
 /// signal handlers set, never calls into PostgreSQL, and the backend itself
 /// then acts on the interrupt as usual.
-fn cancel_or_exit_pending() -> bool {
+pub fn cancel_or_exit_pending() -> bool {
     // SAFETY: plain volatile reads of `volatile sig_atomic_t` flags, which
     // signal handlers write; any thread may read them.
     unsafe {
