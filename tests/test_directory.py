@@ -165,6 +165,38 @@ def test_temporary_tables_are_refused_not_swapped(server, server_dir):
 
 
 
+def test_a_temporary_table_that_hides_a_name_a_function_or_view_reads_is_refused(server, server_dir):
+    # Workers resolve names without the session's temporary schema: a
+    # function or view that reads "hidden" unqualified read the permanent
+    # table there, while the session (and stream_export_to_file) reads the
+    # temporary one.
+    with server.connect() as c:
+        c.execute("""
+            DROP TABLE IF EXISTS public.hidden CASCADE;
+            CREATE TABLE public.hidden (id int PRIMARY KEY, v text);
+            INSERT INTO public.hidden SELECT g, 'permanent' FROM generate_series(1, 2000) g;
+            CREATE OR REPLACE FUNCTION hidden_rows() RETURNS SETOF public.hidden LANGUAGE sql STABLE
+                AS 'SELECT * FROM hidden';
+            CREATE OR REPLACE FUNCTION hidden_rows_definer() RETURNS SETOF public.hidden LANGUAGE plpgsql
+                SECURITY DEFINER SET search_path = pg_temp, public
+                AS 'BEGIN RETURN QUERY SELECT * FROM hidden; END';
+            CREATE OR REPLACE VIEW hidden_view AS SELECT * FROM hidden_rows();""")
+        c.execute("CREATE TEMP TABLE hidden (id int PRIMARY KEY, v text)")
+        c.execute("INSERT INTO hidden SELECT g, 'temporary' FROM generate_series(1, 10) g")
+        assert c.execute("SELECT count(*) FROM hidden_rows()").fetchone() == (10,)
+        for source in ("SELECT * FROM hidden_rows()", "public.hidden_view",
+                       "SELECT * FROM hidden_rows_definer()"):
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+                c.execute("SELECT * FROM stream_export_to_directory(%s, %s, 'id', 2)", [source, str(server_dir)])
+            assert 'hides "public"."hidden"' in str(err.value), source
+            assert list(server_dir.iterdir()) == [], source
+        # Without the temporary table, the same sources export the permanent rows.
+        c.execute("DROP TABLE pg_temp.hidden")
+        c.execute("SELECT * FROM stream_export_to_directory('public.hidden_view', %s, 'id', 2)", [str(server_dir)])
+        manifest = json.loads((server_dir / "manifest.json").read_text())
+        assert manifest["totals"]["rows"] == 2000
+
+
 def test_alter_table_mid_export_does_not_hang(server, server_dir):
     """An ALTER TABLE queued while a directory export runs: the workers'
     next lock requests used to wait behind it, it behind the leader, the

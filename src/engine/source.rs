@@ -268,6 +268,35 @@ impl Source {
     }
 }
 
+/// A temporary relation of this session whose name is also a relation's
+/// in another schema: (the temporary one, the other one), quoted. Other
+/// processes resolve names without this session's temporary schema, so a
+/// function, view or policy that reads the name unqualified would read
+/// the other relation there, not the one this session reads.
+pub fn shadowing_temporary_relation() -> Option<(String, String)> {
+    crate::engine::scan::select_first_row(
+        "SELECT pg_catalog.format('\"%s\".\"%s\"', pg_catalog.replace(tn.nspname, '\"', '\"\"'), \
+                                  pg_catalog.replace(t.relname, '\"', '\"\"')), \
+                pg_catalog.format('\"%s\".\"%s\"', pg_catalog.replace(n.nspname, '\"', '\"\"'), \
+                                  pg_catalog.replace(c.relname, '\"', '\"\"')) \
+         FROM pg_catalog.pg_class t JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace \
+         JOIN pg_catalog.pg_class c ON c.relname = t.relname AND c.relnamespace <> t.relnamespace \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE t.relnamespace = pg_catalog.pg_my_temp_schema() \
+           AND t.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
+           AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
+           AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast%' \
+         ORDER BY 1, 2 LIMIT 1",
+        &[],
+        |row| {
+            Ok((
+                row.get::<String>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?.unwrap_or_default(),
+            ))
+        },
+    )
+}
+
 /// `"schema"."name"` of a relation, quoted; `None` when it is gone.
 pub fn qualified_relation_name(oid: pg_sys::Oid) -> Option<String> {
     // SAFETY: catalog lookups that return palloc'd copies or NULL.

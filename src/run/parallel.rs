@@ -758,6 +758,28 @@ pub fn export_directory(
             Some("its background workers cannot read this session's temporary tables; use stream_export_to_file or CALL stream_export_chunked, or export a regular table"),
         );
     }
+    // A table read without row-level security resolves no name at run
+    // time; a query, a view or a policy may call functions that do.
+    let resolves_no_names = matches!(
+        source,
+        Source::Relation {
+            indexable: true,
+            ..
+        }
+    ) && crate::engine::scan::select_one::<bool>(
+        "SELECT NOT pg_catalog.row_security_active($1)",
+        &[source.relation_oid().into()],
+    ) == Some(true);
+    let shadowing = (!resolves_no_names)
+        .then(crate::engine::source::shadowing_temporary_relation)
+        .flatten();
+    if let Some((temporary, shadowed)) = shadowing {
+        raise(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("stream_export_to_directory cannot run while the temporary table {temporary} hides {shadowed}"),
+            Some("its background workers resolve names without this session's temporary tables, so a function, view or policy that reads that name would read another relation there; drop or rename the temporary table, or use stream_export_to_file or CALL stream_export_chunked"),
+        );
+    }
     let partitions = bounds.len();
     let mut tracked = Tracked::start(Description {
         source: source.description(),
