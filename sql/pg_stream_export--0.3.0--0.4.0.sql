@@ -38,3 +38,29 @@ AS 'MODULE_PATHNAME', 'stream_export_job_drop_wrapper';
 -- postgres_fdw or dblink_fdw) and reaches them with its own user mapping.
 CREATE FOREIGN DATA WRAPPER stream_export_nodes;
 COMMENT ON FOREIGN DATA WRAPPER stream_export_nodes IS 'pg_stream_export: servers that are nodes of cluster exports (libpq options; user and password in user mappings)';
+
+-- A cluster export's node function follows every rule of a directory
+-- export: it replaces a finished export only with overwrite (the
+-- coordinator passes it when it re-exports a node), and names the role
+-- that called the cluster export in the node's audit lines.
+DROP FUNCTION stream_export_cluster_node(text, text, text, integer, text, integer, text, text);
+CREATE FUNCTION "stream_export_cluster_node"(
+	"source" TEXT,
+	"directory" TEXT,
+	"key" TEXT,
+	"partitions" INT,
+	"compression" TEXT,
+	"compression_level" INT,
+	"profile" TEXT,
+	"export_id" TEXT,
+	"overwrite" bool DEFAULT false,
+	"requested_by" TEXT DEFAULT NULL
+) RETURNS TABLE (
+	"partitions" INT,
+	"rows" bigint,
+	"bytes" bigint,
+	"file_bytes" bigint
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'stream_export_cluster_node_wrapper';

@@ -214,6 +214,20 @@ struct About {
     /// be aborting.
     role: String,
     database: String,
+    /// See [`set_requested_by`].
+    requested_by: Option<String>,
+}
+
+thread_local! {
+    static REQUESTED_BY: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Who asked for the exports this backend starts from now on, when that
+/// is not the role it runs as: a cluster export's node names the role
+/// that called it on the coordinator (`requested_by=` in its audit
+/// lines). `None` ends it.
+pub fn set_requested_by(who: Option<String>) {
+    REQUESTED_BY.with(|cell| *cell.borrow_mut() = who);
 }
 
 impl Record {
@@ -390,6 +404,7 @@ impl Tracked {
                         description,
                         role: name_of_role(role),
                         database: name_of_database(database),
+                        requested_by: REQUESTED_BY.with(|cell| cell.borrow().clone()),
                     })),
                 },
             );
@@ -551,10 +566,15 @@ fn audit_fields(record: &Record) -> String {
         description,
         role,
         database,
+        requested_by,
     } = record.about();
     let source: String = description.source.chars().take(200).collect();
+    let requested_by = requested_by
+        .as_deref()
+        .map(|who| format!(" requested_by={}", quoted(who)))
+        .unwrap_or_default();
     format!(
-        "role={} database={} source={} destination={} {} rows={} bytes={} written={} duration={:.3}s",
+        "role={}{requested_by} database={} source={} destination={} {} rows={} bytes={} written={} duration={:.3}s",
         quoted(role),
         quoted(database),
         quoted(&source),

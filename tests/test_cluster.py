@@ -695,3 +695,241 @@ def test_the_coordinator_as_its_own_node_is_refused_at_once_under_its_own_lock(s
         with coordinator.connect() as c:
             c.execute("ALTER DATABASE e2e RESET pg_stream_export.node_id")
             c.execute("DROP TABLE IF EXISTS own_rows")
+
+
+def node_function(conn, directory: str, export_id: str, **options):
+    args = "".join(f", {k} => %({k})s" for k in options)
+    return conn.execute(
+        "SELECT * FROM stream_export_cluster_node('hand_rows', %(d)s, 'id', 1, 'none', NULL, 'default',"
+        f" %(id)s{args})", {"d": directory, "id": export_id, **options}).fetchall()
+
+
+@pytest.fixture
+def writer(shards, server_dir):
+    """A member of pg_write_server_files (and of the object store roles)
+    on the coordinator, with a table of its own and a finished directory
+    export of it."""
+    coordinator = shards["coordinator"]
+    with coordinator.connect() as c:
+        c.execute("CREATE ROLE hand_writer LOGIN IN ROLE pg_write_server_files, pg_read_server_files,"
+                  " stream_export_object_store_write, stream_export_object_store_read")
+        c.execute("CREATE TABLE hand_rows AS SELECT g AS id, md5(g::text) AS t FROM generate_series(1, 3000) g")
+        c.execute("ALTER TABLE hand_rows ADD PRIMARY KEY (id)")
+        c.execute("GRANT SELECT ON hand_rows TO hand_writer")
+    try:
+        with psycopg.connect(coordinator.dsn(user="hand_writer"), autocommit=True) as conn:
+            conn.execute("SELECT * FROM stream_export_to_directory('hand_rows', %s, 'id', 2)",
+                         [str(server_dir) + "/"])
+            yield conn
+    finally:
+        with coordinator.connect() as c:
+            c.execute("DROP TABLE hand_rows")
+            c.execute("DROP OWNED BY hand_writer")
+            c.execute("DROP ROLE hand_writer")
+
+
+def test_the_node_function_by_hand_follows_every_rule_of_a_directory_export(writer, shards, store,
+                                                                               server_dir):
+    """Called outside a coordinator's run, stream_export_cluster_node is a
+    directory export: no replacing a finished export (or a cluster's
+    manifest of manifests) without overwrite, and an export id that is the
+    finished export's is refused before any of its parts is removed."""
+    directory = str(server_dir) + "/"
+    before = {p.name: p.read_bytes() for p in server_dir.iterdir()}
+    finished_id = json.loads(before["manifest.json"])["export_id"]
+    assert sqlstate_of(writer, "SELECT * FROM stream_export_cluster_node('hand_rows', %s, 'id', 1, 'none',"
+                               " NULL, 'default', %s)", [directory, secrets.token_hex(6)]) == "58P02"
+    assert {p.name: p.read_bytes() for p in server_dir.iterdir()} == before
+    assert sqlstate_of(writer, "SELECT * FROM stream_export_cluster_node('hand_rows', %s, 'id', 1, 'none',"
+                               " NULL, 'default', %s, overwrite => true)", [directory, finished_id]) == "58P02"
+    assert {p.name: p.read_bytes() for p in server_dir.iterdir()} == before
+    assert writer.execute("SELECT ok, parts, rows FROM stream_export_verify_manifest(%s)",
+                          [directory]).fetchone() == (True, 2, 3000)
+    # A cluster's manifest of manifests is not replaced either.
+    with shards["coordinator"].connect() as c:
+        export(c, "by-hand/", shards)
+    top = get(store, "by-hand/manifest.json")
+    assert sqlstate_of(writer, "SELECT * FROM stream_export_cluster_node('hand_rows', %s, 'id', 1, 'none',"
+                               " NULL, 'default', %s)", [f"s3://{BUCKET}/by-hand/", secrets.token_hex(6)]) \
+        == "58P02"
+    assert get(store, "by-hand/manifest.json") == top
+    # With overwrite and an id of its own it is what stream_export_to_directory would do.
+    assert node_function(writer, directory, secrets.token_hex(6), overwrite=True)[0][1] == 3000
+
+
+def rewrite_manifest(server_dir, change) -> None:
+    path = server_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def verdict(conn, uri: str):
+    return conn.execute("SELECT ok, detail FROM stream_export_verify_manifest(%s)", [uri]).fetchone()
+
+
+def test_verify_refuses_a_part_listed_twice(writer, server_dir):
+    directory = str(server_dir) + "/"
+
+    def twice(manifest):
+        manifest["parts"].append(manifest["parts"][0])
+        manifest["totals"]["rows"] += manifest["parts"][0]["rows"]
+    rewrite_manifest(server_dir, twice)
+    ok, detail = verdict(writer, directory)
+    assert not ok and "more than once" in detail, detail
+
+    def many(manifest):
+        first = manifest["parts"][0]
+        manifest["parts"] = [first] * 100_000
+        manifest["totals"]["rows"] = first["rows"] * 100_000
+    rewrite_manifest(server_dir, many)
+    started = time.monotonic()
+    ok, detail = verdict(writer, directory)
+    assert not ok and "more than once" in detail, detail
+    assert time.monotonic() - started < 10
+
+
+def test_verify_refuses_a_node_listed_twice(coordinator, shards, store):
+    export(coordinator, "node-twice/", shards)
+    manifest = json.loads(get(store, "node-twice/manifest.json"))
+    node_a = next(n for n in manifest["nodes"] if n["node"] == "a")
+    manifest["nodes"].append(node_a)
+    manifest["parts"] += [p for p in manifest["parts"] if p["node"] == "a"]
+    manifest["totals"]["rows"] += node_a["rows"]
+    store.client().put_object(Bucket=BUCKET, Key="node-twice/manifest.json", Body=json.dumps(manifest).encode())
+    ok, detail = verdict(coordinator, f"s3://{BUCKET}/node-twice/")
+    assert not ok and detail.startswith("node a:") and "more than once" in detail, detail
+
+
+def test_verify_reads_a_60_mib_manifest_in_bounded_memory(writer, server_dir):
+    from helpers import PeakSampler
+    part = json.loads((server_dir / "manifest.json").read_text())["parts"][0]
+    parts = []
+    size = 0
+    while size < 60 << 20:
+        entry = dict(part, file=f"part-{secrets.token_hex(6)}-00000.ndjson")
+        parts.append(entry)
+        size += len(json.dumps(entry)) + 2
+    rewrite_manifest(server_dir, lambda m: m.update(parts=parts))
+    assert (server_dir / "manifest.json").stat().st_size > 60 << 20
+    pid = writer.info.backend_pid
+    with PeakSampler(pid) as peak:
+        assert sqlstate_of(writer, "SELECT * FROM stream_export_verify_manifest(%s)",
+                           [str(server_dir) + "/"]) == "54000"
+    assert peak.peak < 200 * 1024, f"{peak.peak} KiB"
+
+
+@pytest.mark.skipif(not HAS_PLPROXY, reason="PL/Proxy is packaged for PostgreSQL 15 only")
+def test_a_plproxy_partition_uri_and_partition_n_keep_the_password_out_of_errors_and_logs(coordinator, shards,
+                                                                                         store, grantee):
+    """Partitions written as URIs (and with PL/Proxy's partition_N
+    spelling), the password in the user mapping: the export works, and a
+    wrong password shows in no error and no log."""
+    coordinator.execute("CREATE EXTENSION IF NOT EXISTS plproxy")
+    wrong = "wrong-" + secrets.token_hex(8)
+    uri = {n: f"postgresql://127.0.0.1:{shards[n].port}/e2e" for n in ("a", "b")}
+    coordinator.execute("SET log_statement = 'none'")
+    coordinator.execute(f"CREATE SERVER uri_shards FOREIGN DATA WRAPPER plproxy"
+                        f" OPTIONS (p0 '{uri['a']}', p1 '{uri['b']}')")
+    coordinator.execute(f"CREATE SERVER spelled FOREIGN DATA WRAPPER plproxy"
+                        f" OPTIONS (partition_0 '{uri['a']}', partition_1 '{uri['b']}')")
+    coordinator.execute(f"CREATE SERVER wrong_pw FOREIGN DATA WRAPPER plproxy OPTIONS (p0 '{uri['a']}')")
+    for server, password in (("uri_shards", NODE_PASSWORD), ("spelled", NODE_PASSWORD), ("wrong_pw", wrong)):
+        coordinator.execute(f"CREATE USER MAPPING FOR PUBLIC SERVER {server}"
+                            f" OPTIONS (user '{NODE_ROLE}', password '{password}')")
+        coordinator.execute(f"GRANT USAGE ON FOREIGN SERVER {server} TO {GRANTEE}")
+    coordinator.execute("RESET log_statement")
+    try:
+        for server, conn, prefix in (("uri_shards", coordinator, "plproxy-uri/"),
+                                     ("spelled", grantee, "plproxy-spelled/")):
+            rows = conn.execute(
+                f"SELECT node, rows FROM stream_export_cluster('events', 's3://{BUCKET}/{prefix}', 'id',"
+                f" cluster => '{server}') ORDER BY node").fetchall()
+            assert rows == [("a", ROWS_PER_NODE), ("b", ROWS_PER_NODE)], server
+        for conn in (coordinator, grantee):
+            with pytest.raises(psycopg.Error) as failure:
+                conn.execute(f"SELECT * FROM stream_export_cluster('events', 's3://{BUCKET}/plproxy-wrong/',"
+                             " 'id', cluster => 'wrong_pw')")
+            error = failure.value
+            text = " ".join(str(x) for x in (error, error.diag.message_detail, error.diag.message_hint,
+                                             error.diag.context))
+            assert wrong not in text and "password" in text, text
+        for srv in (shards["coordinator"], shards["a"]):
+            assert wrong not in srv.log_text()
+    finally:
+        coordinator.execute("SET log_statement = 'none'")
+        for server in ("uri_shards", "spelled", "wrong_pw"):
+            coordinator.execute(f"DROP SERVER IF EXISTS {server} CASCADE")
+
+
+def audit_lines(srv, marker: str) -> list[str]:
+    return [line for line in srv.log_text().splitlines()
+            if "pg_stream_export: export" in line and marker in line]
+
+
+def test_a_grantees_cluster_export_shows_in_activity_and_every_audit_line(grantee, shards, store):
+    prefix = "audited/"
+    gate = Gate(shards["b"])
+    try:
+        thread, result = run_in_thread(lambda: grantee_export(grantee, prefix))
+        gate.wait_for_exporter()
+        with shards["coordinator"].connect() as c:
+            shown = c.execute("SELECT role, destination FROM stream_export_activity"
+                              " WHERE destination LIKE %s", [f"%{prefix}%"]).fetchall()
+        assert shown == [(GRANTEE, f"s3://{BUCKET}/{prefix}")], shown
+    finally:
+        gate.release()
+    thread.join()
+    assert result.get("value") and len(result["value"]) == 2, result
+    coordinator_lines = wait_until(lambda: audit_lines(shards["coordinator"], f"s3://{BUCKET}/{prefix}"))
+    assert any("export completed" in l and f'role="{GRANTEE}"' in l for l in coordinator_lines), coordinator_lines
+    for node in ("a", "b"):
+        lines = wait_until(lambda: audit_lines(shards[node], f"{prefix}node-{node}/"))
+        assert any(f'role="{NODE_ROLE}" requested_by="{GRANTEE}"' in l and "export completed" in l
+                   for l in lines), lines
+
+
+@pytest.mark.parametrize("change", ["TimeZone", "profile"])
+def test_a_resume_with_other_settings_exports_the_finished_node_again(shards, store, change):
+    """A cluster export fails after node a finished; the same call with
+    another TimeZone (or type options profile) exports node a again, so the
+    dataset is uniform."""
+    prefix = f"resume-{change.lower()}/"
+    gate = Gate(shards["b"])
+    coordinator = shards["coordinator"].connect()
+    try:
+        coordinator.execute("SET TimeZone = 'UTC'")
+        thread, result = run_in_thread(lambda: export(coordinator, prefix, shards, compression="gzip"))
+        gate.wait_for_exporter()
+        wait_until(lambda: f"{prefix}node-a/manifest.json" in objects(store, prefix + "node-a/"))
+        with shards["coordinator"].connect() as c:
+            c.execute("SELECT pg_cancel_backend(%s)", [coordinator.info.backend_pid])
+        thread.join()
+        assert isinstance(result.get("error"), errors.QueryCanceled), result
+    finally:
+        gate.release()
+    assert f"{prefix}node-a/manifest.json" in objects(store, prefix + "node-a/")
+    options = {"compression": "gzip"}
+    if change == "TimeZone":
+        coordinator.execute("SET TimeZone = 'Asia/Tokyo'")
+    else:
+        options["profile"] = "javascript"
+    rows = export(coordinator, prefix, shards, **options)
+    assert [(r[0], r[1]) for r in rows] == [("a", False), ("b", False)]
+    lines = exported_lines(store, prefix)
+    for node in ("a", "b"):
+        if change == "TimeZone":
+            with shards[node].connect() as c:
+                c.execute("SET TimeZone = 'Asia/Tokyo'")
+                assert sorted(lines[node], key=lambda l: json.loads(l)["id"]) == \
+                    oracle_lines(c, "SELECT * FROM events ORDER BY id")
+        else:
+            # The javascript profile writes bigints as strings.
+            assert all(isinstance(json.loads(l)["id"], str) for l in lines[node]), node
+    # The same call again, under the same settings, reuses both.
+    coordinator.execute("SELECT pg_catalog.set_config('TimeZone', current_setting('TimeZone'), false)")
+    store.client().delete_object(Bucket=BUCKET, Key=f"{prefix}manifest.json")
+    rows = export(coordinator, prefix, shards, **options)
+    assert [(r[0], r[1]) for r in rows] == [("a", True), ("b", True)]
+    coordinator.close()
+    no_leftovers(store, prefix)

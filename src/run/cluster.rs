@@ -93,6 +93,8 @@ struct Node {
     /// The node must have asked for the password (a connection made for
     /// a role that is not a superuser).
     password_required: bool,
+    /// What the node is, as recorded with its export (see [`CLUSTER_REQUEST`]).
+    identity: Value,
 }
 
 /// The run's nodes, and the node directories this run writes into. When
@@ -594,13 +596,17 @@ fn no_plproxy_cluster(name: &str) -> ! {
 /// to be what `row_to_json` gives here: names, then values.
 /// The object store profile the caller chose is used on the nodes too (a
 /// profile name, never a secret; each node has its own configuration).
-const FORWARDED_SETTINGS: [&str; 5] = [
+const FORWARDED_SETTINGS: [&str; 7] = [
     "TimeZone",
     "IntervalStyle",
     "extra_float_digits",
     "bytea_output",
+    "DateStyle",
+    "lc_monetary",
     "pg_stream_export.object_store_profile",
 ];
+/// How many of [`FORWARDED_SETTINGS`] (the first ones) change the lines.
+const LINE_SETTINGS: usize = 6;
 
 fn forwarded_settings() -> Vec<String> {
     FORWARDED_SETTINGS
@@ -844,6 +850,20 @@ pub fn export_cluster(
     }
 
     let count = addresses.len();
+    let caller = crate::engine::scan::select_one::<String>("SELECT current_user::text", &[])
+        .unwrap_or_default();
+    // The coordinator's row in stream_export_activity and its audit line,
+    // under the calling role.
+    let mut tracked = crate::activity::Tracked::start(crate::activity::Description {
+        source: request.source.to_owned(),
+        destination: top.describe(),
+        format: format!(
+            "cluster nodes={count} partitions_per_node={} {}",
+            request.partitions_per_node,
+            request.options.describe()
+        ),
+        estimated_rows: None,
+    });
     let mut run = Run {
         nodes: Vec::with_capacity(count),
         exporting: Vec::new(),
@@ -860,6 +880,7 @@ pub fn export_cluster(
                 id: String::new(),
                 schema: String::new(),
                 password_required: address.password_required,
+                identity: Value::Null,
             }),
             Err(e) => raise(
                 PgSqlErrorCode::ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
@@ -884,8 +905,10 @@ pub fn export_cluster(
                pg_catalog.set_config('IntervalStyle', $2, false), \
                pg_catalog.set_config('extra_float_digits', $3, false), \
                pg_catalog.set_config('bytea_output', $4, false), \
-               pg_catalog.set_config('pg_stream_export.object_store_profile', $5, false), \
-               {SERVER_IDENTITY} \
+               pg_catalog.set_config('DateStyle', $5, false), \
+               pg_catalog.set_config('lc_monetary', $6, false), \
+               pg_catalog.set_config('pg_stream_export.object_store_profile', $7, false), \
+               {SERVER_IDENTITY}, current_user::text \
              FROM pg_catalog.pg_extension e \
              JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
              WHERE e.extname = 'pg_stream_export'"
@@ -901,7 +924,7 @@ pub fn export_cluster(
         // second session of this server, which can wait on this
         // transaction's locks until a timeout.
         if let Some(row) = rows.first() {
-            let identity: Vec<Option<String>> = row.iter().skip(9).take(3).cloned().collect();
+            let identity: Vec<Option<String>> = row.iter().skip(11).take(3).cloned().collect();
             if identity.len() == 3
                 && identity.iter().all(Option::is_some)
                 && identity == coordinator
@@ -941,6 +964,13 @@ pub fn export_cluster(
         node.id = node_id_of(&node.label, field(2).as_deref(), field(3).as_deref());
         node.label = format!("\"{}\"", node.id);
         node.schema = field(0).unwrap_or_default();
+        // Which server and database the node's rows come from, and as
+        // which role (its privileges and row security choose the rows).
+        node.identity = json!({
+            "system_identifier": field(11),
+            "database": field(13),
+            "role": field(14),
+        });
     }
     let mut ids = std::collections::HashSet::new();
     for node in &run.nodes {
@@ -953,53 +983,99 @@ pub fn export_cluster(
         }
     }
 
-    // Reuse the node exports an earlier call with the same request left
-    // complete; export the others.
+    // Reuse the node exports an earlier call left complete when they were
+    // made as this call would make them: the same request, the same
+    // settings that change the lines, and the same node (server, database,
+    // role). Export the others again.
     let asked = json!({
-        "pg_stream_export_cluster": 1,
         "source": request.source,
         "key": request.key,
         "compression": request.options.compression.to_string(),
         "compression_level": request.options.compression_level,
         "partitions_per_node": request.partitions_per_node,
+        "profile": request.profile,
+        "settings": FORWARDED_SETTINGS[..LINE_SETTINGS]
+            .iter()
+            .zip(&settings)
+            .map(|(name, value)| ((*name).to_owned(), Value::from(value.as_str())))
+            .collect::<serde_json::Map<String, Value>>(),
     });
-    let same_request = !request.overwrite
-        && top
-            .read_small(CLUSTER_REQUEST)
+    let earlier_runs = if request.overwrite {
+        None
+    } else {
+        top.read_small(CLUSTER_REQUEST)
+            .filter(|bytes| bytes.len() as u64 <= crate::sink::verify::MANIFEST_LIMIT)
             .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
-            .is_some_and(|earlier| earlier == asked);
-    top.write_small(CLUSTER_REQUEST, (asked.to_string() + "\n").as_bytes());
+            .filter(|earlier| earlier["pg_stream_export_cluster"] == 2)
+            .map(|mut earlier| earlier["runs"].take())
+    };
+    let made_as_asked = |node: &Node, export_id: &str| {
+        earlier_runs.as_ref().is_some_and(|runs| {
+            let run = &runs[export_id];
+            run["request"] == asked && run["nodes"][&node.id] == node.identity
+        })
+    };
     let mut finished: Vec<Option<(NodeExport, Vec<NodePart>)>> = vec![None; count];
+    let mut replace = vec![request.overwrite; count];
     let mut to_export = Vec::new();
+    let mut runs = serde_json::Map::new();
     for (index, node) in run.nodes.iter().enumerate() {
         let Some(directory) = top.child(&node_directory(&node.id)) else {
             continue;
         };
-        if same_request {
-            let reusable = directory.read_small(MANIFEST).and_then(|bytes| {
-                let export = node_export_of(&node.id, &bytes, request, true)?;
-                let (ok, ..) = crate::run::verify_directory(&directory, &mut || {
-                    pgrx::check_for_interrupts!();
-                });
-                ok.then_some(export)
-            });
-            if let Some(export) = reusable {
-                finished[index] = Some(export);
-                continue;
+        let manifest = directory.read_small(MANIFEST);
+        replace[index] |= manifest.is_some();
+        let reusable = manifest.and_then(|bytes| {
+            let export = node_export_of(&node.id, &bytes, request, true)?;
+            if !made_as_asked(node, &export.0.export_id) {
+                return None;
             }
+            let (ok, ..) = crate::run::verify_directory(&directory, &mut || {
+                pgrx::check_for_interrupts!();
+            });
+            ok.then_some(export)
+        });
+        if let Some(export) = reusable {
+            let id = export.0.export_id.clone();
+            if let Some(earlier) = earlier_runs.as_ref().and_then(|runs| runs.get(&id)) {
+                runs.entry(id).or_insert_with(|| earlier.clone());
+            }
+            finished[index] = Some(export);
+            continue;
         }
         to_export.push(index);
         run.exporting.push((index, directory));
     }
+    runs.insert(
+        export_id.clone(),
+        json!({
+            "request": asked,
+            "nodes": run
+                .nodes
+                .iter()
+                .map(|node| (node.id.clone(), node.identity.clone()))
+                .collect::<serde_json::Map<String, Value>>(),
+        }),
+    );
+    let record = json!({"pg_stream_export_cluster": 2, "runs": runs});
+    top.write_small(CLUSTER_REQUEST, (record.to_string() + "\n").as_bytes());
 
     let level = request.compression_level.map(|l| l.to_string());
     let partitions = request.partitions_per_node.to_string();
+    // A node replaces the export in its directory only when this call
+    // means to: `overwrite`, or one that cannot be reused.
+    let ids: Vec<String> = run.nodes.iter().map(|n| n.id.clone()).collect();
+    let replace_of = |node: &Node| {
+        ids.iter()
+            .position(|id| *id == node.id)
+            .is_some_and(|index| replace[index])
+    };
     let results = run_on(
         &mut run,
         &to_export,
         &|node| {
             format!(
-                "SELECT partitions, rows, bytes, file_bytes FROM {}.stream_export_cluster_node($1, $2, $3, $4::integer, $5, $6::integer, $7, $8)",
+                "SELECT partitions, rows, bytes, file_bytes FROM {}.stream_export_cluster_node($1, $2, $3, $4::integer, $5, $6::integer, $7, $8, $9::boolean, $10)",
                 quote_identifier(&node.schema)
             )
         },
@@ -1014,6 +1090,8 @@ pub fn export_cluster(
                 level.clone(),
                 request.profile.map(str::to_owned),
                 Some(export_id.clone()),
+                Some(replace_of(node).to_string()),
+                Some(caller.clone()),
             ]
         },
         &claim_check,
@@ -1080,6 +1158,9 @@ pub fn export_cluster(
         // every node's parts: nothing may remove them.
         &mut || run.armed = false,
     );
+    tracked.job_progress(totals.rows, totals.bytes);
+    tracked.written(totals.file_bytes);
+    tracked.complete(None);
     finished
         .into_iter()
         .map(|(node, _)| NodeOutcome {
@@ -1095,7 +1176,11 @@ pub fn export_cluster(
 }
 
 /// A node's part of a cluster export: a directory export of `source`
-/// under the coordinator's export id.
+/// under the coordinator's export id, with every rule of a directory
+/// export (`58P02` where an export finished unless `overwrite`, the lease),
+/// so that calling it by hand gives no more than `stream_export_to_directory`
+/// does. An export id that names the finished export's parts is refused
+/// before anything is removed.
 #[allow(clippy::too_many_arguments)]
 pub fn export_node(
     source: &str,
@@ -1104,6 +1189,8 @@ pub fn export_node(
     partitions: usize,
     options: &ExportOptions,
     export_id: &str,
+    overwrite: bool,
+    requested_by: Option<&str>,
 ) -> crate::run::parallel::DirectoryTotals {
     let valid_id = export_id.len() == 12 && export_id.bytes().all(|b| b.is_ascii_hexdigit());
     if !valid_id {
@@ -1114,6 +1201,46 @@ pub fn export_node(
         );
     }
     let dir = ExportDirectory::open(directory);
+    let finished = dir
+        .read_small(MANIFEST)
+        .filter(|bytes| bytes.len() as u64 <= crate::sink::verify::MANIFEST_LIMIT)
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+    if let Some(finished) = finished {
+        let own = format!("part-{export_id}-");
+        let collides = finished["export_id"] == export_id
+            || crate::layout::manifest_parts(&finished)
+                .iter()
+                .any(|part| part.starts_with(&own));
+        if collides {
+            raise(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+                format!("the export finished in {directory} has the export id \"{export_id}\""),
+                Some("stream_export_cluster_node is called by stream_export_cluster, with a new export id for every run."),
+            );
+        }
+        if !overwrite {
+            raise(
+                PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
+                format!("{directory} holds a finished export"),
+                Some("stream_export_cluster_node replaces one only with overwrite => true, as stream_export_to_directory does."),
+            );
+        }
+    }
+    // The role that called the cluster export, as printable text.
+    let requested_by = requested_by.map(|who| {
+        who.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(64)
+            .collect::<String>()
+    });
+    crate::activity::set_requested_by(requested_by);
+    struct Forget;
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            crate::activity::set_requested_by(None);
+        }
+    }
+    let _forget = Forget;
     crate::run::parallel::export_partitioned(
         source,
         &dir,
@@ -1121,7 +1248,7 @@ pub fn export_node(
         partitions,
         options,
         partitions,
-        true,
+        overwrite,
         Some(export_id.to_owned()),
     )
 }

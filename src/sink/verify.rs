@@ -8,7 +8,7 @@
 use std::io::{self, BufRead, BufReader, Read};
 
 use crate::footer::{FOOTER_PREFIX, FOOTER_VERSION};
-use crate::layout::{is_part_file_name, node_directory, node_id_problem, read_manifest, MANIFEST};
+use crate::layout::{is_part_file_name, node_directory, node_id_problem, MANIFEST};
 use crate::options::Compression;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -377,39 +377,110 @@ impl Scanner {
 /// A reader of the file (or object) `name` of a directory export.
 pub type OpenListed<'a> = dyn FnMut(&str) -> std::io::Result<Box<dyn std::io::Read>> + 'a;
 
+/// The largest manifest (or manifest of manifests) that is read: what
+/// verifying holds in memory stays bounded whatever is under a prefix.
+/// About 200,000 parts.
+pub const MANIFEST_LIMIT: u64 = 32 << 20;
+
+/// What verifying reads of a manifest: only these fields, typed, so that
+/// memory follows the size of the manifest and not that of a JSON tree.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Manifest {
+    consistency: Option<String>,
+    parts: Option<Vec<ListedPart>>,
+    nodes: Option<Vec<ListedNode>>,
+    totals: ListedTotals,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct ListedPart {
+    node: Option<String>,
+    file: Option<String>,
+    rows: Option<u64>,
+    crc32: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct ListedNode {
+    node: Option<String>,
+    directory: Option<String>,
+    rows: Option<i64>,
+    manifest_bytes: Option<u64>,
+    manifest_crc32: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct ListedTotals {
+    rows: Option<i64>,
+}
+
+/// The bytes of a manifest; `54000` when it is larger than
+/// [`MANIFEST_LIMIT`] (a limit of the reader, not a verdict on it).
+fn read_limited(file: impl Read, what: &str) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    file.take(MANIFEST_LIMIT + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MANIFEST_LIMIT {
+        crate::error::raise(
+            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "{what} is larger than {} MiB, the most a manifest is read",
+                MANIFEST_LIMIT >> 20
+            ),
+            Some("No export of this extension writes a manifest that large; check where it came from."),
+        );
+    }
+    Ok(bytes)
+}
+
 /// Check every part of a directory export against the manifest and its own
 /// footer, reading each file with `open`. Returns (ok, parts, rows,
-/// detail); never raises for bad contents.
+/// detail); never raises for bad contents (a manifest larger than
+/// [`MANIFEST_LIMIT`] is `54000`).
 pub fn verify_directory(
     open: &mut OpenListed<'_>,
     interrupt: &mut dyn FnMut(),
 ) -> (bool, i32, i64, String) {
-    let manifest = match open(MANIFEST) {
-        Ok(file) => match read_manifest(file) {
-            Some(value) => value,
-            None => return (false, 0, 0, "manifest.json is not valid JSON".into()),
-        },
+    let bytes = match open(MANIFEST).and_then(|file| read_limited(file, MANIFEST)) {
+        Ok(bytes) => bytes,
         Err(e) => return (false, 0, 0, format!("cannot read manifest.json: {e}")),
     };
-    if manifest["consistency"] == "per_node" {
+    let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) else {
+        return (false, 0, 0, "manifest.json is not a valid manifest".into());
+    };
+    drop(bytes);
+    if manifest.consistency.as_deref() == Some("per_node") {
         return verify_nodes(open, &manifest, interrupt);
     }
     verify_listed_parts(open, &manifest, interrupt)
 }
 
-/// Check the parts a directory or chunked export's manifest lists.
+/// Check the parts a directory or chunked export's manifest lists, each
+/// listed once.
 fn verify_listed_parts(
     open: &mut OpenListed<'_>,
-    manifest: &serde_json::Value,
+    manifest: &Manifest,
     interrupt: &mut dyn FnMut(),
 ) -> (bool, i32, i64, String) {
-    let Some(parts) = manifest["parts"].as_array() else {
+    let Some(parts) = manifest.parts.as_ref() else {
         return (false, 0, 0, "manifest.json has no parts".into());
     };
     let count = parts.len() as i32;
     let mut rows = 0i64;
+    let mut seen = std::collections::HashSet::with_capacity(parts.len());
     for part in parts {
-        let name = part["file"].as_str().unwrap_or("");
+        let name = part.file.as_deref().unwrap_or("");
+        if !seen.insert(name) {
+            return (
+                false,
+                count,
+                rows,
+                format!("{name} is listed more than once"),
+            );
+        }
         if !is_part_file_name(name) {
             return (
                 false,
@@ -425,7 +496,7 @@ fn verify_listed_parts(
         if !verdict.ok {
             return (false, count, rows, format!("{name}: {}", verdict.detail));
         }
-        let expected = (part["rows"].as_u64(), part["crc32"].as_str());
+        let expected = (part.rows, part.crc32.as_deref());
         if expected
             != (
                 Some(verdict.rows),
@@ -441,7 +512,7 @@ fn verify_listed_parts(
         }
         rows += verdict.rows as i64;
     }
-    if manifest["totals"]["rows"].as_i64() != Some(rows) {
+    if manifest.totals.rows != Some(rows) {
         return (
             false,
             count,
@@ -463,33 +534,32 @@ fn verify_listed_parts(
 /// list must be the nodes' parts, and the nodes must add up to the totals.
 fn verify_nodes(
     open: &mut OpenListed<'_>,
-    manifest: &serde_json::Value,
+    manifest: &Manifest,
     interrupt: &mut dyn FnMut(),
 ) -> (bool, i32, i64, String) {
-    let Some(nodes) = manifest["nodes"].as_array() else {
+    let Some(nodes) = manifest.nodes.as_ref() else {
         return (false, 0, 0, "manifest.json lists no nodes".into());
     };
-    let listed: Vec<&serde_json::Value> = manifest["parts"]
-        .as_array()
-        .map(|parts| parts.iter().collect())
-        .unwrap_or_default();
+    let listed: &[ListedPart] = manifest.parts.as_deref().unwrap_or_default();
     let (mut count, mut rows, mut flat) = (0i32, 0i64, 0usize);
+    let mut seen = std::collections::HashSet::with_capacity(nodes.len());
     for node in nodes {
-        let id = node["node"].as_str().unwrap_or("");
+        let id = node.node.as_deref().unwrap_or("");
         let fail = |count, rows, what: String| (false, count, rows, format!("node {id}: {what}"));
+        if !seen.insert(id) {
+            return fail(count, rows, "listed more than once".into());
+        }
         let directory = node_directory(id);
-        if node_id_problem(id).is_some() || node["directory"].as_str() != Some(&directory) {
+        if node_id_problem(id).is_some() || node.directory.as_deref() != Some(&directory) {
             return fail(count, rows, "not a node directory".into());
         }
         let mut node_open = |name: &str| open(&format!("{directory}{name}"));
-        let mut bytes = Vec::new();
-        if let Err(e) = node_open(MANIFEST).and_then(|f| f.take(64 << 20).read_to_end(&mut bytes)) {
-            return fail(count, rows, format!("cannot read manifest.json: {e}"));
-        }
-        let recorded = (
-            node["manifest_bytes"].as_u64(),
-            node["manifest_crc32"].as_str(),
-        );
+        let what = format!("{directory}{MANIFEST}");
+        let bytes = match node_open(MANIFEST).and_then(|f| read_limited(f, &what)) {
+            Ok(bytes) => bytes,
+            Err(e) => return fail(count, rows, format!("cannot read manifest.json: {e}")),
+        };
+        let recorded = (node.manifest_bytes, node.manifest_crc32.as_deref());
         let crc = format!("{:08x}", crc32fast::hash(&bytes));
         if recorded != (Some(bytes.len() as u64), Some(crc.as_str())) {
             return fail(
@@ -498,10 +568,11 @@ fn verify_nodes(
                 "manifest.json is not the one the cluster export recorded".into(),
             );
         }
-        let Ok(node_manifest) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
-            return fail(count, rows, "manifest.json is not valid JSON".into());
+        let Ok(node_manifest) = serde_json::from_slice::<Manifest>(&bytes) else {
+            return fail(count, rows, "manifest.json is not a valid manifest".into());
         };
-        if node_manifest["consistency"] == "per_node" {
+        drop(bytes);
+        if node_manifest.consistency.as_deref() == Some("per_node") {
             return fail(count, rows, "manifest.json is not a node's export".into());
         }
         let (ok, parts, node_rows, detail) =
@@ -509,20 +580,20 @@ fn verify_nodes(
         if !ok {
             return fail(count + parts, rows + node_rows, detail);
         }
-        if node["rows"].as_i64() != Some(node_rows) {
+        if node.rows != Some(node_rows) {
             return fail(
                 count,
                 rows,
                 "its rows do not match the manifest of manifests".into(),
             );
         }
-        for part in node_manifest["parts"].as_array().into_iter().flatten() {
-            let path = format!("{directory}{}", part["file"].as_str().unwrap_or(""));
+        for part in node_manifest.parts.iter().flatten() {
+            let path = format!("{directory}{}", part.file.as_deref().unwrap_or(""));
             let same = listed.get(flat).is_some_and(|entry| {
-                entry["node"].as_str() == Some(id)
-                    && entry["file"].as_str() == Some(path.as_str())
-                    && entry["rows"] == part["rows"]
-                    && entry["crc32"] == part["crc32"]
+                entry.node.as_deref() == Some(id)
+                    && entry.file.as_deref() == Some(path.as_str())
+                    && entry.rows == part.rows
+                    && entry.crc32 == part.crc32
             });
             if !same {
                 return fail(
@@ -544,7 +615,7 @@ fn verify_nodes(
             "manifest.json lists parts no node has".into(),
         );
     }
-    if manifest["totals"]["rows"].as_i64() != Some(rows) {
+    if manifest.totals.rows != Some(rows) {
         return (
             false,
             count,

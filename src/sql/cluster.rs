@@ -119,7 +119,9 @@ fn stream_export_cluster(
 
 /// One node's part of a cluster export, called by `stream_export_cluster`
 /// on the node: a directory export of `source` into `directory` whose
-/// parts carry the coordinator's export id.
+/// parts carry the coordinator's export id, under every rule of a
+/// directory export (`overwrite`, the lease); `requested_by` is the role
+/// that called the cluster export, for the node's audit lines.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn stream_export_cluster_node(
@@ -131,6 +133,8 @@ fn stream_export_cluster_node(
     compression_level: Option<i32>,
     profile: Option<&str>,
     export_id: Option<&str>,
+    overwrite: default!(Option<bool>, false),
+    requested_by: default!(Option<&str>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -151,6 +155,8 @@ fn stream_export_cluster_node(
         partitions,
         &options,
         required(export_id, "export_id"),
+        overwrite.unwrap_or(false),
+        requested_by,
     );
     TableIterator::once((
         totals.partitions,
