@@ -1,8 +1,11 @@
 //! Connections to other PostgreSQL servers through libpq, the client
-//! library dblink and PL/Proxy use: so a node's connection string may name
-//! a service (`pg_service.conf`) and its password may come from the
-//! server's password file, never from SQL text. Non-blocking throughout:
-//! the caller polls, so a cancel or `statement_timeout` is seen at once.
+//! library dblink and PL/Proxy use. A connection starts from keyword and
+//! value options ([`Params`], never text put together), libpq's parse
+//! errors are not passed on (they quote the string), and the secret values
+//! a link was started with are masked in every error it reports (which
+//! options a role may give is decided by the cluster export, above).
+//! Non-blocking throughout: the caller polls, so a cancel or
+//! `statement_timeout` is seen at once.
 //!
 //! Only the backend's own thread uses a [`Link`]; nothing here calls into
 //! PostgreSQL. Dropping a link that is still running a query cancels the
