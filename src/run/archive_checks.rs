@@ -238,7 +238,8 @@ impl ArchivedTable<'_> {
     /// Read the first `rows` lines of the part `name` back from where it
     /// was put, turn each back into a row of the table
     /// (`json_populate_record`) and compare it with the table's row of the
-    /// same key, every column by its text form: a value JSON cannot carry
+    /// same key: byte for byte (`*=`, cheap), and where that differs every
+    /// column by its text form (a NaN's bits may differ): a value JSON cannot carry
     /// exactly (a non-default array lower bound, a rounded float) is an
     /// error naming the key and the column, raised before anything of the
     /// chunk is deleted. Returns the sum of the keys' hashes, which the
@@ -265,7 +266,8 @@ impl ArchivedTable<'_> {
         let key = quote_identifier(self.key);
         let sql = format!(
             "SELECT pg_catalog.min(l.n) FILTER (WHERE t.{key} IS NULL \
-                    OR ROW(t.*)::text IS DISTINCT FROM ROW(r.*)::text), \
+                    OR (NOT (t.* OPERATOR(pg_catalog.*=) r.*) \
+                        AND ROW(t.*)::text IS DISTINCT FROM ROW(r.*)::text)), \
                     pg_catalog.sum(pg_catalog.hashtextextended(r.{key}::text, 0)::numeric)::text \
              FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS l(line, n) \
              CROSS JOIN LATERAL pg_catalog.json_populate_record(NULL::{table}, l.line::json) AS r \
