@@ -138,9 +138,8 @@ impl Drop for CommitPoint {
         // SAFETY: RESUME_INTERRUPTS(). An ERROR raised meanwhile already set
         // the counter to zero (errfinish does), and then it stays zero.
         unsafe {
-            if pgrx::pg_sys::InterruptHoldoffCount > 0 {
-                pgrx::pg_sys::InterruptHoldoffCount -= 1;
-            }
+            pgrx::pg_sys::InterruptHoldoffCount =
+                pgrx::pg_sys::InterruptHoldoffCount.saturating_sub(1);
         }
     }
 }
