@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import time
 
 import psycopg
 import pytest
 
+from conftest import start_cluster, stop_cluster
 from helpers import function_bytes, run_in_thread, wait_until
 
 
@@ -50,7 +53,12 @@ def test_a_program_that_fails_fails_the_copy(conn, events_small, server_dir):
     with pytest.raises(psycopg.errors.ExternalRoutineException) as err:
         conn.execute(f"COPY {events_small} TO PROGRAM 'cat > /dev/null; exit 3' WITH (FORMAT ndjson)")
     assert "failed" in err.value.diag.message_primary
-    assert "exit code 3" in err.value.diag.message_hint
+    # The status in DETAIL, worded as PostgreSQL's own COPY TO PROGRAM does.
+    with pytest.raises(psycopg.errors.ExternalRoutineException) as csv_err:
+        conn.execute("COPY (SELECT 1) TO PROGRAM 'cat > /dev/null; exit 3' WITH (FORMAT csv)")
+    assert csv_err.value.diag.message_detail == "child process exited with exit code 3"
+    assert err.value.diag.message_detail == csv_err.value.diag.message_detail
+    assert err.value.diag.message_hint is None
     # One that stops reading early: the pipe breaks, the COPY fails, no hang.
     with pytest.raises(psycopg.errors.ExternalRoutineException):
         conn.execute(f"COPY {events_small} TO PROGRAM 'head -c 10 > /dev/null' WITH (FORMAT ndjson)")
@@ -95,6 +103,104 @@ def test_cancel_while_the_program_does_not_read(server, events_big, server_dir, 
         assert isinstance(result.get("error"), psycopg.errors.QueryCanceled), result
         assert not os.path.exists(f"/proc/{program}")  # killed and reaped
         assert worker.execute("SELECT 1").fetchone() == (1,)
+
+
+def program_gone(pid: int) -> bool:
+    """The process has ended (gone, or a zombie nobody reaped)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def an_upload(server_dir, name):
+    """A command that stores what it read once its input ends cleanly, as
+    `aws s3 cp -` does: `ok` appears only after a clean end of input. Its
+    shell writes its pid first."""
+    out, ok, pid = server_dir / f"{name}.out", server_dir / f"{name}.ok", server_dir / f"{name}.pid"
+    return f"echo $$ > {pid}; cat > {out} && echo ok > {ok}", out, ok, pid
+
+
+def stop_mid_export(server, source, server_dir, name, stop):
+    """Run COPY source TO PROGRAM an_upload in a session, and `stop` it once
+    the program has read more than 1 MB; returns the COPY's error, the
+    program's pid and its `ok` file, once the COPY's call ended."""
+    program, out, ok, pid_file = an_upload(server_dir, name)
+    with server.connect() as worker:
+        loaded(worker)
+        backend = worker.info.backend_pid
+        thread, result = run_in_thread(lambda: worker.execute(
+            f"COPY {source} TO PROGRAM '{program}' WITH (FORMAT ndjson)"))
+        wait_until(lambda: out.exists() and out.stat().st_size > 1_000_000)
+        stop(backend)
+        thread.join(60)
+        assert not thread.is_alive()
+    return result.get("error"), int(pid_file.read_text()), ok
+
+
+@pytest.mark.parametrize("how", ["cancel", "terminate"])
+def test_a_stopped_export_never_gives_the_program_a_clean_end(server, events_big, server_dir, how):
+    """pg_terminate_backend ends the backend with FATAL, where no Rust
+    destructor runs: the program must still be killed, not see the end of
+    its input (issue 38, case 2)."""
+    function = {"cancel": "pg_cancel_backend", "terminate": "pg_terminate_backend"}[how]
+
+    def stop(backend):
+        with server.connect() as observer:
+            assert observer.execute(f"SELECT {function}(%s)", [backend]).fetchone() == (True,)
+
+    error, pid, ok = stop_mid_export(server, events_big, server_dir, how, stop)
+    expected = psycopg.errors.QueryCanceled if how == "cancel" else psycopg.OperationalError
+    assert isinstance(error, expected), error
+    wait_until(lambda: program_gone(pid), timeout=10)
+    assert not ok.exists()
+
+
+def test_a_fast_shutdown_kills_the_program(server_dir):
+    """`pg_ctl stop -m fast` mid-export, on a cluster of its own: the
+    program is killed, and the server stops in time."""
+    srv = start_cluster("")
+    try:
+        source = "(SELECT g AS id, md5(g::text) AS t FROM generate_series(1, 50000000) g)"
+
+        def stop(_backend):
+            started = time.monotonic()
+            srv.pg_ctl("-m", "fast", "-t", "20", "-w", "stop")
+            assert time.monotonic() - started < 10
+
+        error, pid, ok = stop_mid_export(srv, source, server_dir, "shutdown", stop)
+        assert isinstance(error, psycopg.OperationalError), error
+        wait_until(lambda: program_gone(pid), timeout=10)
+        assert not ok.exists()
+    finally:
+        stop_cluster(srv)
+
+
+def test_statement_timeout_while_a_grandchild_holds_the_pipe(conn, events_big, server_dir):
+    """The program does not read, and a grandchild that left its process
+    group (setsid) keeps the pipe open after the group is killed: the
+    timeout still ends the COPY at once, not when the grandchild exits."""
+    loaded(conn)
+    grandchild = server_dir / "grandchild.pid"
+    script = server_dir / "holder.sh"
+    script.write_text("exec 3<&0\n"
+                      f"setsid sh -c 'echo $$ > {grandchild}; exec sleep 30' &\n"
+                      "exec sleep 30\n")
+    conn.execute("SET statement_timeout = '1s'")
+    started = time.monotonic()
+    try:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute(f"COPY {events_big} TO PROGRAM 'sh {script}' WITH (FORMAT ndjson)")
+        assert time.monotonic() - started < 5
+    finally:
+        if grandchild.exists():
+            try:
+                os.kill(int(grandchild.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    conn.execute("RESET statement_timeout")
+    assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_program_needs_pg_execute_server_program(conn, events_small, server_dir):

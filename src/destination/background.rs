@@ -12,18 +12,20 @@ use std::thread::JoinHandle;
 /// Blocks queued at most; with 1 MiB blocks this bounds the memory.
 const QUEUE: usize = 4;
 
-pub struct BackgroundWriter {
+/// `W` is what the helper writes into: a [`File`], or a program's pipe
+/// (`destination::program`), whose writer gives up when told to.
+pub struct BackgroundWriter<W: Write + Send + 'static = File> {
     blocks: Option<SyncSender<Vec<u8>>>,
     spare: Receiver<Vec<u8>>,
-    worker: Option<JoinHandle<io::Result<File>>>,
+    worker: Option<JoinHandle<io::Result<W>>>,
     /// Called between tries while the helper is behind, for an output that
     /// may stop reading (a program's pipe): it waits a little and acts on
     /// a cancel. `None`: block until the helper takes the data.
     wait: Option<fn()>,
 }
 
-impl BackgroundWriter {
-    pub fn new(mut file: File) -> BackgroundWriter {
+impl<W: Write + Send + 'static> BackgroundWriter<W> {
+    pub fn new(mut file: W) -> BackgroundWriter<W> {
         let (block_tx, block_rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
         let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
         let worker = std::thread::spawn(move || {
@@ -44,14 +46,14 @@ impl BackgroundWriter {
 
     /// As `new`, calling `wait` while the helper is behind (in `write` and
     /// `finish`, never in drop) instead of blocking.
-    pub fn waiting_with(file: File, wait: fn()) -> BackgroundWriter {
+    pub fn waiting_with(file: W, wait: fn()) -> BackgroundWriter<W> {
         let mut writer = BackgroundWriter::new(file);
         writer.wait = Some(wait);
         writer
     }
 
     /// Stop the helper and return its result.
-    fn join(&mut self) -> io::Result<File> {
+    fn join(&mut self) -> io::Result<W> {
         self.blocks = None;
         match self.worker.take() {
             Some(worker) => worker
@@ -62,7 +64,7 @@ impl BackgroundWriter {
     }
 
     /// Wait until every block is written; return the file.
-    pub fn finish(mut self) -> io::Result<File> {
+    pub fn finish(mut self) -> io::Result<W> {
         if let Some(wait) = self.wait {
             self.blocks = None; // the helper ends after the last block
             while self.worker.as_ref().is_some_and(|w| !w.is_finished()) {
@@ -73,7 +75,7 @@ impl BackgroundWriter {
     }
 }
 
-impl Write for BackgroundWriter {
+impl<W: Write + Send + 'static> Write for BackgroundWriter<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut block = self
             .spare
@@ -109,7 +111,7 @@ impl Write for BackgroundWriter {
     }
 }
 
-impl Drop for BackgroundWriter {
+impl<W: Write + Send + 'static> Drop for BackgroundWriter<W> {
     fn drop(&mut self) {
         if self.worker.is_some() {
             let _ = self.join();

@@ -4,26 +4,47 @@
 //! The command runs under `/bin/sh -c` as the server's OS user, with the
 //! server's environment, its output going to the server log, in a process
 //! group of its own. A helper thread writes into the pipe (it only calls
-//! write(2)), and the backend waits for it with interrupts checked, so a
-//! command that stops reading can still be cancelled.
+//! write(2) and poll(2)), and the backend waits for it with interrupts
+//! checked, so a command that stops reading can still be cancelled.
 //!
 //! The export commits when the command has read everything and exited with
-//! status 0. On any failure (an error, a cancel) the whole process group is
-//! killed BEFORE the pipe is closed: a command such as `aws s3 cp -` or
-//! `ssh host 'cat > f'` must never see a clean end of input for an export
-//! that did not finish, or it would store a truncated copy as complete.
+//! status 0. On any failure (an error, a cancel, `statement_timeout`) the
+//! whole process group is killed BEFORE the pipe is closed: a command such
+//! as `aws s3 cp -` or `ssh host 'cat > f'` must never see a clean end of
+//! input for an export that did not finish, or it would store a truncated
+//! copy as complete. A FATAL exit (`pg_terminate_backend`, a fast or smart
+//! shutdown, the postmaster's death) runs no destructor: an exit callback
+//! kills the groups still running first, before the process's exit closes
+//! the pipe. PostgreSQL's own COPY TO PROGRAM gets the same from the
+//! signals it sends to the backend's process group, which ours has left.
+//!
+//! The helper's writes do not block: a reader outside the group (a
+//! grandchild that left it with `setsid`) can keep the pipe open and full
+//! after the group is killed, and the helper then gives up within
+//! [`WRITE_POLL`] once told to, so the backend never waits for it.
 
-use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use pgrx::{pg_sys, PgSqlErrorCode};
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{pg_sys, PgLogLevel, PgSqlErrorCode};
 
 use super::background::BackgroundWriter;
 use super::file::{is_superuser_or_member_of, raise_io};
 use crate::error::raise;
+
+/// How often the pipe's helper looks whether it must give up while the
+/// pipe is full.
+const WRITE_POLL: Duration = Duration::from_millis(50);
+
+/// The process groups of the commands this backend runs and has not
+/// reaped: what the exit callback kills.
+static RUNNING_GROUPS: Mutex<Vec<libc::pid_t>> = Mutex::new(Vec::new());
 
 /// Running a server program needs what COPY TO PROGRAM needs.
 pub fn check_privilege() {
@@ -39,12 +60,15 @@ pub fn check_privilege() {
 pub struct Program {
     command: String,
     child: Option<Child>,
-    writer: Option<BackgroundWriter>,
+    writer: Option<BackgroundWriter<Pipe>>,
+    /// Tells the helper to stop writing (the pipe is abandoned).
+    give_up: Arc<AtomicBool>,
 }
 
 impl Program {
     /// Start `command` (the caller checked the privilege).
     pub fn start(command: &str) -> Program {
+        register_exit_callback();
         let mut child = Command::new("/bin/sh")
             .arg("-c")
             .arg(command)
@@ -58,14 +82,23 @@ impl Program {
                     None,
                 )
             });
-        let writer = child.stdin.take().map(|stdin| {
-            BackgroundWriter::waiting_with(File::from(OwnedFd::from(stdin)), wait_a_little)
-        });
-        Program {
+        // Known to the exit callback before anything can raise.
+        groups().push(child.id() as libc::pid_t);
+        let give_up = Arc::new(AtomicBool::new(false));
+        let mut program = Program {
             command: command.to_string(),
-            child: Some(child),
-            writer,
+            child: None,
+            writer: None,
+            give_up: give_up.clone(),
+        };
+        let stdin = child.stdin.take();
+        program.child = Some(child);
+        if let Some(stdin) = stdin {
+            let pipe = Pipe::new(OwnedFd::from(stdin), give_up)
+                .unwrap_or_else(|e| raise_io(e, "to the COPY program"));
+            program.writer = Some(BackgroundWriter::waiting_with(pipe, wait_a_little));
         }
+        program
     }
 
     pub fn describe(&self) -> String {
@@ -85,6 +118,7 @@ impl Program {
             };
             match child.try_wait() {
                 Ok(Some(status)) => {
+                    forget_group(child.id() as libc::pid_t);
                     self.child = None;
                     break status;
                 }
@@ -98,11 +132,15 @@ impl Program {
             }
         };
         if !status.success() {
-            raise(
+            // As PostgreSQL's COPY words it: the status goes in DETAIL.
+            ErrorReport::new(
                 PgSqlErrorCode::ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
                 format!("program \"{}\" failed", self.command),
-                Some(&describe_status(status)),
-            );
+                "pg_stream_export",
+            )
+            .set_detail(describe_status(status))
+            .report(PgLogLevel::ERROR);
+            unreachable!("an ERROR report does not return");
         }
     }
 
@@ -139,8 +177,10 @@ impl Write for Program {
 
 impl Drop for Program {
     /// Uncommitted: kill the command's process group first, so it never
-    /// reads a clean end of a partial export, then close the pipe (the
-    /// helper's write fails at once) and reap it. Raises nothing.
+    /// reads a clean end of a partial export, then tell the helper to give
+    /// up (it returns within [`WRITE_POLL`] even if a process outside the
+    /// group keeps the pipe full), close the pipe and reap the command.
+    /// Raises nothing.
     fn drop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -149,9 +189,104 @@ impl Drop for Program {
         // SAFETY: kill(2) of the process group this export started (its
         // leader not yet reaped, so the id is still ours).
         unsafe { libc::kill(-group, libc::SIGKILL) };
+        self.give_up.store(true, Ordering::SeqCst);
         drop(self.writer.take());
+        forget_group(group);
         let _ = child.wait();
     }
+}
+
+/// The write end of a command's pipe, non-blocking: the helper thread
+/// waits for room with poll(2), and gives up when told to.
+struct Pipe {
+    fd: OwnedFd,
+    give_up: Arc<AtomicBool>,
+}
+
+impl Pipe {
+    fn new(fd: OwnedFd, give_up: Arc<AtomicBool>) -> io::Result<Pipe> {
+        let raw = fd.as_raw_fd();
+        // SAFETY: fcntl(2) on a descriptor this struct owns.
+        let flags = unsafe { libc::fcntl(raw, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Pipe { fd, give_up })
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            if self.give_up.load(Ordering::SeqCst) {
+                return Err(io::Error::other("the export stopped"));
+            }
+            // SAFETY: write(2) of an initialised buffer of `buf.len()` bytes
+            // to a descriptor this struct owns.
+            let written =
+                unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+            if written >= 0 {
+                return Ok(written as usize);
+            }
+            let error = io::Error::last_os_error();
+            match error.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
+                    let mut fds = libc::pollfd {
+                        fd: self.fd.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    // SAFETY: one pollfd, alive for the call.
+                    unsafe { libc::poll(&mut fds, 1, WRITE_POLL.as_millis() as libc::c_int) };
+                }
+                _ => return Err(error),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The registry of running groups, even if a panic poisoned its lock.
+fn groups() -> std::sync::MutexGuard<'static, Vec<libc::pid_t>> {
+    RUNNING_GROUPS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A group whose leader is about to be reaped: no longer ours to kill.
+fn forget_group(group: libc::pid_t) {
+    groups().retain(|g| *g != group);
+}
+
+fn register_exit_callback() {
+    static HOOKED: AtomicBool = AtomicBool::new(false);
+    if !HOOKED.swap(true, Ordering::Relaxed) {
+        // SAFETY: registers, once per process, a callback that only sends
+        // signals.
+        unsafe { pg_sys::before_shmem_exit(Some(kill_groups_on_exit), pg_sys::Datum::from(0)) };
+    }
+}
+
+/// Runs as the process exits on FATAL or shutdown, where no destructor
+/// runs: kills the commands still running, before the exit closes their
+/// pipes. Never calls into PostgreSQL and never panics.
+///
+/// # Safety
+///
+/// Only as an exit callback of this process; it touches no PostgreSQL state.
+unsafe extern "C-unwind" fn kill_groups_on_exit(_code: libc::c_int, _arg: pg_sys::Datum) {
+    let _ = std::panic::catch_unwind(|| {
+        for group in groups().drain(..) {
+            // SAFETY: kill(2) of a group whose leader this backend started
+            // and has not reaped.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
+    });
 }
 
 /// Wait briefly on the latch, then act on a cancel or timeout.
