@@ -8,7 +8,10 @@
 -- snapshot, the time right after it, its floor and its own transaction id,
 -- so that the next run picks up the rows that committed late; each job has
 -- a random id (bound to its destination) and records its key's type (jobs
--- made before 0.4.0 get theirs at their next run). Only the extension's
+-- made before 0.4.0 get theirs at their next run). A job records, when it
+-- is made, the largest key and the time right after the snapshot that read
+-- it (origin, origin_at: the floor of its first runs; jobs made before 0.4.0
+-- have none). Only the extension's
 -- functions change the catalog now: INSERT, UPDATE and DELETE are no longer
 -- granted; stream_export_job_drop removes a job.
 ALTER TABLE stream_export_job
@@ -16,13 +19,15 @@ ALTER TABLE stream_export_job
     ADD COLUMN key_type text,
     ADD COLUMN snapshot text,
     ADD COLUMN floor text,
-    ADD COLUMN run_xid xid8;
+    ADD COLUMN run_xid xid8,
+    ADD COLUMN origin text,
+    ADD COLUMN origin_at timestamptz;
 ALTER TABLE stream_export_job_part
     ADD COLUMN snapshot text,
     ADD COLUMN snapshot_at timestamptz,
     ADD COLUMN floor text,
     ADD COLUMN run_xid xid8;
-COMMENT ON TABLE stream_export_job IS 'pg_stream_export incremental jobs: what CALL stream_export_increment(name) exports next (position: the resume token after the last exported row, NULL: from the start; snapshot, floor, run_xid: the last part''s run, whose late rows the next run picks up).';
+COMMENT ON TABLE stream_export_job IS 'pg_stream_export incremental jobs: what CALL stream_export_increment(name) exports next (position: the resume token after the last exported row, NULL: from the start; snapshot, floor, run_xid: the last part''s run, whose late rows the next run picks up; origin, origin_at: the largest key when the job was made and the time right after the snapshot that read it, the floor of its first runs).';
 COMMENT ON TABLE stream_export_job_part IS 'pg_stream_export incremental jobs: every part written, in order (recovered: written by a run that did not commit, found to hold exactly what the table holds in its key range, and taken over by the next run).';
 REVOKE INSERT, UPDATE, DELETE ON stream_export_job, stream_export_job_part FROM PUBLIC;
 

@@ -569,9 +569,49 @@ impl Export {
             return;
         }
         let condition = late_row_condition(snapshot, run_xid);
-        keyset.position = keyset.last.take();
-        keyset.last = floor.map(|text| keyset.key.parse_token_text(text));
+        let position = keyset.last.take();
+        let mut floor = floor.map(|text| keyset.key.parse_token_text(text));
+        // The window never starts above the position (a job's run 0 can
+        // have seen a largest key that was deleted before its first run):
+        // every key above the position is read.
+        if let (Some(f), Some(p)) = (&floor, &position) {
+            if keyset.key.compare(f, p) > 0 {
+                floor = position.clone();
+            }
+        }
+        keyset.position = position;
+        keyset.last = floor;
         keyset.late_condition = Some(condition);
+    }
+
+    /// The token after the largest key of the source that the active
+    /// snapshot sees (`None`: no row), found as the walk orders keys
+    /// (`ORDER BY key DESC LIMIT 1`, one index lookup): an incremental
+    /// job's position when it is made (its run 0, see `run::jobs`).
+    pub fn largest_key_token(&self) -> Option<String> {
+        let Walk::Keyset(keyset) = &self.walk else {
+            return None;
+        };
+        let key = &keyset.key;
+        let column = format!("{SOURCE_ALIAS}.{}", quote_identifier(&key.column));
+        let sql = format!(
+            "SELECT {column} FROM {} AS {SOURCE_ALIAS} WHERE {column} IS NOT NULL \
+             ORDER BY {column} DESC LIMIT 1",
+            self.source.sql_from_item()
+        );
+        let mut cursor = Cursor::open(&sql, &[], keyset.row_cxt);
+        let mut largest = None;
+        cursor.fetch(1, &mut |values, nulls| {
+            // SAFETY: a row of the one-column descriptor of the key's type;
+            // the value is copied out before the row's memory is reset.
+            unsafe {
+                if !*nulls {
+                    largest = Some(key.copy(*values));
+                }
+            }
+        });
+        cursor.close();
+        largest.map(|value| keyset.token_after(Some(&value), 0))
     }
 
     /// Read no row whose key is above `key_text` (a key in the form tokens

@@ -8,13 +8,31 @@
 //! the late rows: keys in (F_{N-1}, P_{N-1}] whose inserting transaction
 //! S_{N-1} did not see (they committed after run N-1 looked). It records
 //! S_N, t_N, its position P_N and a floor F_N: the position of the latest
-//! run r whose t_r is at or before t_min, the start of the oldest
-//! transaction in progress in another backend when the run began (now if
-//! none), read before S_N is taken. A key drawn from a sequence by a
-//! transaction T that S_N did not see was drawn after T started, so after
-//! t_min, so after S_r was taken: it is greater than every key S_r saw,
-//! so greater than F_N. The late-row window (F, P] is bounded and read
+//! run r whose t_r is before t_min, the start of the oldest transaction in
+//! progress in another backend when the run began (now if none), read
+//! before S_N is taken. A key drawn from a sequence by a transaction T that
+//! S_N did not see was drawn after T started, so at or after t_min (T was
+//! in progress when t_min was read, or began after), so after t_r, so after
+//! S_r was taken (t_r is read after S_r): it is greater than every key S_r
+//! saw, so greater than F_N. (Strictly before: the clock counts whole
+//! microseconds, and a t_r equal to T's start does not order S_r before
+//! T's first nextval.) The late-row window (F, P] is bounded and read
 //! through the key's index.
+//!
+//! Run 0. A job is made with one: [`create`] records the token after the
+//! largest key its snapshot S_0 sees (P_0, `origin`; NULL for an empty
+//! table) and t_0 (`origin_at`), the clock read right after S_0 was taken,
+//! and the floor computation counts (t_0, P_0) as a run before part 1. The
+//! argument above holds for it as it is: P_0 is the key of a row S_0 saw,
+//! so it was drawn before S_0 was taken, and a late key of a transaction
+//! that began after t_0 was drawn after it. So when no transaction older
+//! than the job is still open, the job's first parts have the floor P_0
+//! and their window is what was added since the job was made, not the
+//! whole table; while one is (t_min <= t_0), the floor stays "from the
+//! start", as for a job without run 0 (one made before 0.4.0). A run 0
+//! whose largest key was deleted before part 1 can be above P_1: the
+//! window never starts above the position
+//! ([`Export::read_job_window`]).
 //!
 //! A job and its destination are bound to each other by `<job>.job.json`
 //! (the job's id, database and server), written by the first run and
@@ -168,11 +186,21 @@ pub fn create(
     let options = options(compression, compression_level, key, None);
     drop(ExportDirectory::open(destination));
     let table = job_table(source);
-    drop(Export::open(
-        table.clone(),
-        options.clone(),
-        Destination::File,
-    ));
+    let export = Export::open(table.clone(), options.clone(), Destination::File);
+    // Run 0 (see the module's comment): the largest key a snapshot taken
+    // now sees, and the clock read right after that snapshot was taken.
+    // SAFETY: pushes the transaction's current snapshot (in READ COMMITTED
+    // a new one) as the active one for the lookup; popped below. An error
+    // before that aborts the transaction, whose cleanup empties the
+    // snapshot stack.
+    let origin_at = unsafe {
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+        pg_sys::GetCurrentTimestamp()
+    };
+    let origin = export.largest_key_token();
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    drop(export);
     let key_type = key_type_of(&table, key);
     let owner = current_role();
     Spi::connect_mut(|client| {
@@ -195,8 +223,11 @@ pub fn create(
             client.update(
                 &format!(
                     "INSERT INTO {schema}.stream_export_job \
-                     (name, owner, source, key, destination, compression, compression_level, key_type) \
-                     VALUES ($1, $2::pg_catalog.oid::pg_catalog.regrole, $3, $4, $5, $6, $7, $8)"
+                     (name, owner, source, key, destination, compression, compression_level, key_type, \
+                      origin, origin_at) \
+                     VALUES ($1, $2::pg_catalog.oid::pg_catalog.regrole, $3, $4, $5, $6, $7, $8, $9, \
+                             '2000-01-01 00:00:00+00'::pg_catalog.timestamptz \
+                             + $10::pg_catalog.int8 * interval '1 microsecond')"
                 ),
                 None,
                 &[
@@ -208,6 +239,8 @@ pub fn create(
                     options.compression.to_string().into(),
                     compression_level.into(),
                     key_type.into(),
+                    origin.into(),
+                    origin_at.into(),
                 ],
             )?;
             Ok(())
@@ -635,14 +668,20 @@ pub fn increment(name: &str) -> Increment {
         let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
         as_catalog_owner(client, &schema, |c| {
             // F_N: the position of the latest run whose snapshot was taken
-            // at or before the horizon (this run's never is).
+            // before the horizon (this run's never is), run 0 included (the
+            // job's creation, "part 0"; NULL position: an empty table).
+            let horizon_at = "('2000-01-01 00:00:00+00'::pg_catalog.timestamptz \
+                              + $2::pg_catalog.int8 * interval '1 microsecond')";
             let floor = c
                 .select(
                     &format!(
-                        "SELECT resume_token FROM {schema}.stream_export_job_part \
-                         WHERE job = $1 AND coalesce(snapshot_at, finished_at) <= \
-                         '2000-01-01 00:00:00+00'::timestamptz + $2::int8 * interval '1 microsecond' \
-                         ORDER BY part DESC LIMIT 1"
+                        "SELECT token FROM ( \
+                             SELECT part, resume_token FROM {schema}.stream_export_job_part \
+                             WHERE job = $1 AND coalesce(snapshot_at, finished_at) < {horizon_at} \
+                             UNION ALL \
+                             SELECT 0, origin FROM {schema}.stream_export_job \
+                             WHERE name = $1 AND origin_at < {horizon_at} \
+                         ) AS runs (part, token) ORDER BY part DESC LIMIT 1",
                     ),
                     Some(1),
                     &[name.into(), horizon.into()],
