@@ -3,10 +3,10 @@
 //! a misspelt `pg_stream_export.*` name is an error rather than a setting
 //! that silently does nothing.
 
-use std::ffi::CString;
+use std::ffi::{c_void, CStr, CString};
 use std::time::Duration;
 
-use pgrx::{pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+use pgrx::{pg_guard, pg_sys, GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 /// `pg_stream_export.file_mode`: the permissions of the files an export
 /// writes on the server.
@@ -51,6 +51,11 @@ static NODE_CONNECT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000)
 const MIN_PART_SIZE_KB: i32 = 5 * 1024;
 /// The shortest lease: it is renewed every third of it.
 const MIN_LEASE_TTL_S: i32 = 2;
+/// The longest `node_connect_timeout` and `object_connect_timeout` a role
+/// that is not a superuser may set (5 minutes): longer waits are the
+/// administrator's choice (postgresql.conf, ALTER SYSTEM, or a superuser's
+/// ALTER ROLE / ALTER DATABASE ... SET).
+pub const CONNECT_TIMEOUT_BOUND_MS: i32 = 300_000;
 
 /// A text setting, `None` when unset or empty.
 fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
@@ -179,16 +184,23 @@ pub fn define() {
         GucContext::Suset,
         GucFlags::default(),
     );
-    GucRegistry::define_int_guc(
-        c"pg_stream_export.node_connect_timeout",
-        c"Longest wait of a cluster export to connect to one node.",
-        c"A node not connected by then fails the cluster export (SQLSTATE 08001). A cancel or statement_timeout ends the wait at once.",
-        &NODE_CONNECT_TIMEOUT_MS,
-        1,
-        i32::MAX,
-        GucContext::Userset,
-        GucFlags::UNIT_MS,
-    );
+    // SAFETY: the check hook is a #[pg_guard] function of this library,
+    // which stays loaded as long as the setting exists.
+    unsafe {
+        GucRegistry::define_int_guc_with_hooks(
+            c"pg_stream_export.node_connect_timeout",
+            c"Longest wait of a cluster export to connect to one node.",
+            c"A node not connected by then fails the cluster export (SQLSTATE 08001), whatever the network does. A cancel, statement_timeout, pg_terminate_backend or shutdown ends the wait at once. Only superusers may set it above 5min.",
+            &NODE_CONNECT_TIMEOUT_MS,
+            1,
+            i32::MAX,
+            GucContext::Userset,
+            GucFlags::UNIT_MS,
+            Some(check_node_connect_timeout),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_int_guc(
         c"pg_stream_export.object_part_size",
         c"Size of the parts of a multipart upload to object storage.",
@@ -199,16 +211,22 @@ pub fn define() {
         GucContext::Userset,
         GucFlags::UNIT_KB,
     );
-    GucRegistry::define_int_guc(
-        c"pg_stream_export.object_connect_timeout",
-        c"Longest wait to connect to the object store.",
-        c"A request whose connection is not open by then fails (and is retried twice, as a lost connection is). A cancel or statement_timeout ends the wait at once.",
-        &OBJECT_CONNECT_TIMEOUT_MS,
-        1,
-        i32::MAX,
-        GucContext::Userset,
-        GucFlags::UNIT_MS,
-    );
+    // SAFETY: as above.
+    unsafe {
+        GucRegistry::define_int_guc_with_hooks(
+            c"pg_stream_export.object_connect_timeout",
+            c"Longest wait to connect to the object store.",
+            c"A request whose connection is not open by then fails (and is retried twice, as a lost connection is). A cancel, statement_timeout, pg_terminate_backend or shutdown ends the wait at once. Only superusers may set it above 5min.",
+            &OBJECT_CONNECT_TIMEOUT_MS,
+            1,
+            i32::MAX,
+            GucContext::Userset,
+            GucFlags::UNIT_MS,
+            Some(check_object_connect_timeout),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_int_guc(
         c"pg_stream_export.object_timeout",
         c"Longest the object store may take to accept or answer any one read or write of a request.",
@@ -250,6 +268,94 @@ pub fn define() {
     // removed with a WARNING, as pg_stat_statements and plrust do.
     // SAFETY: called from _PG_init on the main thread with a static name.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_stream_export".as_ptr()) };
+}
+
+/// Check hook of `pg_stream_export.node_connect_timeout`.
+///
+/// # Safety
+/// Called by PostgreSQL's GUC machinery with a valid `newval`.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_node_connect_timeout(
+    newval: *mut i32,
+    _extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: forwarded.
+    unsafe { check_connect_timeout(c"pg_stream_export.node_connect_timeout", newval, source) }
+}
+
+/// Check hook of `pg_stream_export.object_connect_timeout`.
+///
+/// # Safety
+/// Called by PostgreSQL's GUC machinery with a valid `newval`.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_object_connect_timeout(
+    newval: *mut i32,
+    _extra: *mut *mut c_void,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: forwarded.
+    unsafe { check_connect_timeout(c"pg_stream_export.object_connect_timeout", newval, source) }
+}
+
+/// A connect timeout above [`CONNECT_TIMEOUT_BOUND_MS`] is as a `PGC_SUSET`
+/// setting: refused (`42501`) when a role that is not a superuser sets it
+/// in its session (SET, set_config, a function's SET clause, connection
+/// options) or for a role or database (the validation of ALTER ROLE /
+/// ALTER DATABASE ... SET, run as the role doing it). What the server's
+/// configuration and superusers set is taken as given, and so is what a
+/// background or parallel worker takes over from its leader, which was
+/// checked there.
+///
+/// # Safety
+/// `newval` must point to the proposed value; called from a check hook.
+unsafe fn check_connect_timeout(
+    name: &CStr,
+    newval: *const i32,
+    source: pg_sys::GucSource::Type,
+) -> bool {
+    use pg_sys::GucSource::{PGC_S_CLIENT, PGC_S_SESSION, PGC_S_TEST};
+    // SAFETY: the caller's contract; MyBackendType is this process's own.
+    let (value, client_backend) = unsafe {
+        (
+            *newval,
+            pg_sys::MyBackendType == pg_sys::BackendType::B_BACKEND,
+        )
+    };
+    let set_by_a_role = matches!(source, PGC_S_CLIENT | PGC_S_SESSION | PGC_S_TEST);
+    if value <= CONNECT_TIMEOUT_BOUND_MS || !set_by_a_role || !client_backend {
+        return true;
+    }
+    // SAFETY: superuser() looks up the current user, which is set in every
+    // context that gives one of these sources (in a transaction).
+    if unsafe { pg_sys::superuser() } {
+        return true;
+    }
+    let name = name.to_string_lossy();
+    let message = format!("permission denied to set parameter \"{name}\" above 5min");
+    let detail = format!(
+        "Roles that are not superusers may set it to at most {CONNECT_TIMEOUT_BOUND_MS} ms; {value} ms was asked."
+    );
+    let hint = "A superuser can set a longer wait for the server (postgresql.conf, ALTER SYSTEM) or for a role or database (ALTER ROLE ... SET, ALTER DATABASE ... SET).";
+    // SAFETY: what GUC_check_errcode and the GUC_check_err* macros do: the
+    // strings are palloc'd copies in the current context, read by the GUC
+    // machinery right after this hook returns.
+    unsafe {
+        pg_sys::GUC_check_errcode(pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32);
+        pg_sys::GUC_check_errmsg_string = palloc_text(&message);
+        pg_sys::GUC_check_errdetail_string = palloc_text(&detail);
+        pg_sys::GUC_check_errhint_string = palloc_text(hint);
+    }
+    false
+}
+
+/// `text` as a palloc'd C string (NUL bytes, which none of ours hold,
+/// would end it early).
+fn palloc_text(text: &str) -> *mut std::ffi::c_char {
+    let text = CString::new(text.replace('\0', "")).unwrap_or_default();
+    // SAFETY: pstrdup copies a NUL-terminated string into the current
+    // memory context.
+    unsafe { pg_sys::pstrdup(text.as_ptr()) }
 }
 
 /// Settings under which key values are turned into text and back for

@@ -25,6 +25,7 @@ type PGcancel = c_void;
 // ConnStatusType, PostgresPollingStatusType and ExecStatusType values.
 const CONNECTION_BAD: c_int = 1;
 const PGRES_POLLING_FAILED: c_int = 0;
+const PGRES_POLLING_READING: c_int = 1;
 const PGRES_POLLING_OK: c_int = 3;
 const PGRES_COMMAND_OK: c_int = 1;
 const PGRES_TUPLES_OK: c_int = 2;
@@ -229,6 +230,9 @@ pub struct Link {
     cancel_sent: bool,
     /// The secret values the link was started with, kept out of errors.
     secrets: Vec<String>,
+    /// While connecting: what libpq waits for on the socket (`POLLOUT` or
+    /// `POLLIN`) before it may be polled again.
+    connect_wait: libc::c_short,
 }
 
 fn text_of(pointer: *const c_char) -> Option<String> {
@@ -292,6 +296,9 @@ impl Link {
             rows: Vec::new(),
             cancel_sent: false,
             secrets,
+            // As libpq's documentation says: as if PQconnectPoll had asked
+            // for a writable socket.
+            connect_wait: libc::POLLOUT,
         };
         // SAFETY: a connection libpq just made.
         if unsafe { PQstatus(conn) } == CONNECTION_BAD {
@@ -325,13 +332,24 @@ impl Link {
         unsafe { PQsocket(self.conn) }
     }
 
-    /// Go on connecting: `Ok(true)` once connected.
+    /// Go on connecting: `Ok(true)` once connected. Never blocks: libpq is
+    /// polled only once the socket is ready for what it asked last, so a
+    /// caller may call this as often as it likes, and a node whose SYNs
+    /// are dropped (or whose accept queue is full) keeps returning
+    /// `Ok(false)` until the caller's deadline.
     pub fn poll_connect(&mut self) -> Result<bool, RemoteError> {
         if self.state != State::Connecting {
             return Ok(self.state != State::Broken);
         }
-        // SAFETY: a connection being made; polling it when its socket is
-        // not ready only reports that it still waits.
+        // Polled before its socket is ready, libpq takes a TCP connect still
+        // under way for made and blocks sending its startup packet until
+        // the kernel gives up on the SYNs (about two minutes), with no
+        // cancel or timeout seen meanwhile.
+        if !socket_ready(self.socket(), self.connect_wait) {
+            return Ok(false);
+        }
+        // SAFETY: a connection being made whose socket is ready for what
+        // libpq asked, as PQconnectPoll requires.
         match unsafe { PQconnectPoll(self.conn) } {
             PGRES_POLLING_OK => {
                 self.state = State::Idle;
@@ -343,7 +361,14 @@ impl Link {
                 self.state = State::Broken;
                 Err(self.connection_error())
             }
-            _ => Ok(false),
+            PGRES_POLLING_READING => {
+                self.connect_wait = libc::POLLIN;
+                Ok(false)
+            }
+            _ => {
+                self.connect_wait = libc::POLLOUT;
+                Ok(false)
+            }
         }
     }
 
@@ -505,8 +530,26 @@ impl Drop for Link {
     }
 }
 
-/// Wait until one of `sockets` can be read (or written, while a connection
-/// is being made), or `timeout` passed. Interrupts are the caller's to check.
+/// Whether `socket` is ready for `events` (or in error, or closed) now;
+/// `true` for no socket, where libpq has something else to do (the next
+/// host of a list).
+fn socket_ready(socket: c_int, events: libc::c_short) -> bool {
+    if socket < 0 {
+        return true;
+    }
+    let mut fd = libc::pollfd {
+        fd: socket,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, alive for the call; a zero timeout never blocks.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready > 0 && fd.revents != 0
+}
+
+/// Wait until one of `sockets` can be read, or `timeout` passed (a
+/// connecting link that waits to write is polled again after `timeout`:
+/// keep it short). Interrupts are the caller's to check.
 pub fn wait_readable(sockets: &[c_int], timeout: Duration) {
     let mut fds: Vec<libc::pollfd> = sockets
         .iter()

@@ -190,7 +190,9 @@ impl Client {
                 ));
             }
         }
-        let agent = ureq::Agent::new_with_config(
+        // A stop ends a connect still in progress too (see `connect`).
+        let stopped = Arc::new(AtomicBool::new(false));
+        let agent = ureq::Agent::with_parts(
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .max_redirects(0)
@@ -199,11 +201,13 @@ impl Client {
                 .timeout_per_write(Some(timeouts.io))
                 .user_agent("pg_stream_export")
                 .build(),
+            super::connect::connector(stopped.clone()),
+            ureq::unversioned::resolver::DefaultResolver::default(),
         );
         Ok(Client {
             agent,
             config,
-            stopped: Arc::new(AtomicBool::new(false)),
+            stopped,
             watchdog: None,
         })
     }

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod config;
+mod connect;
 pub mod lease;
 pub mod sigv4;
 pub mod upload;
