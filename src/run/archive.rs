@@ -235,11 +235,16 @@ impl Archive<'_> {
             // Before anything is written: every row that matches.
             checks.check_definition(None);
         }
-        // Floats read back exactly only from their shortest exact text.
+        // Lines that read back the same in any session: floats in their
+        // shortest exact text, intervals in the style whose fields carry
+        // their own signs (sql_standard's "-1 2:00:00" means another
+        // interval under other styles), money in the C locale's format.
         Spi::run(
             "SELECT pg_catalog.set_config('extra_float_digits', '1', true) \
              WHERE pg_catalog.current_setting('extra_float_digits')::integer < 1",
         )
+        .and_then(|_| Spi::run("SELECT pg_catalog.set_config('IntervalStyle', 'postgres', true)"))
+        .and_then(|_| Spi::run("SELECT pg_catalog.set_config('lc_monetary', 'C', true)"))
         .unwrap_or_else(|e| catalog_failed(e));
         let mut options = self.options.clone();
         options.after = after.map(|p| p.token.clone());

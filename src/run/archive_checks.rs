@@ -56,6 +56,15 @@ impl ArchivedTable<'_> {
     /// `range` (`$1`: last key, `$2`: the last key of the chunk before,
     /// when `lower`).
     pub fn rows_sql(&self, range: bool, lower: bool) -> String {
+        format!(
+            "SELECT * FROM {} WHERE {}",
+            self.name,
+            self.filter_sql(range, lower)
+        )
+    }
+
+    /// The WHERE clause of [`Self::rows_sql`].
+    fn filter_sql(&self, range: bool, lower: bool) -> String {
         let key = quote_identifier(self.key);
         let mut filter = String::new();
         if range {
@@ -64,11 +73,7 @@ impl ArchivedTable<'_> {
             }
             filter.push_str(&format!("{key} <= $1 AND "));
         }
-        format!(
-            "SELECT * FROM {} WHERE {filter}({}\n)",
-            self.name,
-            self.condition.unwrap_or("true")
-        )
+        format!("{filter}({}\n)", self.condition.unwrap_or("true"))
     }
 
     /// Refuse a table whose DELETE would do more than remove the exported
@@ -81,6 +86,22 @@ impl ArchivedTable<'_> {
     /// and for the first chunk before anything is written.
     pub fn check_definition(&self, chunk: Option<&[DatumWithOid<'_>]>) {
         let oid = self.oid;
+        if first_text(
+            "SELECT pg_catalog.current_setting('session_replication_role') \
+             WHERE pg_catalog.current_setting('session_replication_role') <> 'origin'",
+            &[],
+        )
+        .is_some()
+        {
+            raise(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "cannot archive {} with session_replication_role other than origin",
+                    self.name
+                ),
+                Some("foreign keys and triggers do not act then, so the DELETE could leave references to rows that are gone; archive with session_replication_role = origin"),
+            );
+        }
         if let Some(child) = first_text(
             "SELECT c.oid::pg_catalog.regclass::text FROM pg_catalog.pg_inherits i \
              JOIN pg_catalog.pg_class p ON p.oid = i.inhparent \
@@ -91,7 +112,7 @@ impl ArchivedTable<'_> {
             raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 format!(
-                    "cannot archive \"{}\": table \"{child}\" inherits from it, and its DELETE would remove the rows of \"{child}\" with columns the archive does not export",
+                    "cannot archive {}: table {child} inherits from it, and its DELETE would remove the rows of {child} with columns the archive does not export",
                     self.name
                 ),
                 Some("archive each table of the hierarchy by itself, the children first; the parent's own rows can be archived once no table inherits from it"),
@@ -107,7 +128,7 @@ impl ArchivedTable<'_> {
             raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 format!(
-                    "cannot archive \"{}\": trigger \"{trigger}\" on \"{on}\" fires on DELETE, and may keep, change or remove rows the archive did not export",
+                    "cannot archive {}: trigger \"{trigger}\" on {on} fires on DELETE, and may keep, change or remove rows the archive did not export",
                     self.name
                 ),
                 Some("archive with the trigger disabled (ALTER TABLE ... DISABLE TRIGGER ...), or move rows with a DELETE of your own"),
@@ -122,7 +143,7 @@ impl ArchivedTable<'_> {
             raise(
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
                 format!(
-                    "cannot archive \"{}\": rule \"{rule}\" on \"{on}\" rewrites its DELETE",
+                    "cannot archive {}: rule \"{rule}\" on {on} rewrites its DELETE",
                     self.name
                 ),
                 Some("a rule can make the DELETE remove other rows than the exported ones, or none; drop it for the archive"),
@@ -135,7 +156,9 @@ impl ArchivedTable<'_> {
 
     /// The foreign keys that reference the table (or a partition of it, or
     /// an ancestor it is a partition of) with `ON DELETE CASCADE`,
-    /// `SET NULL` or `SET DEFAULT`, one per referencing table.
+    /// `SET NULL` or `SET DEFAULT`, each as declared (its clones on the
+    /// partitions of a partitioned table are the same key; one declared on
+    /// a partition counts too).
     fn cascading_keys(&self) -> Vec<CascadingKey> {
         let sql = "SELECT DISTINCT ON (c.conrelid, c.conname) \
                 c.conname::text, c.conrelid::pg_catalog.regclass::text, \
@@ -146,11 +169,11 @@ impl ArchivedTable<'_> {
                       JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o), \
                 ARRAY(SELECT a.attname::text FROM pg_catalog.unnest(c.confkey) WITH ORDINALITY k(n, o) \
                       JOIN pg_catalog.pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o) \
-             FROM pg_catalog.pg_constraint c JOIN pg_catalog.pg_class r ON r.oid = c.conrelid \
-             WHERE c.contype = 'f' AND c.confdeltype IN ('c', 'n', 'd') AND NOT r.relispartition \
+             FROM pg_catalog.pg_constraint c \
+             WHERE c.contype = 'f' AND c.confdeltype IN ('c', 'n', 'd') AND c.conparentid = 0 \
              AND c.confrelid IN (SELECT $1 UNION ALL SELECT relid::oid FROM pg_catalog.pg_partition_tree($1) \
                                  UNION ALL SELECT relid::oid FROM pg_catalog.pg_partition_ancestors($1)) \
-             ORDER BY c.conrelid, c.conname, c.conparentid <> 0";
+             ORDER BY c.conrelid, c.conname";
         let keys = pgrx::spi::Spi::connect(|client| {
             let mut keys = Vec::new();
             for row in client.select(sql, None, &[self.oid.into()])? {
@@ -201,11 +224,34 @@ impl ArchivedTable<'_> {
             columns("pg_stream_export_archived", &key.referenced_columns),
         );
         if key.same_table {
-            let k = quote_identifier(self.key);
+            // By row identity: a key is unique only within the archived
+            // table, not across the partitions of an ancestor.
+            let (range, lower) = (chunk.is_some(), chunk.is_some_and(|args| args.len() > 1));
             sql.push_str(&format!(
-                " AND pg_stream_export_referencing.{k} NOT IN \
-                 (SELECT pg_stream_export_archived.{k} FROM ({archived}) AS pg_stream_export_archived)"
+                " AND (pg_stream_export_referencing.tableoid, pg_stream_export_referencing.ctid) NOT IN \
+                 (SELECT tableoid, ctid FROM {} WHERE {})",
+                self.name,
+                self.filter_sql(range, lower)
             ));
+        }
+        // The cascade runs as the referencing table's owner, without its
+        // row-level security: rows the caller cannot see would go too.
+        let hidden = select_first_row(
+            "SELECT pg_catalog.row_security_active($1::pg_catalog.regclass)",
+            &[key.referencing.as_str().into()],
+            |row| row.get::<bool>(1),
+        )
+        .flatten()
+        .unwrap_or(true);
+        if hidden {
+            raise(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!(
+                    "cannot archive {}: foreign key \"{}\" of {} ({}) would change rows that row-level security on {} hides from this role",
+                    self.name, key.constraint, key.referencing, key.action, key.referencing
+                ),
+                Some("archive as a role that sees every row of the referencing table (its owner, or one with BYPASSRLS)"),
+            );
         }
         sql.push_str(" LIMIT 1");
         let Some(values) = first_text(&sql, chunk.unwrap_or(&[])) else {
@@ -219,7 +265,7 @@ impl ArchivedTable<'_> {
         raise(
             PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
             format!(
-                "cannot archive \"{}\": foreign key \"{}\" of \"{}\" ({}) would change {whose}: the rows of \"{}\" with ({}) = {}",
+                "cannot archive {}: foreign key \"{}\" of {} ({}) would change {whose}: the rows of {} with ({}) = {}",
                 self.name,
                 key.constraint,
                 key.referencing,
@@ -229,7 +275,7 @@ impl ArchivedTable<'_> {
                 shown(&values),
             ),
             Some(&format!(
-                "archive the referencing rows of \"{}\" first (CALL stream_export_archive on that table, with a condition that selects them), then this table; nothing of this chunk was deleted",
+                "archive the referencing rows of {} first (CALL stream_export_archive on that table, with a condition that selects them), then this table; nothing of this chunk was deleted",
                 key.referencing
             )),
         );
@@ -315,11 +361,19 @@ impl ArchivedTable<'_> {
         first_line: u64,
         digest: &mut Digest,
     ) {
-        let lines: Vec<&str> = batch.iter().map(String::as_str).collect();
-        let (bad, sum) = select_first_row(sql, &[lines.into()], |row| {
-            Ok((row.get::<i64>(1)?, row.get::<String>(2)?))
-        })
-        .unwrap_or((None, None));
+        // SAFETY: a fresh child of the current context, freed when dropped
+        // at the end of the batch: the array of lines built for the query
+        // goes with it (the results are Rust values), so memory stays that
+        // of one batch whatever the chunk's size.
+        let (bad, sum) = unsafe {
+            pgrx::PgMemoryContexts::new("pg_stream_export archive check").switch_to(|_| {
+                let lines: Vec<&str> = batch.iter().map(String::as_str).collect();
+                select_first_row(sql, &[lines.into()], |row| {
+                    Ok((row.get::<i64>(1)?, row.get::<String>(2)?))
+                })
+                .unwrap_or((None, None))
+            })
+        };
         if let Some(n) = bad {
             let index = (n.max(1) - 1) as usize;
             let line = batch.get(index).map(String::as_str).unwrap_or_default();
@@ -365,7 +419,7 @@ impl ArchivedTable<'_> {
         let Some((key_text, missing, column)) = found else {
             raise(
                 PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-                format!("archive line {number} does not read back into a row of \"{}\"; none of the chunk's rows were deleted", self.name),
+                format!("archive line {number} does not read back into a row of {}; none of the chunk's rows were deleted", self.name),
                 None,
             )
         };
@@ -373,7 +427,7 @@ impl ArchivedTable<'_> {
             raise(
                 PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
                 format!(
-                    "archive line {number} reads back with {} = {}, a key \"{}\" does not hold; none of the chunk's rows were deleted",
+                    "archive line {number} reads back with {} = {}, a key {} does not hold; none of the chunk's rows were deleted",
                     self.key,
                     shown(&key_text),
                     self.name
@@ -408,7 +462,7 @@ impl ArchivedTable<'_> {
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             format!(
-                "cannot archive \"{}\" exactly: the row with {} = {} does not come back from its line in column \"{column}\"{detail}; none of the chunk's rows were deleted",
+                "cannot archive {} exactly: the row with {} = {} does not come back from its line in column \"{column}\"{detail}; none of the chunk's rows were deleted",
                 self.name,
                 self.key,
                 shown(&key_text),
@@ -458,7 +512,7 @@ impl ArchivedTable<'_> {
             (policy, Some(_)) => raise(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!(
-                    "archive chunk {index} (\"{name}\"): the DELETE would remove {deleted} of the {exported} rows exported: row-level security on \"{}\" lets this role read rows it may not delete{}; none of them were deleted",
+                    "archive chunk {index} (\"{name}\"): the DELETE would remove {deleted} of the {exported} rows exported: row-level security on {} lets this role read rows it may not delete{}; none of them were deleted",
                     self.name,
                     policy.map(|p| format!(" (policy \"{p}\")")).unwrap_or_default()
                 ),
