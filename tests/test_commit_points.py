@@ -13,6 +13,7 @@ failure's clean-up deleted the parts it lists.
 from __future__ import annotations
 
 import http.client
+import time
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -278,3 +279,38 @@ def test_a_cancel_at_any_request_leaves_one_whole_export(server, proxy, store):
     assert {o[0] for o in outcomes} == {"failed", "committed"}, outcomes
     assert [o[0] for o in outcomes[:5]] == ["failed"] * 5, outcomes
     assert outcomes[-1][0] == "committed", outcomes
+
+
+def test_a_store_that_never_answers_the_manifest_put_holds_a_cancel_back_a_bounded_time(server, proxy, store):
+    """The store takes the manifest but its answer never comes: the commit
+    waits at most a third of the lease's time to live, then reads the
+    manifest back to decide, and the call succeeds."""
+    uri = f"s3://{BUCKET}/never-answers/"
+    proxy.reset()
+    with server.connect() as conn:
+        conn.execute("SELECT * FROM stream_export_to_directory('cp_src', %s, 'id', 2)", [uri])
+        old_id = exported_lines(store, "never-answers/")[0]
+        expected = lines_of(conn)
+    proxy.reset(hold_suffix="/manifest.json")
+    conn = server.connect()
+    conn.execute("SET pg_stream_export.object_lease_ttl = 6")
+    pid = conn.info.backend_pid
+    thread, result = run_in_thread(lambda: conn.execute(
+        "SELECT rows FROM stream_export_to_directory('cp_src', %s, 'id', 2, overwrite => true)", [uri]).fetchall())
+    try:
+        assert proxy.held.wait(60)
+        started = time.monotonic()
+        with server.connect() as other:
+            other.execute("SELECT pg_cancel_backend(%s)", [pid])
+        thread.join(30)
+        assert not thread.is_alive(), "a commit the store never answers held the call for 30 s"
+        assert time.monotonic() - started < 15
+    finally:
+        proxy.release.set()
+        thread.join(60)
+        conn.close()
+    assert result.get("value") == [(20000,)], result
+    with server.connect() as conn:
+        assert verified(conn, uri)
+    new_id, lines = exported_lines(store, "never-answers/")
+    assert new_id != old_id and lines == expected

@@ -179,7 +179,9 @@ impl Lease {
             let _ = keeper.join();
         }
         if self.is_held() {
-            let client = if self.client.is_stopped() {
+            // A cancel pending now stops the session's client within its
+            // watchdog's next look, maybe in the middle of this DELETE.
+            let client = if self.client.is_stopped() || super::cancel_or_exit_pending() {
                 self.client.for_cleanup().ok().map(Arc::new)
             } else {
                 Some(self.client.clone())

@@ -11,7 +11,9 @@ pub mod sigv4;
 pub mod upload;
 pub mod uri;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use pgrx::{pg_sys, PgSqlErrorCode};
 
@@ -185,13 +187,37 @@ fn timeouts() -> client::Timeouts {
     }
 }
 
+/// The longest a commit may hold a cancel back: its PUT, the PUT's
+/// retries and the read that decides an unanswered one, all together.
+const COMMIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// When the commit under way must stop (milliseconds since the Unix
+/// epoch; 0: none). One backend commits one export at a time.
+static COMMIT_DEADLINE_MS: AtomicU64 = AtomicU64::new(0);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A client for the one request that commits an export (its manifest): a
 /// cancel or `statement_timeout` does not stop it, since whether it
-/// reached the store would then be unknown; the session's timeouts bound
-/// it, and a terminate or shutdown stops it.
+/// reached the store would then be unknown. A terminate or shutdown stops
+/// it, and so does one deadline for the whole commit: at most
+/// [`COMMIT_LIMIT`], and at most a third of the lease's time to live, so
+/// that the lease (no longer renewed once a cancel stopped the session's
+/// client) cannot expire and let another export take the prefix first.
 pub fn commit_client(client: &Client) -> Client {
-    match client.with_timeouts(timeouts()) {
-        Ok(client) => client.stopping_when(exit_pending),
+    let limit = COMMIT_LIMIT.min(crate::gucs::object_lease_ttl() / 3);
+    COMMIT_DEADLINE_MS.store(now_ms() + limit.as_millis() as u64, Ordering::SeqCst);
+    let timeouts = client::Timeouts {
+        connect: crate::gucs::object_connect_timeout().min(limit),
+        io: crate::gucs::object_timeout().min(limit),
+    };
+    match client.with_timeouts(timeouts) {
+        Ok(client) => client.stopping_when(exit_pending_or_commit_late),
         Err(e) => raise(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             e.detail,
@@ -205,6 +231,20 @@ pub fn commit_client(client: &Client) -> Client {
 /// tell.
 pub fn holds(client: &Client, uri: &ObjectUri, bytes: &[u8]) -> bool {
     use std::io::Read;
+    // The commit's own client may have been stopped by its deadline: then
+    // one look through a clean-up client (short timeouts) decides.
+    let cleanup;
+    let client = if client.is_stopped() {
+        match client.for_cleanup() {
+            Ok(c) => {
+                cleanup = c;
+                &cleanup
+            }
+            Err(_) => return false,
+        }
+    } else {
+        client
+    };
     let Ok(reader) = client.get(uri) else {
         return false;
     };
@@ -214,6 +254,13 @@ pub fn holds(client: &Client, uri: &ObjectUri, bytes: &[u8]) -> bool {
         .read_to_end(&mut held)
         .is_ok()
         && held == bytes
+}
+
+/// Whether a terminate or shutdown is pending, or the commit under way is
+/// past its deadline. Asked by the commit client's watchdog thread.
+fn exit_pending_or_commit_late() -> bool {
+    let deadline = COMMIT_DEADLINE_MS.load(Ordering::SeqCst);
+    exit_pending() || (deadline != 0 && now_ms() > deadline)
 }
 
 /// Whether a terminate or shutdown is pending for this backend (see
