@@ -190,8 +190,20 @@ def test_a_temporary_table_that_hides_a_name_a_function_or_view_reads_is_refused
                 c.execute("SELECT * FROM stream_export_to_directory(%s, %s, 'id', 2)", [source, str(server_dir)])
             assert 'hides "public"."hidden"' in str(err.value), source
             assert list(server_dir.iterdir()) == [], source
-        # Without the temporary table, the same sources export the permanent rows.
+        # A temporary type that hides a permanent one, read by a cast in a function.
         c.execute("DROP TABLE pg_temp.hidden")
+        c.execute("""
+            DROP TYPE IF EXISTS public.hidden_kind;
+            CREATE TYPE public.hidden_kind AS ENUM ('permanent');
+            CREATE OR REPLACE FUNCTION hidden_kind_rows() RETURNS TABLE (id int, v text) LANGUAGE plpgsql
+                AS 'BEGIN RETURN QUERY SELECT h.id, h.v::hidden_kind::text FROM public.hidden h; END'""")
+        c.execute("CREATE TYPE pg_temp.hidden_kind AS ENUM ('temporary', 'permanent')")
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+            c.execute("SELECT * FROM stream_export_to_directory('SELECT * FROM hidden_kind_rows()', %s, 'id', 2)",
+                      [str(server_dir)])
+        assert 'hides "public"."hidden_kind"' in str(err.value)
+        c.execute("DROP TYPE pg_temp.hidden_kind")
+        # Without them, the same sources export the permanent rows.
         c.execute("SELECT * FROM stream_export_to_directory('public.hidden_view', %s, 'id', 2)", [str(server_dir)])
         manifest = json.loads((server_dir / "manifest.json").read_text())
         assert manifest["totals"]["rows"] == 2000

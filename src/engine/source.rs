@@ -268,25 +268,29 @@ impl Source {
     }
 }
 
-/// A temporary relation of this session whose name is also a relation's
-/// in another schema: (the temporary one, the other one), quoted. Other
-/// processes resolve names without this session's temporary schema, so a
-/// function, view or policy that reads the name unqualified would read
-/// the other relation there, not the one this session reads.
+/// A temporary relation or type of this session whose name is also a
+/// relation's or type's in another schema: (the temporary one, the other
+/// one), quoted. Other processes resolve names without this session's
+/// temporary schema, so a function, view or policy that reads the name
+/// unqualified (a table, or a type in a cast) would find the other one
+/// there, not the one this session finds.
 pub fn shadowing_temporary_relation() -> Option<(String, String)> {
     crate::engine::scan::select_first_row(
-        "SELECT pg_catalog.format('\"%s\".\"%s\"', pg_catalog.replace(tn.nspname, '\"', '\"\"'), \
-                                  pg_catalog.replace(t.relname, '\"', '\"\"')), \
+        "WITH names (kind, nsp, name) AS ( \
+             SELECT 'relation', relnamespace, relname FROM pg_catalog.pg_class \
+             WHERE relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
+             UNION ALL SELECT 'type', typnamespace, typname FROM pg_catalog.pg_type \
+             WHERE NOT (typcategory = 'A' AND typelem <> 0)) \
+         SELECT pg_catalog.format('\"%s\".\"%s\"', pg_catalog.replace(tn.nspname, '\"', '\"\"'), \
+                                  pg_catalog.replace(t.name, '\"', '\"\"')), \
                 pg_catalog.format('\"%s\".\"%s\"', pg_catalog.replace(n.nspname, '\"', '\"\"'), \
-                                  pg_catalog.replace(c.relname, '\"', '\"\"')) \
-         FROM pg_catalog.pg_class t JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace \
-         JOIN pg_catalog.pg_class c ON c.relname = t.relname AND c.relnamespace <> t.relnamespace \
-         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-         WHERE t.relnamespace = pg_catalog.pg_my_temp_schema() \
-           AND t.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
-           AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') \
+                                  pg_catalog.replace(c.name, '\"', '\"\"')) \
+         FROM names t JOIN pg_catalog.pg_namespace tn ON tn.oid = t.nsp \
+         JOIN names c ON c.kind = t.kind AND c.name = t.name AND c.nsp <> t.nsp \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.nsp \
+         WHERE t.nsp = pg_catalog.pg_my_temp_schema() \
            AND n.nspname NOT LIKE 'pg\\_temp\\_%' AND n.nspname NOT LIKE 'pg\\_toast%' \
-         ORDER BY 1, 2 LIMIT 1",
+         ORDER BY t.kind, 1, 2 LIMIT 1",
         &[],
         |row| {
             Ok((

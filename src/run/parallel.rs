@@ -776,8 +776,8 @@ pub fn export_directory(
     if let Some((temporary, shadowed)) = shadowing {
         raise(
             PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-            format!("stream_export_to_directory cannot run while the temporary table {temporary} hides {shadowed}"),
-            Some("its background workers resolve names without this session's temporary tables, so a function, view or policy that reads that name would read another relation there; drop or rename the temporary table, or use stream_export_to_file or CALL stream_export_chunked"),
+            format!("stream_export_to_directory cannot run while the temporary {temporary} hides {shadowed}"),
+            Some("its background workers resolve names without this session's temporary schema, so a function, view or policy that reads that name would find another table or type there; drop or rename the temporary one, or use stream_export_to_file or CALL stream_export_chunked"),
         );
     }
     let partitions = bounds.len();
