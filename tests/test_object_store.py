@@ -1003,7 +1003,9 @@ def test_archive_and_incremental_jobs_to_a_prefix(conn, store):
     conn.execute("INSERT INTO obj_arch SELECT * FROM obj_src WHERE id > 50000 AND id <= 50100")
     conn.execute("CALL stream_export_increment('obj-job')")
     conn.execute("CALL stream_export_increment('obj-job')")  # nothing new: no object
-    assert part_objects(store, "jobs/") == ["jobs/obj-job-00000001.ndjson.gz", "jobs/obj-job-00000002.ndjson.gz"]
+    # The parts, and the binding that says whose job writes here.
+    assert part_objects(store, "jobs/") == ["jobs/obj-job-00000001.ndjson.gz", "jobs/obj-job-00000002.ndjson.gz",
+                                            "jobs/obj-job.job.json"]
     assert (object_lines(store, "jobs/obj-job-00000001.ndjson.gz")
             + object_lines(store, "jobs/obj-job-00000002.ndjson.gz")) == expected_lines(conn, "obj_arch")
     assert conn.execute("SELECT array_agg(rows ORDER BY part) FROM stream_export_job_part WHERE job = 'obj-job'"

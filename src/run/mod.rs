@@ -254,5 +254,15 @@ pub fn verify_directory(
     directory: &ExportDirectory,
     interrupt: &mut dyn FnMut(),
 ) -> (bool, i32, i64, String) {
-    crate::sink::verify::verify_directory(&mut |name| directory.open_file(name), interrupt)
+    crate::sink::verify::verify_directory(
+        &mut |name| directory.open_file(name),
+        interrupt,
+        &mut |large| {
+            crate::error::raise(
+                pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                large.to_string(),
+                Some("No export of this extension writes a manifest that large; check where it came from."),
+            )
+        },
+    )
 }

@@ -418,35 +418,56 @@ struct ListedTotals {
     rows: Option<i64>,
 }
 
-/// The bytes of a manifest; `54000` when it is larger than
-/// [`MANIFEST_LIMIT`] (a limit of the reader, not a verdict on it).
+/// A manifest larger than [`MANIFEST_LIMIT`]: a limit of the reader, not
+/// a verdict on the export.
+#[derive(Debug)]
+pub struct ManifestTooLarge(pub String);
+
+impl std::fmt::Display for ManifestTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} is larger than {} MiB, the most a manifest is read",
+            self.0,
+            MANIFEST_LIMIT >> 20
+        )
+    }
+}
+
+impl std::error::Error for ManifestTooLarge {}
+
+/// The bytes of a manifest; a [`ManifestTooLarge`] error when it is larger
+/// than [`MANIFEST_LIMIT`].
 fn read_limited(file: impl Read, what: &str) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     file.take(MANIFEST_LIMIT + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MANIFEST_LIMIT {
-        crate::error::raise(
-            pgrx::PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!(
-                "{what} is larger than {} MiB, the most a manifest is read",
-                MANIFEST_LIMIT >> 20
-            ),
-            Some("No export of this extension writes a manifest that large; check where it came from."),
-        );
+        return Err(io::Error::other(ManifestTooLarge(what.to_owned())));
     }
     Ok(bytes)
 }
 
 /// Check every part of a directory export against the manifest and its own
 /// footer, reading each file with `open`. Returns (ok, parts, rows,
-/// detail); never raises for bad contents (a manifest larger than
-/// [`MANIFEST_LIMIT`] is `54000`).
+/// detail); never raises for bad contents. A top-level manifest larger
+/// than [`MANIFEST_LIMIT`] goes to `too_large` (which raises `54000` in
+/// the server) before it is a verdict.
 pub fn verify_directory(
     open: &mut OpenListed<'_>,
     interrupt: &mut dyn FnMut(),
+    too_large: &mut dyn FnMut(&ManifestTooLarge),
 ) -> (bool, i32, i64, String) {
     let bytes = match open(MANIFEST).and_then(|file| read_limited(file, MANIFEST)) {
         Ok(bytes) => bytes,
-        Err(e) => return (false, 0, 0, format!("cannot read manifest.json: {e}")),
+        Err(e) => {
+            if let Some(large) = e
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<ManifestTooLarge>())
+            {
+                too_large(large);
+            }
+            return (false, 0, 0, format!("cannot read manifest.json: {e}"));
+        }
     };
     let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes) else {
         return (false, 0, 0, "manifest.json is not a valid manifest".into());
@@ -705,6 +726,7 @@ mod unit_tests {
                 None => Err(io::Error::from(io::ErrorKind::NotFound)),
             },
             &mut || {},
+            &mut |_| {},
         )
     }
 
