@@ -287,15 +287,8 @@ fn installed_schema(client: &SpiClient<'_>) -> SpiResult<Option<String>> {
 /// Before `DROP ROLE`: `2BP01` when one of `roles` owns jobs in this
 /// database (a role's jobs in other databases are not seen from here).
 pub fn refuse_dropping_owners(roles: &[pg_sys::Oid]) {
-    if roles.is_empty() {
-        return;
-    }
-    Spi::connect_mut(|client| {
-        let Some(schema) = installed_schema(client)? else {
-            return Ok(());
-        };
-        as_catalog_owner(client, &schema, |c| {
-            let table = c.select(
+    with_jobs_of(roles, |c, schema| {
+        let table = c.select(
                 &format!(
                     "SELECT owner::text, pg_catalog.string_agg(pg_catalog.quote_ident(name), ', ' ORDER BY name) \
                      FROM {schema}.stream_export_job WHERE owner::pg_catalog.oid = ANY ($1) \
@@ -304,25 +297,23 @@ pub fn refuse_dropping_owners(roles: &[pg_sys::Oid]) {
                 Some(1),
                 &[roles.to_vec().into()],
             )?;
-            if table.is_empty() {
-                return Ok(());
-            }
-            let row = table.first();
-            let owner = row.get::<String>(1)?.unwrap_or_default();
-            let jobs = row.get::<String>(2)?.unwrap_or_default();
-            let database: String =
-                crate::engine::scan::select_one("SELECT pg_catalog.current_database()::text", &[])
-                    .unwrap_or_default();
-            raise(
+        if table.is_empty() {
+            return Ok(());
+        }
+        let row = table.first();
+        let owner = row.get::<String>(1)?.unwrap_or_default();
+        let jobs = row.get::<String>(2)?.unwrap_or_default();
+        let database: String =
+            crate::engine::scan::select_one("SELECT pg_catalog.current_database()::text", &[])
+                .unwrap_or_default();
+        raise(
                 PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
                 format!(
                     "role {owner} cannot be dropped because it owns incremental jobs in database \"{database}\": {jobs}"
                 ),
                 Some("DROP OWNED BY the role removes its jobs (their files stay); REASSIGN OWNED BY the role TO another gives them to that role"),
             );
-        })
     })
-    .unwrap_or_else(|e| catalog_failed(e))
 }
 
 /// After `DROP OWNED BY`: the roles' jobs in this database go (their files
@@ -337,15 +328,8 @@ pub fn reassign_jobs(roles: &[pg_sys::Oid], to: pg_sys::Oid) {
 }
 
 fn change_owned_jobs(roles: &[pg_sys::Oid], to: Option<pg_sys::Oid>) {
-    if roles.is_empty() {
-        return;
-    }
-    Spi::connect_mut(|client| {
-        let Some(schema) = installed_schema(client)? else {
-            return Ok(());
-        };
-        as_catalog_owner(client, &schema, |c| {
-            match to {
+    with_jobs_of(roles, |c, schema| {
+        match to {
                 None => c.update(
                     &format!(
                         "DELETE FROM {schema}.stream_export_job WHERE owner::pg_catalog.oid = ANY ($1)"
@@ -363,7 +347,21 @@ fn change_owned_jobs(roles: &[pg_sys::Oid], to: Option<pg_sys::Oid>) {
                 ),
             }
             .map(|_| ())
-        })
+    })
+}
+
+/// Run `f` on the job catalog as its owner, for the role statements of
+/// `roles`; nothing when there is no role or the extension is not
+/// installed in this database.
+fn with_jobs_of(roles: &[pg_sys::Oid], f: impl FnOnce(&mut SpiClient<'_>, &str) -> SpiResult<()>) {
+    if roles.is_empty() {
+        return;
+    }
+    Spi::connect_mut(|client| {
+        let Some(schema) = installed_schema(client)? else {
+            return Ok(());
+        };
+        as_catalog_owner(client, &schema, |c| f(c, &schema))
     })
     .unwrap_or_else(|e| catalog_failed(e))
 }
