@@ -120,17 +120,7 @@ impl StoppableTcp {
         // Registered before connecting: Agent::shutdown aborts the connect
         // (shutdown(2) of a connecting socket), and refuses once it ran.
         (details.register_shutdown)(Arc::downgrade(&stream) as Weak<dyn ShutdownHandle>)?;
-        let (storage, length) = raw_address(&address);
-        // SAFETY: connect(2) of a socket this function owns to an address
-        // held in `storage`, of `length` bytes.
-        let started = unsafe {
-            libc::connect(
-                stream.as_raw_fd(),
-                std::ptr::addr_of!(storage).cast::<libc::sockaddr>(),
-                length,
-            )
-        };
-        if started != 0 {
+        if begin_connect(&stream, &address) != 0 {
             let error = io::Error::last_os_error();
             if !matches!(
                 error.raw_os_error(),
@@ -354,6 +344,22 @@ impl Transport for Tcp {
     }
 }
 
+/// Start connect(2) of the non-blocking `stream` to `address`: 0 when it
+/// connected at once, else -1 with the reason in errno (`EINPROGRESS`
+/// while it goes on).
+fn begin_connect(stream: &TcpStream, address: &SocketAddr) -> libc::c_int {
+    let (storage, length) = raw_address(address);
+    // SAFETY: connect(2) of the caller's socket to an address held in
+    // `storage`, of `length` bytes, alive for the call.
+    unsafe {
+        libc::connect(
+            stream.as_raw_fd(),
+            std::ptr::addr_of!(storage).cast::<libc::sockaddr>(),
+            length,
+        )
+    }
+}
+
 #[cfg(test)]
 mod unit_tests {
     use super::*;
@@ -379,15 +385,7 @@ mod unit_tests {
         let (_listener, _filler, address) = full_listener();
         let stop = Arc::new(AtomicBool::new(false));
         let stream = Arc::new(nonblocking_socket(&address).unwrap());
-        let (storage, length) = raw_address(&address);
-        // SAFETY: as in connect_one.
-        unsafe {
-            libc::connect(
-                stream.as_raw_fd(),
-                std::ptr::addr_of!(storage).cast::<libc::sockaddr>(),
-                length,
-            )
-        };
+        begin_connect(&stream, &address);
         let started = Instant::now();
         let result = stoppable(&stop)
             .wait_connected(&stream, Some(Instant::now() + Duration::from_millis(300)));
@@ -407,15 +405,7 @@ mod unit_tests {
         let (_listener, _filler, address) = full_listener();
         let stop = Arc::new(AtomicBool::new(false));
         let stream = Arc::new(nonblocking_socket(&address).unwrap());
-        let (storage, length) = raw_address(&address);
-        // SAFETY: as in connect_one.
-        unsafe {
-            libc::connect(
-                stream.as_raw_fd(),
-                std::ptr::addr_of!(storage).cast::<libc::sockaddr>(),
-                length,
-            )
-        };
+        begin_connect(&stream, &address);
         let setter = {
             let stop = stop.clone();
             std::thread::spawn(move || {
@@ -440,15 +430,7 @@ mod unit_tests {
         let address = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let stream = Arc::new(nonblocking_socket(&address).unwrap());
-        let (storage, length) = raw_address(&address);
-        // SAFETY: as in connect_one.
-        unsafe {
-            libc::connect(
-                stream.as_raw_fd(),
-                std::ptr::addr_of!(storage).cast::<libc::sockaddr>(),
-                length,
-            )
-        };
+        begin_connect(&stream, &address);
         stoppable(&stop)
             .wait_connected(&stream, Some(Instant::now() + Duration::from_secs(5)))
             .unwrap();
