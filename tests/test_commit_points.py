@@ -36,7 +36,10 @@ class HoldingProxy:
     handed on and its answer held until `release` is set; `held` is set
     while it is held. With `refuse`, the held request and every PUT of a
     key ending with `hold_suffix` are answered 503 instead, without reaching
-    the store."""
+    the store. With `late`, the held request reaches the store only once
+    released (even if its client is gone by then), as a store that has a
+    request's whole body stores it a while later; `forwarded` is set once
+    the store answered it."""
 
     def __init__(self, upstream: str):
         self.upstream = urllib.parse.urlsplit(upstream)
@@ -45,7 +48,9 @@ class HoldingProxy:
         self.hold_at: int | None = None
         self.hold_suffix: str | None = None
         self.refuse = False
+        self.late = False
         self.held = threading.Event()
+        self.forwarded = threading.Event()
         self.release = threading.Event()
         proxy = self
 
@@ -56,6 +61,12 @@ class HoldingProxy:
                 pass
 
             def _answer(self, status: int, headers, data: bytes):
+                try:
+                    self._send(status, headers, data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client went away (a late request's)
+
+            def _send(self, status: int, headers, data: bytes):
                 self.send_response(status)
                 for k, v in headers:
                     if k.lower() not in ("content-length", "connection", "transfer-encoding"):
@@ -78,13 +89,19 @@ class HoldingProxy:
                         proxy.held.set()
                         proxy.release.wait(60)
                     return self._answer(503, [], b"<Error><Code>SlowDown</Code></Error>")
+                late = hold and proxy.late
+                if late:
+                    proxy.held.set()
+                    proxy.release.wait(60)
                 up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 up.request(self.command, self.path, body=body,
                            headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
                 answer = up.getresponse()
                 data = answer.read()
                 up.close()
-                if hold:
+                if late:
+                    proxy.forwarded.set()
+                elif hold:
                     proxy.held.set()
                     proxy.release.wait(60)
                 self._answer(answer.status, answer.getheaders(), data)
@@ -97,13 +114,16 @@ class HoldingProxy:
         self.thread = threading.Thread(target=self.server.serve_forever)
         self.thread.start()
 
-    def reset(self, hold_at: int | None = None, refuse: bool = False, hold_suffix: str | None = None) -> None:
+    def reset(self, hold_at: int | None = None, refuse: bool = False, hold_suffix: str | None = None,
+              late: bool = False) -> None:
         with self.lock:
             self.requests = []
             self.hold_at = hold_at
             self.hold_suffix = hold_suffix
             self.refuse = refuse
+            self.late = late
         self.held.clear()
+        self.forwarded.clear()
         self.release.clear()
 
     def close(self):
@@ -314,3 +334,64 @@ def test_a_store_that_never_answers_the_manifest_put_holds_a_cancel_back_a_bound
         assert verified(conn, uri)
     new_id, lines = exported_lines(store, "never-answers/")
     assert new_id != old_id and lines == expected
+
+
+def cancel_while_held(server, proxy, sql: str, params: list):
+    """Run `sql`, cancel it while the proxy holds its request, and release
+    the request only later: after the call ended, or after 3 s while it
+    still waits for the store's answer (as it must, when the request is one
+    that makes an object appear). Returns the call's result once the store
+    answered the held request."""
+    conn = server.connect()
+    pid = conn.info.backend_pid
+    thread, result = run_in_thread(lambda: conn.execute(sql, params).fetchall())
+    try:
+        assert proxy.held.wait(60)
+        with server.connect() as other:
+            other.execute("SELECT pg_cancel_backend(%s)", [pid])
+        thread.join(3)
+    finally:
+        proxy.release.set()
+        thread.join(120)
+        conn.close()
+    assert not thread.is_alive()
+    assert proxy.forwarded.wait(60)
+    return result
+
+
+def test_a_part_the_store_stores_after_a_cancel_is_not_left_behind(server, proxy, store):
+    """The store has a part's whole PUT but stores it only a while later,
+    and the export is cancelled meanwhile: the worker waits for the answer
+    rather than cutting the request short, so the failure's clean-up finds
+    the part and removes it. (A request cut short let the store store the
+    part after the clean-up had looked: a part of no export was left.)"""
+    prefix = "part-late/"
+    proxy.reset(hold_suffix=".ndjson", late=True)
+    result = cancel_while_held(
+        server, proxy, "SELECT rows FROM stream_export_to_directory('cp_src', %s, 'id', 2)",
+        [f"s3://{BUCKET}/{prefix}"])
+    assert isinstance(result.get("error"), psycopg.errors.QueryCanceled), result
+    listing = store.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    assert [o["Key"] for o in listing.get("Contents", [])] == []
+    assert store.client().list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads", []) == []
+
+
+def test_a_cancel_while_the_store_stores_a_single_object_late_keeps_the_export(server, proxy, store):
+    """A single-object export's commit point is the PUT of its object: a
+    cancel while the store takes it comes too late, and the call succeeds
+    with the object in place. (The PUT was cut short, the call failed, and
+    the store stored the object afterwards: an export its caller was told
+    had failed.)"""
+    key = "single-late/cp_src.ndjson"
+    proxy.reset(hold_suffix=".ndjson", late=True)
+    result = cancel_while_held(
+        server, proxy, "SELECT rows, crc32 FROM stream_export_to_file('cp_src', %s, footer => true)", [f"s3://{BUCKET}/{key}"])
+    assert "error" not in result, result
+    [(rows, crc)] = result["value"]
+    assert rows == 20000
+    data = store.client().get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+    with server.connect() as conn:
+        assert sorted(data.splitlines()[:-1]) == sorted(lines_of(conn))
+        ok = conn.execute("SELECT ok FROM stream_export_verify(%s)", [f"s3://{BUCKET}/{key}"]).fetchone()[0]
+    assert ok
+    assert f'"crc32":"{crc}"' in data.splitlines()[-1]

@@ -8,6 +8,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 
 use super::background::BackgroundWriter;
+use super::directory::CommitPoint;
 use super::file::{raise_io, Directory, PartialFile};
 use super::object::{self, upload::ObjectUpload, uri::ObjectUri};
 use super::program::Program;
@@ -78,9 +79,39 @@ impl Output {
         }
     }
 
-    /// Put what was written in place (the rename, the upload's completion):
-    /// the commit point. Returns the file's path or the object's URI.
+    /// Put what was written in place (the rename, the upload's completion).
+    /// A cancel still acts afterwards (a part of a directory export is not
+    /// the export's commit point), but never cuts the request that makes an
+    /// object appear short: when this returns or raises, whether the object
+    /// is there is known, so a failure's clean-up finds it. Returns the
+    /// file's path or the object's URI.
     pub fn commit(self) -> PathBuf {
+        self.commit_with(&mut |_| {})
+    }
+
+    /// [`Output::commit`] for a single-target export, whose output is its
+    /// commit point: from just before the rename or the request that makes
+    /// the object appear, a cancel comes too late, and the call succeeds
+    /// when the output is in place.
+    pub fn commit_export(self) -> PathBuf {
+        let mut point = None;
+        let path = self.commit_with(&mut |entering| {
+            if entering {
+                point = Some(CommitPoint::enter());
+            } else if let Some(point) = point.take() {
+                // Failed before anything was committed: the cancel acts.
+                drop(point);
+            }
+        });
+        if let Some(point) = point {
+            point.committed();
+        }
+        path
+    }
+
+    /// `at_commit(true)` is called just before the output is put in place,
+    /// `at_commit(false)` when that failed (before raising).
+    fn commit_with(self, at_commit: &mut dyn FnMut(bool)) -> PathBuf {
         match self {
             Output::File {
                 partial,
@@ -90,12 +121,14 @@ impl Output {
                 let file = writer
                     .finish()
                     .unwrap_or_else(|e| raise_io(e, "export output"));
+                at_commit(true);
                 partial.commit(file, overwrite)
             }
             Output::Object { upload, uri } => {
-                upload
-                    .finish()
-                    .unwrap_or_else(|e| object::raise_upload_error(e, &uri));
+                if let Err(e) = upload.finish(&mut || at_commit(true)) {
+                    at_commit(false);
+                    object::raise_upload_error(e, &uri);
+                }
                 PathBuf::from(uri.to_string())
             }
             Output::Program(program) => {

@@ -174,7 +174,7 @@ fn written(path: PathBuf, counts: Counts, resume_token: Option<String>) -> Writt
 /// [`Output`]), committed at the end; the caller has checked the privilege.
 pub fn to_output(source: Source, options: ExportOptions, output: Output) -> Written {
     let single = Single::open(source, options, Destination::File, &output.describe());
-    let (path, counts, resume_token) = single.run(output, |output, _| output.commit());
+    let (path, counts, resume_token) = single.run(output, |output, _| output.commit_export());
     written(path, counts, resume_token)
 }
 

@@ -215,7 +215,7 @@ impl Client {
     /// Stop every request of this client as soon as `stop_wanted` returns
     /// true; it is asked every 20 ms on a thread of its own, so it must be
     /// cheap and must not call into PostgreSQL.
-    pub fn stopping_when(mut self, stop_wanted: fn() -> bool) -> Client {
+    pub fn stopping_when(mut self, stop_wanted: impl Fn() -> bool + Send + 'static) -> Client {
         let done = Arc::new(AtomicBool::new(false));
         let (agent, stopped, finished) = (self.agent.clone(), self.stopped.clone(), done.clone());
         let thread = std::thread::spawn(move || {
@@ -247,6 +247,22 @@ impl Client {
     /// and no watchdog.
     pub fn with_timeouts(&self, timeouts: Timeouts) -> Result<Client, StoreError> {
         Client::new(self.config.clone(), timeouts)
+    }
+
+    /// A client of the same store for the one request that makes an object
+    /// appear: nothing stops it but `limit`, neither a cancel nor a
+    /// terminate, so that when it returns whether the object is there is
+    /// known (a request cut short may still complete at the store later,
+    /// after the clean-up looked). Its own connections, no retry past
+    /// `limit`.
+    pub fn for_finishing(&self, limit: Duration) -> Result<Client, StoreError> {
+        let deadline = std::time::Instant::now() + limit;
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(5).min(limit),
+            io: limit,
+        };
+        Ok(Client::new(self.config.clone(), timeouts)?
+            .stopping_when(move || std::time::Instant::now() >= deadline))
     }
 
     /// A client of the same store for clean-up once this one stopped: its

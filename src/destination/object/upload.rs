@@ -24,6 +24,9 @@ pub const MIN_PART_BYTES: usize = 5 << 20;
 const BUFFER_BUDGET: usize = 32 << 20;
 /// Threads uploading parts.
 const UPLOAD_THREADS: usize = 2;
+/// The longest the request that makes an object appear may take once a
+/// cancel or terminate came (it is not cut short: see `finish`).
+pub const FINISH_LIMIT: Duration = Duration::from_secs(30);
 /// Parts per size step: the part size doubles after 3,334 and 6,667 parts,
 /// so 10,000 parts hold about 7 x 3,334 base-size parts (195 GB at 8 MiB).
 const PARTS_PER_STEP: u32 = 3_334;
@@ -265,9 +268,14 @@ impl ObjectUpload {
         Ok(())
     }
 
-    /// Upload what is left and make the object appear.
-    pub fn finish(mut self) -> io::Result<()> {
-        let result = self.complete();
+    /// Upload what is left and make the object appear. `at_commit` is
+    /// called once everything but the one request that makes the object
+    /// appear (the PUT, or the completion of the multipart upload) is done,
+    /// just before that request: a cancel before it stops the upload, and
+    /// nothing stops the request itself but [`FINISH_LIMIT`] (see
+    /// [`Client::for_finishing`]).
+    pub fn finish(mut self, at_commit: &mut dyn FnMut()) -> io::Result<()> {
+        let result = self.complete(at_commit);
         if result.is_ok() {
             self.finished = true;
             if let Some(multipart) = &self.multipart {
@@ -277,12 +285,17 @@ impl ObjectUpload {
         result
     }
 
-    fn complete(&mut self) -> io::Result<()> {
+    fn complete(&mut self, at_commit: &mut dyn FnMut()) -> io::Result<()> {
+        let uri = &self.uri;
         if self.multipart.is_none() {
-            return self
+            at_commit();
+            let finishing = self
                 .client
-                .put(&self.uri, &self.current, self.overwrite)
-                .map_err(|e| to_io(&self.uri, e));
+                .for_finishing(FINISH_LIMIT)
+                .map_err(|e| to_io(uri, e))?;
+            return finishing
+                .put(uri, &self.current, self.overwrite)
+                .map_err(|e| to_io(uri, e));
         }
         if !self.current.is_empty() {
             self.ship()?;
@@ -313,7 +326,12 @@ impl ObjectUpload {
         if parts.len() as u32 != self.number - 1 {
             return Err(io::Error::other("a part of the upload is missing"));
         }
-        self.client
+        at_commit();
+        let finishing = self
+            .client
+            .for_finishing(FINISH_LIMIT)
+            .map_err(|e| to_io(uri, e))?;
+        finishing
             .complete_multipart(uri, &multipart.upload_id, &parts, self.overwrite)
             .map_err(|e| to_io(uri, e))
     }
