@@ -194,6 +194,57 @@ def test_a_transaction_older_than_the_job_is_still_exported_once(server, conn, s
     assert sorted(lines) == sorted(oracle(conn, "job_older"))
 
 
+def test_rows_of_the_runs_own_subtransactions_are_exported_once(server, conn, server_dir):
+    """Rows a run's own transaction wrote in savepoints (and in a
+    procedure's exception block) before the CALL are exported by that run,
+    and not again by the next, which looks again at the keys above the
+    row of a transaction that was still open: the subtransactions' ids,
+    like the run's own, count as seen by the run although its snapshot
+    does not list them."""
+    conn.execute("""
+        DROP TABLE IF EXISTS job_subxact;
+        CREATE TABLE job_subxact (id bigserial PRIMARY KEY, v text NOT NULL);
+        INSERT INTO job_subxact (v) SELECT 'v' || g FROM generate_series(1, 10) g;
+    """)
+    wait_for_no_other_transaction(conn)
+    fresh_job(conn, "subxact", "job_subxact", server_dir)
+    conn.execute("CALL stream_export_increment('subxact')")
+    with server.connect(autocommit=False) as late:
+        # Key 11, open while the run exports the keys above it.
+        (held,) = late.execute("INSERT INTO job_subxact (v) VALUES ('late') RETURNING id").fetchone()
+        with conn.transaction():
+            # A subtransaction that rolls back ends its id (the snapshot's
+            # xmax passes it); the later ones are still in progress for
+            # other sessions when the run takes its snapshot.
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                with conn.transaction():
+                    conn.execute("INSERT INTO job_subxact (v) VALUES ('rolled back')")
+                    conn.execute("INSERT INTO job_subxact (id, v) VALUES (1, 'duplicate')")
+            conn.execute("INSERT INTO job_subxact (v) VALUES ('top')")
+            for n in range(3):
+                with conn.transaction():
+                    conn.execute("INSERT INTO job_subxact (v) VALUES (%s)", [f"savepoint {n}"])
+            conn.execute("""DO $$ BEGIN
+                              BEGIN INSERT INTO job_subxact (v) VALUES ('exception block');
+                              EXCEPTION WHEN OTHERS THEN NULL; END;
+                            END $$""")
+            with conn.transaction():
+                # The run itself in a savepoint that wrote too.
+                conn.execute("INSERT INTO job_subxact (v) VALUES ('open savepoint')")
+                conn.execute("CALL stream_export_increment('subxact')")
+        late.commit()
+    assert held == 11
+    conn.execute("INSERT INTO job_subxact (v) VALUES ('after')")
+    wait_for_no_other_transaction(conn)
+    conn.execute("CALL stream_export_increment('subxact')")
+    conn.execute("CALL stream_export_increment('subxact')")
+    assert conn.execute("SELECT part, rows FROM stream_export_job_part WHERE job = 'subxact' ORDER BY part"
+                        ).fetchall() == [(1, 10), (2, 6), (3, 2)]
+    lines = recorded_lines(conn, "subxact")
+    assert len(lines) == len(set(lines))
+    assert sorted(lines) == sorted(oracle(conn, "job_subxact"))
+
+
 def test_a_key_above_the_position_is_exported_when_the_largest_key_at_creation_is_gone(conn, server_dir):
     conn.execute("""
         DROP TABLE IF EXISTS job_gone;

@@ -559,16 +559,23 @@ impl Export {
     /// the rows with a key above `floor` (a key in the form tokens hold;
     /// `None`: from the start) that are either above P or were inserted by
     /// a transaction the previous run's `snapshot` did not see (and that is
-    /// not `run_xid`, the previous run's own). Without a position (the
+    /// not `run_xid`, the previous run's own, nor one of `run_subxids`, its
+    /// subtransactions'). Without a position (the
     /// job's first part) there is nothing below it to look at again.
-    pub fn read_job_window(&mut self, floor: Option<&str>, snapshot: &str, run_xid: Option<u64>) {
+    pub fn read_job_window(
+        &mut self,
+        floor: Option<&str>,
+        snapshot: &str,
+        run_xid: Option<u64>,
+        run_subxids: &[u64],
+    ) {
         let Walk::Keyset(keyset) = &mut self.walk else {
             return;
         };
         if keyset.last.is_none() {
             return;
         }
-        let condition = late_row_condition(snapshot, run_xid);
+        let condition = late_row_condition(snapshot, run_xid, run_subxids);
         let position = keyset.last.take();
         let mut floor = floor.map(|text| keyset.key.parse_token_text(text));
         // The window never starts above the position (a job's run 0 can
@@ -855,6 +862,11 @@ struct SnapshotText {
     xmax: u64,
 }
 
+/// The xmax of a snapshot as `pg_current_snapshot()::text` writes it.
+pub fn snapshot_xmax(text: &str) -> Option<u64> {
+    parse_snapshot(text).map(|s| s.xmax)
+}
+
 fn parse_snapshot(text: &str) -> Option<SnapshotText> {
     let mut fields = text.split(':');
     let xmin: u64 = fields.next()?.parse().ok()?;
@@ -870,11 +882,12 @@ fn parse_snapshot(text: &str) -> Option<SnapshotText> {
 }
 
 /// SQL true of a row of the source whose inserting transaction (`xmin`)
-/// the snapshot `snapshot` did not see, other than `run_xid`. The 32-bit
+/// the snapshot `snapshot` did not see, other than `run_xid` and
+/// `run_subxids` (written as ranges of consecutive ids). The 32-bit
 /// xmin is widened to a full transaction id relative to the snapshot's
 /// xmax (the signed 32-bit difference added to it); the special ids below
 /// 3 (bootstrap, frozen) count as seen.
-fn late_row_condition(snapshot: &str, run_xid: Option<u64>) -> String {
+fn late_row_condition(snapshot: &str, run_xid: Option<u64>, run_subxids: &[u64]) -> String {
     let Some(parsed) = parse_snapshot(snapshot) else {
         raise(
             PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
@@ -888,12 +901,34 @@ fn late_row_condition(snapshot: &str, run_xid: Option<u64>) -> String {
         "({} + ((({xmin} - {low}) + 6442450944) % 4294967296 - 2147483648))",
         parsed.xmax
     );
-    let own = run_xid
+    let mut own = run_xid
         .map(|xid| format!(" OR {widened} = {xid}"))
         .unwrap_or_default();
+    for (first, last) in consecutive_runs(run_subxids) {
+        own += &if first == last {
+            format!(" OR {widened} = {first}")
+        } else {
+            format!(" OR {widened} BETWEEN {first} AND {last}")
+        };
+    }
     format!(
         "NOT ({xmin} < 3{own} OR pg_catalog.pg_visible_in_snapshot({widened}::text::pg_catalog.xid8, '{snapshot}'::pg_catalog.pg_snapshot))"
     )
+}
+
+/// `ids` as runs of consecutive ids, `(first, last)`, in order.
+fn consecutive_runs(ids: &[u64]) -> Vec<(u64, u64)> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for id in ids {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == id => *last = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    runs
 }
 
 /// The checked walk sees NULL keys only in its first batch (`key > $1`
@@ -1023,4 +1058,27 @@ fn has_unique_not_null_index(relation: pg_sys::Oid, column: &str) -> bool {
         &[relation.into(), column.into()],
     );
     found.unwrap_or(false)
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn ids_become_runs_of_consecutive_ids() {
+        assert_eq!(consecutive_runs(&[]), vec![]);
+        assert_eq!(consecutive_runs(&[7]), vec![(7, 7)]);
+        assert_eq!(
+            consecutive_runs(&[12, 10, 11, 11, 20, 14, 15]),
+            vec![(10, 12), (14, 15), (20, 20)]
+        );
+    }
+
+    #[test]
+    fn a_snapshots_xmax_is_read_from_its_text() {
+        assert_eq!(snapshot_xmax("729:736:729,731"), Some(736));
+        assert_eq!(snapshot_xmax("728:728:"), Some(728));
+        assert_eq!(snapshot_xmax("9:8:"), None);
+        assert_eq!(snapshot_xmax("1:2:x"), None);
+    }
 }

@@ -83,6 +83,9 @@ struct Job {
     floor: Option<String>,
     /// That run's own transaction id.
     run_xid: Option<u64>,
+    /// The ids of that run's subtransactions its snapshot does not list
+    /// as seen (see [`own_unlisted_xids`]).
+    run_subxids: Vec<u64>,
     parts: i64,
 }
 
@@ -439,7 +442,8 @@ fn lock(
     let table = client.update(
         &format!(
             "SELECT job_id, source, key, key_type, destination, compression, compression_level, \
-             position, snapshot, floor, run_xid::text, parts \
+             position, snapshot, floor, run_xid::text, parts, \
+             pg_catalog.array_to_string(run_subxids, ',') \
              FROM {schema}.stream_export_job WHERE name = $1 FOR NO KEY UPDATE"
         ),
         Some(1),
@@ -469,6 +473,12 @@ fn lock(
         floor: row.get::<String>(10)?,
         run_xid: row.get::<String>(11)?.and_then(|x| x.parse().ok()),
         parts: row.get::<i64>(12)?.unwrap_or(0),
+        run_subxids: row
+            .get::<String>(13)?
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|x| x.parse().ok())
+            .collect(),
     })
 }
 
@@ -557,7 +567,7 @@ fn job_export(job: &Job, table: &Source, plain: bool, through: Option<&str>) -> 
                     )
                 })
         });
-        export.read_job_window(floor.as_deref(), snapshot, job.run_xid);
+        export.read_job_window(floor.as_deref(), snapshot, job.run_xid, &job.run_subxids);
     }
     if let Some(key) = through {
         export.read_through(key);
@@ -663,6 +673,7 @@ pub fn increment(name: &str) -> Increment {
         };
         let target = written.path.to_string_lossy().into_owned();
         let resume_token = written.resume_token.clone().unwrap_or_default();
+        let subxids = own_unlisted_xids(&snapshot);
         let elapsed = pgrx::datum::Interval::from_micros(started.elapsed().as_micros() as i64);
         as_catalog_owner(client, &schema, |c| {
             // F_N: the position of the latest run whose snapshot was taken
@@ -717,7 +728,8 @@ pub fn increment(name: &str) -> Increment {
                 &format!(
                     "UPDATE {schema}.stream_export_job SET position = $2, parts = $3, \
                      rows = rows + $4, last_run_at = now(), last_part_at = now(), \
-                     snapshot = $5, floor = $6, run_xid = pg_catalog.pg_current_xact_id() \
+                     snapshot = $5, floor = $6, run_xid = pg_catalog.pg_current_xact_id(), \
+                     run_subxids = pg_catalog.string_to_array($7, ',')::pg_catalog.xid8[] \
                      WHERE name = $1"
                 ),
                 None,
@@ -728,6 +740,12 @@ pub fn increment(name: &str) -> Increment {
                     (written.rows as i64).into(),
                     snapshot.into(),
                     floor.into(),
+                    subxids
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                        .into(),
                 ],
             )
             .map(|_| ())
@@ -740,6 +758,38 @@ pub fn increment(name: &str) -> Increment {
         })
     })
     .unwrap_or_else(|e| catalog_failed(e))
+}
+
+/// The ids of this transaction (its subtransactions') at or above the
+/// xmax of `snapshot`, the run's: a snapshot lists none of its own
+/// transaction's ids as in progress, but those it counts as not yet begun,
+/// so the next run would take the rows this run's transaction wrote
+/// in savepoints before the CALL (and this run exported) for late rows.
+/// Found by asking, for every id assigned since that xmax, whether it is
+/// one of this transaction's; the ids since then are few, and each answer
+/// is a lookup in this backend's memory.
+fn own_unlisted_xids(snapshot: &str) -> Vec<u64> {
+    let Some(xmax) = crate::engine::export::snapshot_xmax(snapshot) else {
+        return Vec::new();
+    };
+    // SAFETY: reads the shared next transaction id (under its lock).
+    let next = unsafe { pg_sys::ReadNextFullTransactionId() }.value;
+    let mut own = Vec::new();
+    for (checked, full) in (xmax..next).enumerate() {
+        if checked % (1 << 20) == (1 << 20) - 1 {
+            pgrx::check_for_interrupts!();
+        }
+        // SAFETY: a question about this backend's own transaction state;
+        // any 32-bit id may be asked (the low half of a full id).
+        if unsafe {
+            pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from_inner(
+                full as u32,
+            ))
+        } {
+            own.push(full);
+        }
+    }
+    own
 }
 
 /// The part `file` a run that did not commit left in place, if it is
