@@ -512,6 +512,8 @@ def test_a_role_that_owns_jobs_is_not_dropped_without_them(server, conn, server_
     conn.execute("REASSIGN OWNED BY job_leaving TO job_heir")
     assert conn.execute("SELECT array_agg(owner::text ORDER BY name) FROM stream_export_job "
                         "WHERE name LIKE 'leaving-%'").fetchone() == (["job_heir", "job_heir"],)
+    # The pin moved with the jobs.
+    assert "job_heir" in pins(conn) and "job_leaving" not in pins(conn)
     conn.execute("DROP OWNED BY job_leaving")
     conn.execute("DROP ROLE job_leaving")
     with psycopg.connect(server.dsn(user="job_heir"), autocommit=True) as heir:
@@ -520,3 +522,62 @@ def test_a_role_that_owns_jobs_is_not_dropped_without_them(server, conn, server_
     conn.execute("DROP OWNED BY job_heir")
     assert conn.execute("SELECT count(*) FROM stream_export_job WHERE name LIKE 'leaving-%'").fetchone() == (0,)
     conn.execute("DROP ROLE job_heir")
+
+
+def pins(conn) -> list[str]:
+    """The roles pinned by a policy on stream_export_job_owners."""
+    return [r[0] for r in conn.execute(
+        "SELECT r.rolname::text FROM pg_policy p JOIN pg_roles r ON r.oid = ANY (p.polroles) "
+        "WHERE p.polrelid = 'stream_export_job_owners'::regclass ORDER BY 1")]
+
+
+def test_a_role_that_owns_jobs_is_pinned_without_the_library_and_from_any_database(server, conn, server_dir):
+    """Without the library loaded, and from another database, DROP ROLE of
+    a role that owns jobs is refused (2BP01); DROP OWNED BY it, in a
+    session that never loaded the library, removes its jobs, and then the
+    role can be dropped. (Before, DROP ROLE from another database, or
+    after DROP OWNED in a session without the library, left its jobs with
+    an owner that no longer exists.)"""
+    role = "job_pinned"
+    if conn.execute("SELECT FROM pg_roles WHERE rolname = %s", [role]).fetchone():
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+    make_role(conn, role)
+    conn.execute("""
+        DROP TABLE IF EXISTS job_pinned;
+        CREATE TABLE job_pinned (id int PRIMARY KEY);
+        INSERT INTO job_pinned SELECT generate_series(1, 10);
+    """)
+    conn.execute(f"GRANT SELECT ON job_pinned TO {role}")
+    with psycopg.connect(server.dsn(user=role), autocommit=True) as owner:
+        owner.execute("SELECT stream_export_job_create('pinned-a', 'job_pinned', 'id', %s)", [str(server_dir)])
+        owner.execute("SELECT stream_export_job_create('pinned-b', 'job_pinned', 'id', %s)", [str(server_dir)])
+        owner.execute("CALL stream_export_increment('pinned-a')")
+    conn.execute(f"REVOKE ALL ON job_pinned FROM {role}")
+    assert role in pins(conn)
+    # From another database, where neither the extension nor its library is.
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as other:
+        with pytest.raises(psycopg.errors.DependentObjectsStillExist) as refused:
+            other.execute(f"DROP ROLE {role}")
+        assert "1 object in database e2e" in (refused.value.diag.message_detail or "")
+    # A session of this database that never loaded the library.
+    with psycopg.connect(server.dsn(), autocommit=True) as plain:
+        with pytest.raises(psycopg.errors.DependentObjectsStillExist) as refused:
+            plain.execute(f"DROP ROLE {role}")
+        assert "stream_export_job_owners" in (refused.value.diag.message_detail or "")
+        plain.execute(f"DROP OWNED BY {role}")
+    assert conn.execute("SELECT count(*) FROM stream_export_job WHERE name LIKE 'pinned-%'").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM stream_export_job_part WHERE job LIKE 'pinned-%'").fetchone() == (0,)
+    assert role not in pins(conn)
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as other:
+        other.execute(f"DROP ROLE {role}")
+    # The last job of an owner dropped by the function releases the pin.
+    make_role(conn, role)
+    conn.execute(f"GRANT SELECT ON job_pinned TO {role}")
+    with psycopg.connect(server.dsn(user=role), autocommit=True) as owner:
+        owner.execute("SELECT stream_export_job_create('pinned-c', 'job_pinned', 'id', %s)", [str(server_dir)])
+        assert role in pins(conn)
+        owner.execute("SELECT stream_export_job_drop('pinned-c')")
+    assert role not in pins(conn)
+    conn.execute(f"REVOKE ALL ON job_pinned FROM {role}")
+    conn.execute(f"DROP ROLE {role}")

@@ -11,10 +11,12 @@
 //! from a frame that holds nothing and catches nothing, so that its errors
 //! reach the client exactly as they would without the extension.
 //!
-//! The same hook keeps incremental jobs' owners real: `DROP ROLE` of a role
-//! that owns jobs in this database is refused, `DROP OWNED BY` removes its
-//! jobs and `REASSIGN OWNED BY` gives them to the new role (see
-//! [`crate::run::jobs::refuse_dropping_owners`]).
+//! The same hook keeps incremental jobs' owners real where it is loaded:
+//! `DROP ROLE` of a role that owns jobs in this database is refused naming
+//! them, `DROP OWNED BY` removes its jobs and `REASSIGN OWNED BY` gives them
+//! to the new role (see [`crate::run::jobs::refuse_dropping_owners`]). The
+//! owners' pins (policies, and an event trigger, in `jobs.rs`'s SQL) hold
+//! the first two without the library and from other databases.
 
 use std::ffi::{c_char, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -163,6 +163,67 @@ CREATE POLICY own_job_parts ON stream_export_job_part
 GRANT SELECT ON stream_export_job, stream_export_job_part TO PUBLIC;
 SELECT pg_catalog.pg_extension_config_dump('stream_export_job', '');
 SELECT pg_catalog.pg_extension_config_dump('stream_export_job_part', '');
+-- The roles that own jobs are pinned: one policy per owner, TO that role,
+-- on stream_export_job_owners (a table with no rows), which PostgreSQL
+-- records as the role's shared dependency. So DROP ROLE of an owner is
+-- refused (2BP01) from every database, whether or not the library is
+-- loaded; DROP OWNED BY the owner drops its policy, and the event trigger
+-- below then removes its jobs. A trigger on the job table keeps the
+-- policies in step with the owners.
+CREATE TABLE stream_export_job_owners ();
+COMMENT ON TABLE stream_export_job_owners IS 'pg_stream_export incremental jobs: holds no rows; one policy per role that owns jobs pins that role (DROP ROLE is refused while it owns jobs; DROP OWNED BY it removes them).';
+CREATE FUNCTION stream_export_job_pin_owners() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pins$
+DECLARE
+    pinned regclass := '@extschema@.stream_export_job_owners'::regclass;
+    owner_oid oid;
+    stale name;
+BEGIN
+    FOR owner_oid IN
+        SELECT DISTINCT j.owner::oid FROM @extschema@.stream_export_job j
+        WHERE EXISTS (SELECT FROM pg_roles r WHERE r.oid = j.owner::oid)
+          AND NOT EXISTS (SELECT FROM pg_policy p WHERE p.polrelid = pinned
+                          AND p.polname LIKE 'job\_owner\_%' AND p.polroles = ARRAY[j.owner::oid])
+    LOOP
+        EXECUTE format('CREATE POLICY %I ON %s AS PERMISSIVE FOR SELECT TO %I USING (false)',
+                       'job_owner_' || replace(gen_random_uuid()::text, '-', ''), pinned,
+                       (SELECT rolname FROM pg_roles WHERE oid = owner_oid));
+    END LOOP;
+    FOR stale IN
+        SELECT p.polname FROM pg_policy p WHERE p.polrelid = pinned AND p.polname LIKE 'job\_owner\_%'
+          AND NOT EXISTS (SELECT FROM @extschema@.stream_export_job j WHERE ARRAY[j.owner::oid] = p.polroles)
+    LOOP
+        EXECUTE format('DROP POLICY %I ON %s', stale, pinned);
+    END LOOP;
+END
+$pins$;
+REVOKE ALL ON FUNCTION stream_export_job_pin_owners() FROM PUBLIC;
+CREATE FUNCTION stream_export_job_owners_changed() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $changed$
+BEGIN
+    PERFORM @extschema@.stream_export_job_pin_owners();
+    RETURN NULL;
+END
+$changed$;
+CREATE TRIGGER pin_owners AFTER INSERT OR DELETE OR UPDATE OF owner ON stream_export_job
+    FOR EACH STATEMENT EXECUTE FUNCTION stream_export_job_owners_changed();
+-- DROP OWNED BY a role drops its pin: its jobs go with it (their files
+-- stay), as with the library's hook.
+CREATE FUNCTION stream_export_job_owner_dropped() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $dropped$
+BEGIN
+    IF EXISTS (SELECT FROM pg_event_trigger_dropped_objects()
+               WHERE object_type = 'policy' AND object_identity LIKE 'job\_owner\_% on %.stream\_export\_job\_owners') THEN
+        DELETE FROM @extschema@.stream_export_job j
+        WHERE EXISTS (SELECT FROM pg_roles r WHERE r.oid = j.owner::oid)
+          AND NOT EXISTS (SELECT FROM pg_policy p
+                          WHERE p.polrelid = '@extschema@.stream_export_job_owners'::regclass
+                            AND j.owner::oid = ANY (p.polroles));
+    END IF;
+END
+$dropped$;
+CREATE EVENT TRIGGER stream_export_job_owner_dropped ON sql_drop WHEN TAG IN ('DROP OWNED')
+    EXECUTE FUNCTION stream_export_job_owner_dropped();
 CREATE PROCEDURE stream_export_increment(job text)
 LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_increment_wrapper';
 COMMENT ON PROCEDURE stream_export_increment IS 'Export the rows of an incremental job added after its stored position into the job''s next part, and advance the position in the same transaction.';
