@@ -107,9 +107,42 @@ pub fn node_id_problem(id: &str) -> Option<&'static str> {
     None
 }
 
-/// The directory of node `id` in a cluster export, with its slash.
+/// What every node directory of a cluster export starts with.
+pub const NODE_DIRECTORIES: &str = "node-";
+
+/// The directory of node `id` in a cluster export, with its slash: it
+/// holds a directory export of the node per cluster export run
+/// ([`node_run_directory`]).
 pub fn node_directory(id: &str) -> String {
-    format!("node-{id}/")
+    format!("{NODE_DIRECTORIES}{id}/")
+}
+
+/// The directory of node `id`'s export for the cluster export run
+/// `export_id`, relative to the cluster export's prefix: every run writes
+/// into new directories, so that the export it replaces stays whole until
+/// the new manifest of manifests is in place.
+pub fn node_run_directory(id: &str, export_id: &str) -> String {
+    format!("{}{export_id}/", node_directory(id))
+}
+
+/// Is `text` an export id (12 lower-case hexadecimal digits, as
+/// [`new_export_id`] makes them)?
+pub fn is_export_id(text: &str) -> bool {
+    text.len() == 12
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Is `directory` one a manifest of manifests may give for node `id`: its
+/// run directory, or (cluster exports before 0.4.0) the node directory?
+pub fn is_node_export_directory(id: &str, directory: &str) -> bool {
+    let node = node_directory(id);
+    directory == node
+        || directory
+            .strip_prefix(&node)
+            .and_then(|rest| rest.strip_suffix('/'))
+            .is_some_and(is_export_id)
 }
 
 /// `<job>.job.json`: the small file or object that binds an incremental
@@ -176,6 +209,28 @@ mod unit_tests {
             assert!(node_id_problem(bad).is_some(), "{bad}");
         }
         assert_eq!(node_directory("a"), "node-a/");
+    }
+
+    #[test]
+    fn a_node_export_lives_in_a_directory_of_its_run() {
+        assert_eq!(
+            node_run_directory("a", "0123456789ab"),
+            "node-a/0123456789ab/"
+        );
+        assert!(is_node_export_directory("a", "node-a/0123456789ab/"));
+        assert!(is_node_export_directory("a", "node-a/"));
+        for bad in [
+            "node-b/0123456789ab/",
+            "node-a/0123456789AB/",
+            "node-a/0123456789a/",
+            "node-a/../0123456789ab/",
+            "node-a/0123456789ab",
+            "node-a/0123456789ab/x/",
+            "../elsewhere/",
+        ] {
+            assert!(!is_node_export_directory("a", bad), "{bad}");
+        }
+        assert!(is_export_id("deadbeef0123") && !is_export_id("deadbeef012"));
     }
 
     #[test]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -160,6 +161,13 @@ def objects(store, prefix: str) -> list[str]:
     return sorted(o["Key"] for o in listing.get("Contents", []))
 
 
+def node_finished(store, prefix: str, node: str) -> bool:
+    """Has a run's export of `node` finished (its manifest in the node
+    directory of that run, `node-<id>/<export id>/`)?"""
+    return any(re.fullmatch(rf"{re.escape(prefix)}node-{node}/[0-9a-f]{{12}}/manifest\.json", k)
+               for k in objects(store, f"{prefix}node-{node}/"))
+
+
 def get(store, key: str) -> bytes:
     return store.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
@@ -223,7 +231,9 @@ def test_every_line_of_every_node_under_the_callers_settings(coordinator, shards
     assert manifest["consistency"] == "per_node"
     assert manifest["totals"]["rows"] == 2 * ROWS_PER_NODE and manifest["totals"]["nodes"] == 2
     for node in manifest["nodes"]:
-        assert node["directory"] == f"node-{node['node']}/" and node["snapshot"] and node["manifest_crc32"]
+        # Each run writes into node directories of its own.
+        assert node["directory"] == f"node-{node['node']}/{manifest['export_id']}/"
+        assert node["snapshot"] and node["manifest_crc32"]
         assert node["export_id"] == manifest["export_id"]
     lines = exported_lines(store, "full/")
     for node in ("a", "b"):
@@ -271,8 +281,9 @@ def test_verify_finds_a_damaged_part_and_a_replaced_node_manifest(coordinator, s
         f"SELECT * FROM stream_export_verify_manifest('s3://{BUCKET}/damage/')").fetchone()
     assert not ok and detail.startswith("node b:"), detail
     client.put_object(Bucket=BUCKET, Key="damage/" + part["file"], Body=good)
-    node_manifest = get(store, "damage/node-a/manifest.json")
-    client.put_object(Bucket=BUCKET, Key="damage/node-a/manifest.json", Body=node_manifest + b" ")
+    node_a = "damage/" + next(n for n in manifest["nodes"] if n["node"] == "a")["manifest"]
+    node_manifest = get(store, node_a)
+    client.put_object(Bucket=BUCKET, Key=node_a, Body=node_manifest + b" ")
     ok, _, _, detail = coordinator.execute(
         f"SELECT * FROM stream_export_verify_manifest('s3://{BUCKET}/damage/')").fetchone()
     assert not ok and "node a:" in detail and "manifest" in detail, detail
@@ -332,12 +343,18 @@ def node_exporting(srv) -> bool:
 
 @pytest.mark.parametrize("how", ["cancel", "statement_timeout"])
 def test_cancel_on_the_coordinator_stops_every_node(shards, store, how):
-    """An export that replaces a finished one is stopped: the old manifest
-    of manifests is gone (its node manifests were being replaced), no new
-    one is written, and nothing of the stopped run is left."""
+    """An export that replaces a finished one is stopped after one node
+    finished its part: the export it was replacing is still whole (its
+    manifest of manifests, node manifests and parts, verified, the same
+    lines), and nothing of the stopped run is left but node exports that
+    finished (for a resume). Before, the old manifest of manifests went
+    first and the nodes replaced their exports in place, so a stopped
+    overwrite left no export at all."""
     prefix = f"cancel-{how}/"
     with shards["coordinator"].connect() as c:
         export(c, prefix, shards)
+    old_manifest = get(store, f"{prefix}manifest.json")
+    old_lines = exported_lines(store, prefix)
     gate = Gate(shards["b"])
     coordinator = shards["coordinator"].connect()
     try:
@@ -347,6 +364,8 @@ def test_cancel_on_the_coordinator_stops_every_node(shards, store, how):
                                                       overwrite=True))
         gate.wait_for_exporter()
         if how == "cancel":
+            wait_until(lambda: len([k for k in objects(store, prefix + "node-a/")
+                                    if k.endswith("/manifest.json")]) == 2)
             with shards["coordinator"].connect() as c:
                 c.execute("SELECT pg_cancel_backend(%s)", [coordinator.info.backend_pid])
         thread.join()
@@ -356,12 +375,24 @@ def test_cancel_on_the_coordinator_stops_every_node(shards, store, how):
         assert not node_exporting(shards["b"]) and not node_exporting(shards["a"])
         wait_until(lambda: not shards["b"].connect().execute(
             "SELECT 1 FROM pg_stat_activity WHERE usename = %s", [NODE_ROLE]).fetchone())
-        assert f"{prefix}manifest.json" not in objects(store, prefix)
+        assert get(store, f"{prefix}manifest.json") == old_manifest
+        assert exported_lines(store, prefix) == old_lines
+        with shards["coordinator"].connect() as c:
+            assert c.execute("SELECT ok FROM stream_export_verify_manifest(%s)",
+                             [f"s3://{BUCKET}/{prefix}"]).fetchone() == (True,)
         assert [k for k in objects(store, prefix) if k.endswith("lease.json")] == []
         no_leftovers(store, prefix)
     finally:
         gate.release()
         coordinator.close()
+    # The next overwrite replaces it, and removes everything of the old
+    # export and of the stopped run.
+    with shards["coordinator"].connect() as c:
+        export(c, prefix, shards, overwrite=True)
+    manifest = json.loads(get(store, f"{prefix}manifest.json"))
+    kept = {n["directory"] for n in manifest["nodes"]}
+    assert {k[len(prefix):].rsplit("/", 1)[0] + "/" for k in objects(store, prefix + "node-")} == kept
+    no_leftovers(store, prefix)
 
 
 def test_a_node_killed_mid_export_then_resume_exports_only_that_node(shards, store):
@@ -373,7 +404,7 @@ def test_a_node_killed_mid_export_then_resume_exports_only_that_node(shards, sto
                                                       compression="gzip"))
         gate.wait_for_exporter()
         # Node a finishes; node b's leader is killed while its workers wait.
-        wait_until(lambda: f"{prefix}node-a/manifest.json" in objects(store, prefix + "node-a/"))
+        wait_until(lambda: node_finished(store, prefix, "a"))
         wait_until(lambda: [k for k in objects(store, prefix + "node-b/") if "part-" in k]
                    or open_uploads(store))
         leader = gate.conn.execute(
@@ -425,7 +456,7 @@ def test_a_coordinator_killed_mid_export_leaves_nodes_that_finish_and_are_reused
     finally:
         gate.release()
         coordinator.close()
-    wait_until(lambda: f"{prefix}node-b/manifest.json" in objects(store, prefix + "node-b/"))
+    wait_until(lambda: node_finished(store, prefix, "b"))
     wait_until(lambda: not node_exporting(shards["b"]))
     assert f"{prefix}manifest.json" not in objects(store, prefix)
     wait_for_server(shards["coordinator"])
@@ -901,14 +932,14 @@ def test_a_resume_with_other_settings_exports_the_finished_node_again(shards, st
         coordinator.execute("SET TimeZone = 'UTC'")
         thread, result = run_in_thread(lambda: export(coordinator, prefix, shards, compression="gzip"))
         gate.wait_for_exporter()
-        wait_until(lambda: f"{prefix}node-a/manifest.json" in objects(store, prefix + "node-a/"))
+        wait_until(lambda: node_finished(store, prefix, "a"))
         with shards["coordinator"].connect() as c:
             c.execute("SELECT pg_cancel_backend(%s)", [coordinator.info.backend_pid])
         thread.join()
         assert isinstance(result.get("error"), errors.QueryCanceled), result
     finally:
         gate.release()
-    assert f"{prefix}node-a/manifest.json" in objects(store, prefix + "node-a/")
+    assert node_finished(store, prefix, "a")
     options = {"compression": "gzip"}
     if change == "TimeZone":
         coordinator.execute("SET TimeZone = 'Asia/Tokyo'")

@@ -487,7 +487,9 @@ impl ExportDirectory {
     /// answer is decided by what the store holds afterwards; if that is
     /// not the new manifest the error is raised and the parts stay, for the
     /// next export to the prefix to remove. Replaced parts are removed only
-    /// once the new manifest is in place.
+    /// once the new manifest is in place, and so is what `after_commit`
+    /// removes (still inside the commit point: it must not raise, and
+    /// should stop when a cancel is pending).
     pub fn commit_manifest(
         &self,
         claim: ManifestClaim,
@@ -495,6 +497,7 @@ impl ExportDirectory {
         overwrite: bool,
         write: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
         on_commit_point: &mut dyn FnMut(),
+        after_commit: &mut dyn FnMut(),
     ) {
         let own = format!("part-{export_id}-");
         match (self, claim) {
@@ -511,6 +514,7 @@ impl ExportDirectory {
                 listing::commit_manifest(dir, partial, file, overwrite, |part| {
                     part.starts_with(&own)
                 });
+                after_commit();
                 point.committed();
             }
             (
@@ -545,6 +549,7 @@ impl ExportDirectory {
                     }
                     let _ = client.delete(&prefix.uri.join(part));
                 }
+                after_commit();
                 drop(lease);
                 point.committed();
             }
@@ -629,6 +634,19 @@ impl ExportDirectory {
                     _ => {}
                 }
             }
+        }
+    }
+
+    /// Under a prefix, remove the objects whose names (relative to it)
+    /// start with `start` and are in none of the directories `kept`, until
+    /// a cancel or terminate is pending: what a committed export replaced.
+    /// Best effort, never raises (what is left, the next export removes).
+    pub fn remove_objects_except(&self, start: &str, kept: &[String]) {
+        if let ExportDirectory::Prefix(prefix) = self {
+            let _ = object::delete_under(prefix.client(), &prefix.uri, start, |name| {
+                !object::cancel_or_exit_pending()
+                    && !kept.iter().any(|k| name.starts_with(k.as_str()))
+            });
         }
     }
 

@@ -352,6 +352,7 @@ fn commit_manifest(
         },
         // A chunked export keeps its parts when it fails (to go on later).
         &mut || {},
+        &mut || {},
     );
 }
 

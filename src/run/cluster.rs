@@ -1,9 +1,12 @@
 //! A cluster export: one source exported from many PostgreSQL nodes into
 //! one object prefix. The coordinator connects to every node with libpq
 //! ([`crate::remote`]), has each run a directory export of its own rows
-//! into `<prefix>/node-<id>/` (one snapshot per node), all at once, and
-//! writes `manifest.json` last: a manifest of manifests that lists every
-//! node's manifest (size and CRC-32 of its bytes) and all parts.
+//! into `<prefix>/node-<id>/<export id>/` (one snapshot per node, a new
+//! directory per run), all at once, and writes `manifest.json` last: a
+//! manifest of manifests that lists every node's manifest (size and
+//! CRC-32 of its bytes) and all parts. The export it replaces (with
+//! `overwrite`) stays whole until then; its node directories are removed
+//! after.
 //!
 //! The nodes come from foreign servers with the caller's user mappings
 //! (as dblink and postgres_fdw take them), from a PL/Proxy cluster's
@@ -33,7 +36,9 @@ use serde_json::{json, Value};
 use crate::destination::ExportDirectory;
 use crate::error::{raise, raise_with_fields, sqlstate_code, ErrorFields};
 use crate::ident::quote_identifier;
-use crate::layout::{new_export_id, node_directory, node_id_problem, MANIFEST};
+use crate::layout::{
+    is_export_id, new_export_id, node_id_problem, node_run_directory, MANIFEST, NODE_DIRECTORIES,
+};
 use crate::options::ExportOptions;
 use crate::remote::{parse_conninfo, wait_readable, Link, Params, RemoteError};
 use crate::run::manifest::{
@@ -759,6 +764,7 @@ fn node_id_of(label: &str, setting: Option<&str>, cluster_name: Option<&str>) ->
 /// request; `None` when it is not one this call can reuse.
 fn node_export_of(
     id: &str,
+    directory: &str,
     bytes: &[u8],
     request: &ClusterRequest<'_>,
     reused: bool,
@@ -770,7 +776,7 @@ fn node_export_of(
     if !matches {
         return None;
     }
-    let directory = node_directory(id);
+    let directory = directory.to_owned();
     let parts: Vec<NodePart> = manifest["parts"]
         .as_array()?
         .iter()
@@ -841,13 +847,10 @@ pub fn export_cluster(
     // per prefix, and none where one finished unless `overwrite`.
     let claim = top.claim_manifest(request.overwrite, &export_id);
     let claim_check = || top.check_claim(&claim);
-    // The nodes are about to replace their exports: the manifest of the
-    // export being overwritten would soon list node manifests that are no
-    // longer there, so it goes first. Until the new one is in place the
-    // prefix holds no complete export, never a broken one.
-    if request.overwrite {
-        top.remove_file(MANIFEST);
-    }
+    // The export being overwritten stays whole until the new manifest of
+    // manifests replaces it: every run writes into node directories of its
+    // own (`node-<id>/<export id>/`), and what the old export had there is
+    // removed only once the new one is committed.
 
     let count = addresses.len();
     let caller = crate::engine::scan::select_one::<String>("SELECT current_user::text", &[])
@@ -1009,32 +1012,33 @@ pub fn export_cluster(
             .filter(|earlier| earlier["pg_stream_export_cluster"] == 2)
             .map(|mut earlier| earlier["runs"].take())
     };
-    let made_as_asked = |node: &Node, export_id: &str| {
-        earlier_runs.as_ref().is_some_and(|runs| {
-            let run = &runs[export_id];
-            run["request"] == asked && run["nodes"][&node.id] == node.identity
-        })
+    let made_as_asked = |node: &Node, run: &Value| {
+        run["request"] == asked && run["nodes"][&node.id] == node.identity
     };
     let mut finished: Vec<Option<(NodeExport, Vec<NodePart>)>> = vec![None; count];
-    let mut replace = vec![request.overwrite; count];
     let mut to_export = Vec::new();
     let mut runs = serde_json::Map::new();
+    let earlier: Vec<(&String, &Value)> = earlier_runs
+        .as_ref()
+        .and_then(Value::as_object)
+        .map(|runs| runs.iter().filter(|(id, _)| is_export_id(id)).collect())
+        .unwrap_or_default();
     for (index, node) in run.nodes.iter().enumerate() {
-        let Some(directory) = top.child(&node_directory(&node.id)) else {
-            continue;
-        };
-        let manifest = directory.read_small(MANIFEST);
-        replace[index] |= manifest.is_some();
-        let reusable = manifest.and_then(|bytes| {
-            let export = node_export_of(&node.id, &bytes, request, true)?;
-            if !made_as_asked(node, &export.0.export_id) {
-                return None;
-            }
-            let (ok, ..) = crate::run::verify_directory(&directory, &mut || {
-                pgrx::check_for_interrupts!();
+        // A node export an earlier run of the same request finished, whole.
+        let reusable = earlier
+            .iter()
+            .filter(|(_, earlier_run)| made_as_asked(node, earlier_run))
+            .find_map(|(run_id, _)| {
+                let relative = node_run_directory(&node.id, run_id);
+                let directory = top.child(&relative)?;
+                let bytes = directory.read_small(MANIFEST)?;
+                let export = node_export_of(&node.id, &relative, &bytes, request, true)
+                    .filter(|(export, _)| export.export_id == **run_id)?;
+                let (ok, ..) = crate::run::verify_directory(&directory, &mut || {
+                    pgrx::check_for_interrupts!();
+                });
+                ok.then_some(export)
             });
-            ok.then_some(export)
-        });
         if let Some(export) = reusable {
             let id = export.0.export_id.clone();
             if let Some(earlier) = earlier_runs.as_ref().and_then(|runs| runs.get(&id)) {
@@ -1043,6 +1047,9 @@ pub fn export_cluster(
             finished[index] = Some(export);
             continue;
         }
+        let Some(directory) = top.child(&node_run_directory(&node.id, &export_id)) else {
+            continue;
+        };
         to_export.push(index);
         run.exporting.push((index, directory));
     }
@@ -1062,14 +1069,6 @@ pub fn export_cluster(
 
     let level = request.compression_level.map(|l| l.to_string());
     let partitions = request.partitions_per_node.to_string();
-    // A node replaces the export in its directory only when this call
-    // means to: `overwrite`, or one that cannot be reused.
-    let ids: Vec<String> = run.nodes.iter().map(|n| n.id.clone()).collect();
-    let replace_of = |node: &Node| {
-        ids.iter()
-            .position(|id| *id == node.id)
-            .is_some_and(|index| replace[index])
-    };
     let results = run_on(
         &mut run,
         &to_export,
@@ -1080,7 +1079,9 @@ pub fn export_cluster(
             )
         },
         &|node| {
-            let directory = top.child(&node_directory(&node.id)).map(|d| d.describe());
+            let directory = top
+                .child(&node_run_directory(&node.id, &export_id))
+                .map(|d| d.describe());
             vec![
                 Some(request.source.to_owned()),
                 directory,
@@ -1090,7 +1091,8 @@ pub fn export_cluster(
                 level.clone(),
                 request.profile.map(str::to_owned),
                 Some(export_id.clone()),
-                Some(replace_of(node).to_string()),
+                // The node's directory is new: nothing there to replace.
+                Some(false.to_string()),
                 Some(caller.clone()),
             ]
         },
@@ -1099,11 +1101,12 @@ pub fn export_cluster(
     drop(results);
     for &index in &to_export {
         let node = &run.nodes[index];
-        let directory = top.child(&node_directory(&node.id));
+        let relative = node_run_directory(&node.id, &export_id);
+        let directory = top.child(&relative);
         let bytes = directory.and_then(|d| d.read_small(MANIFEST));
         let export = bytes
             .as_deref()
-            .and_then(|b| node_export_of(&node.id, b, request, false))
+            .and_then(|b| node_export_of(&node.id, &relative, b, request, false))
             .filter(|(export, _)| export.export_id == export_id);
         let Some(export) = export else {
             raise(
@@ -1146,6 +1149,7 @@ pub fn export_cluster(
         .iter()
         .flat_map(|(_, parts)| parts.iter().cloned().map(Ok));
     let mut parts = Some(parts);
+    let kept: Vec<String> = finished.iter().map(|(n, _)| n.directory.clone()).collect();
     top.commit_manifest(
         claim,
         &export_id,
@@ -1157,6 +1161,9 @@ pub fn export_cluster(
         // From the commit point on, the manifest of manifests may list
         // every node's parts: nothing may remove them.
         &mut || run.armed = false,
+        // Committed: what the node directories hold besides this export
+        // (the export it replaced, earlier runs that did not finish) goes.
+        &mut || top.remove_objects_except(NODE_DIRECTORIES, &kept),
     );
     tracked.job_progress(totals.rows, totals.bytes);
     tracked.written(totals.file_bytes);

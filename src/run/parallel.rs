@@ -1114,6 +1114,7 @@ fn commit_manifest(
         // From the commit point on, the manifest may list the parts:
         // nothing may remove them.
         &mut || leader.armed = false,
+        &mut || {},
     );
     DirectoryTotals {
         partitions: bounds.len() as i32,

@@ -8,7 +8,7 @@
 use std::io::{self, BufRead, BufReader, Read};
 
 use crate::footer::{FOOTER_PREFIX, FOOTER_VERSION};
-use crate::layout::{is_part_file_name, node_directory, node_id_problem, MANIFEST};
+use crate::layout::{is_node_export_directory, is_part_file_name, node_id_problem, MANIFEST};
 use crate::options::Compression;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -570,8 +570,8 @@ fn verify_nodes(
         if !seen.insert(id) {
             return fail(count, rows, "listed more than once".into());
         }
-        let directory = node_directory(id);
-        if node_id_problem(id).is_some() || node.directory.as_deref() != Some(&directory) {
+        let directory = node.directory.clone().unwrap_or_default();
+        if node_id_problem(id).is_some() || !is_node_export_directory(id, &directory) {
             return fail(count, rows, "not a node directory".into());
         }
         let mut node_open = |name: &str| open(&format!("{directory}{name}"));
