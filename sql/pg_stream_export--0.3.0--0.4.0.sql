@@ -21,7 +21,6 @@ ALTER TABLE stream_export_job
     ADD COLUMN floor text,
     ADD COLUMN run_xid xid8,
     ADD COLUMN run_subxids xid8[],
-    ADD COLUMN run_cid bigint,
     ADD COLUMN origin text,
     ADD COLUMN origin_at timestamptz;
 ALTER TABLE stream_export_job_part
@@ -29,7 +28,7 @@ ALTER TABLE stream_export_job_part
     ADD COLUMN snapshot_at timestamptz,
     ADD COLUMN floor text,
     ADD COLUMN run_xid xid8;
-COMMENT ON TABLE stream_export_job IS 'pg_stream_export incremental jobs: what CALL stream_export_increment(name) exports next (position: the resume token after the last exported row, NULL: from the start; snapshot, floor, run_xid, run_subxids, run_cid: the last part''s run, and the ids of its transaction and its snapshot''s command id, which tell the rows it saw of its own transaction, whose late rows the next run picks up; origin, origin_at: the largest key when the job was made and the time right after the snapshot that read it, the floor of its first runs).';
+COMMENT ON TABLE stream_export_job IS 'pg_stream_export incremental jobs: what CALL stream_export_increment(name) exports next (position: the resume token after the last exported row, NULL: from the start; snapshot, floor, run_xid, run_subxids: the last part''s run and the ids of its transaction that its snapshot does not list as seen, whose late rows the next run picks up; origin, origin_at: the largest key when the job was made and the time right after the snapshot that read it, the floor of its first runs).';
 COMMENT ON TABLE stream_export_job_part IS 'pg_stream_export incremental jobs: every part written, in order (recovered: written by a run that did not commit, found to hold exactly what the table holds in its key range, and taken over by the next run).';
 REVOKE INSERT, UPDATE, DELETE ON stream_export_job, stream_export_job_part FROM PUBLIC;
 

@@ -245,40 +245,6 @@ def test_rows_of_the_runs_own_subtransactions_are_exported_once(server, conn, se
     assert sorted(lines) == sorted(oracle(conn, "job_subxact"))
 
 
-def test_rows_the_runs_own_transaction_writes_after_the_call_are_exported_later(server, conn, server_dir):
-    """The run's own transaction draws key 11, another commits 12, the run
-    exports 12, and then its transaction inserts 11 (and a row in a
-    savepoint, key 13): the next run exports both. The run did not see
-    them (they were written after its snapshot), so they are late rows
-    like any other transaction's, although their transaction is the run's.
-    (They used to be taken for the run's own rows and skipped for good.)"""
-    conn.execute("""
-        DROP TABLE IF EXISTS job_after_call;
-        CREATE TABLE job_after_call (id bigserial PRIMARY KEY, v text NOT NULL);
-        INSERT INTO job_after_call (v) SELECT 'v' || g FROM generate_series(1, 10) g;
-    """)
-    wait_for_no_other_transaction(conn)
-    fresh_job(conn, "after_call", "job_after_call", server_dir)
-    conn.execute("CALL stream_export_increment('after_call')")
-    with conn.transaction():
-        (drawn,) = conn.execute("SELECT nextval('job_after_call_id_seq')").fetchone()
-        with server.connect() as other:
-            other.execute("INSERT INTO job_after_call (v) VALUES ('other')")
-        conn.execute("CALL stream_export_increment('after_call')")
-        conn.execute("INSERT INTO job_after_call (id, v) VALUES (%s, 'after the call')", [drawn])
-        with conn.transaction():
-            conn.execute("INSERT INTO job_after_call (v) VALUES ('savepoint after the call')")
-    assert drawn == 11
-    wait_for_no_other_transaction(conn)
-    conn.execute("CALL stream_export_increment('after_call')")
-    conn.execute("CALL stream_export_increment('after_call')")
-    assert conn.execute("SELECT part, rows FROM stream_export_job_part WHERE job = 'after_call' ORDER BY part"
-                        ).fetchall() == [(1, 10), (2, 1), (3, 2)]
-    lines = recorded_lines(conn, "after_call")
-    assert [json.loads(line)["id"] for line in lines[-2:]] == [11, 13]
-    assert sorted(lines) == sorted(oracle(conn, "job_after_call"))
-
-
 def test_a_key_above_the_position_is_exported_when_the_largest_key_at_creation_is_gone(conn, server_dir):
     conn.execute("""
         DROP TABLE IF EXISTS job_gone;

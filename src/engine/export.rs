@@ -558,18 +558,24 @@ impl Export {
     /// yet fetched) one run of an incremental job: it reads, in key order,
     /// the rows with a key above `floor` (a key in the form tokens hold;
     /// `None`: from the start) that are either above P or were inserted by
-    /// a transaction the previous run's `snapshot` did not see, other than
-    /// the rows that run saw of its own transaction (`own`). Without a
-    /// position (the
+    /// a transaction the previous run's `snapshot` did not see (and that is
+    /// not `run_xid`, the previous run's own, nor one of `run_subxids`, its
+    /// subtransactions'). Without a position (the
     /// job's first part) there is nothing below it to look at again.
-    pub fn read_job_window(&mut self, floor: Option<&str>, snapshot: &str, own: OwnRows<'_>) {
+    pub fn read_job_window(
+        &mut self,
+        floor: Option<&str>,
+        snapshot: &str,
+        run_xid: Option<u64>,
+        run_subxids: &[u64],
+    ) {
         let Walk::Keyset(keyset) = &mut self.walk else {
             return;
         };
         if keyset.last.is_none() {
             return;
         }
-        let condition = late_row_condition(snapshot, &own);
+        let condition = late_row_condition(snapshot, run_xid, run_subxids);
         let position = keyset.last.take();
         let mut floor = floor.map(|text| keyset.key.parse_token_text(text));
         // The window never starts above the position (a job's run 0 can
@@ -876,12 +882,12 @@ fn parse_snapshot(text: &str) -> Option<SnapshotText> {
 }
 
 /// SQL true of a row of the source whose inserting transaction (`xmin`)
-/// the snapshot `snapshot` did not see, other than the rows of `own`
-/// (subtransaction ids written as ranges of consecutive ids). The 32-bit
+/// the snapshot `snapshot` did not see, other than `run_xid` and
+/// `run_subxids` (written as ranges of consecutive ids). The 32-bit
 /// xmin is widened to a full transaction id relative to the snapshot's
 /// xmax (the signed 32-bit difference added to it); the special ids below
 /// 3 (bootstrap, frozen) count as seen.
-fn late_row_condition(snapshot: &str, own_rows: &OwnRows<'_>) -> String {
+fn late_row_condition(snapshot: &str, run_xid: Option<u64>, run_subxids: &[u64]) -> String {
     let Some(parsed) = parse_snapshot(snapshot) else {
         raise(
             PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
@@ -895,41 +901,19 @@ fn late_row_condition(snapshot: &str, own_rows: &OwnRows<'_>) -> String {
         "({} + ((({xmin} - {low}) + 6442450944) % 4294967296 - 2147483648))",
         parsed.xmax
     );
-    let mut ids: Vec<String> = own_rows
-        .xid
-        .map(|xid| format!("{widened} = {xid}"))
-        .into_iter()
-        .collect();
-    for (first, last) in consecutive_runs(own_rows.subxids) {
-        ids.push(if first == last {
-            format!("{widened} = {first}")
+    let mut own = run_xid
+        .map(|xid| format!(" OR {widened} = {xid}"))
+        .unwrap_or_default();
+    for (first, last) in consecutive_runs(run_subxids) {
+        own += &if first == last {
+            format!(" OR {widened} = {first}")
         } else {
-            format!("{widened} BETWEEN {first} AND {last}")
-        });
+            format!(" OR {widened} BETWEEN {first} AND {last}")
+        };
     }
-    // Command ids count through the whole transaction, subtransactions
-    // included; a run before 0.4.0 recorded none.
-    let own = match (ids.is_empty(), own_rows.cid) {
-        (true, _) => String::new(),
-        (false, Some(cid)) => format!(
-            " OR (({}) AND {SOURCE_ALIAS}.cmin::text::pg_catalog.int8 < {cid})",
-            ids.join(" OR ")
-        ),
-        (false, None) => format!(" OR {}", ids.join(" OR ")),
-    };
     format!(
         "NOT ({xmin} < 3{own} OR pg_catalog.pg_visible_in_snapshot({widened}::text::pg_catalog.xid8, '{snapshot}'::pg_catalog.pg_snapshot))"
     )
-}
-
-/// The rows a job's previous run saw of its own transaction, which its
-/// snapshot does not list as seen: those its top transaction `xid` and its
-/// subtransactions `subxids` wrote by commands before `cid`, its
-/// snapshot's.
-pub struct OwnRows<'a> {
-    pub xid: Option<u64>,
-    pub cid: Option<u64>,
-    pub subxids: &'a [u64],
 }
 
 /// `ids` as runs of consecutive ids, `(first, last)`, in order.

@@ -9,11 +9,8 @@
 //! S_{N-1} did not see (they committed after run N-1 looked). It records
 //! S_N, t_N, its position P_N and a floor F_N: the position of the latest
 //! run r whose t_r is before t_min, the start of the oldest transaction in
-//! progress when the run began (another backend's or the run's own; now if
-//! none), read before S_N is taken. S_N does not list the run's own
-//! transaction: the run records its ids and S_N's command id, and the rows
-//! of its own it saw are those written by earlier commands ([`Export::read_job_window`]);
-//! the ones written after the run are late rows like another's. A key drawn from a sequence by a transaction T that
+//! progress in another backend when the run began (now if none), read
+//! before S_N is taken. A key drawn from a sequence by a transaction T that
 //! S_N did not see was drawn after T started, so at or after t_min (T was
 //! in progress when t_min was read, or began after), so after t_r, so after
 //! S_r was taken (t_r is read after S_r): it is greater than every key S_r
@@ -89,9 +86,6 @@ struct Job {
     /// The ids of that run's subtransactions its snapshot does not list
     /// as seen (see [`own_unlisted_xids`]).
     run_subxids: Vec<u64>,
-    /// The command id of that run's snapshot: its transaction's rows
-    /// written by later commands (after the run looked) are late rows.
-    run_cid: Option<u64>,
     parts: i64,
 }
 
@@ -449,7 +443,7 @@ fn lock(
         &format!(
             "SELECT job_id, source, key, key_type, destination, compression, compression_level, \
              position, snapshot, floor, run_xid::text, parts, \
-             pg_catalog.array_to_string(run_subxids, ','), run_cid \
+             pg_catalog.array_to_string(run_subxids, ',') \
              FROM {schema}.stream_export_job WHERE name = $1 FOR NO KEY UPDATE"
         ),
         Some(1),
@@ -485,7 +479,6 @@ fn lock(
             .split(',')
             .filter_map(|x| x.parse().ok())
             .collect(),
-        run_cid: row.get::<i64>(14)?.map(|cid| cid as u64),
     })
 }
 
@@ -574,15 +567,7 @@ fn job_export(job: &Job, table: &Source, plain: bool, through: Option<&str>) -> 
                     )
                 })
         });
-        export.read_job_window(
-            floor.as_deref(),
-            snapshot,
-            crate::engine::export::OwnRows {
-                xid: job.run_xid,
-                cid: job.run_cid,
-                subxids: &job.run_subxids,
-            },
-        );
+        export.read_job_window(floor.as_deref(), snapshot, job.run_xid, &job.run_subxids);
     }
     if let Some(key) = through {
         export.read_through(key);
@@ -640,36 +625,18 @@ pub fn increment(name: &str) -> Increment {
             .file_suffix();
         let file = job_part_name(&job.name, number, suffix);
 
-        // The start of the oldest transaction in progress, read before
-        // this run's snapshot is taken: another backend's, or this run's
-        // own (which may write rows with keys drawn before the CALL after
-        // it, late rows for the next run like another's).
-        // SAFETY: reads the clock and this transaction's start time.
-        let (now, own_start) = unsafe {
-            (
-                pg_sys::GetCurrentTimestamp(),
-                pg_sys::GetCurrentTransactionStartTimestamp(),
-            )
-        };
-        let horizon = crate::compat::oldest_other_transaction_start()
-            .map_or(now, |t| t.min(now))
-            .min(own_start);
+        // The start of the oldest transaction in progress elsewhere, read
+        // before this run's snapshot is taken (now, when there is none).
+        // SAFETY: reads the clock.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let horizon = crate::compat::oldest_other_transaction_start().map_or(now, |t| t.min(now));
 
         // The rows committed by the time this run has its job, not by the
         // time the CALL started: in READ COMMITTED a snapshot taken now.
-        // Its command id: this transaction's rows written by the commands
-        // from it on are not seen by the run.
-        // SAFETY: pushes the transaction's current snapshot (valid until
-        // the next GetTransactionSnapshot; its curcid read first) as the
-        // active one for the export's queries; popped below. An error
-        // before that aborts the transaction, whose cleanup empties the
-        // snapshot stack.
-        let run_cid = unsafe {
-            let taken = pg_sys::GetTransactionSnapshot();
-            let cid = (*taken).curcid;
-            pg_sys::PushActiveSnapshot(taken);
-            cid
-        };
+        // SAFETY: pushes the transaction's current snapshot as the active
+        // one for the export's queries; popped below. An error before that
+        // aborts the transaction, whose cleanup empties the snapshot stack.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
         let (snapshot, taken_at) = crate::engine::scan::select_first_row(
             "SELECT pg_catalog.pg_current_snapshot()::text, pg_catalog.clock_timestamp()",
             &[],
@@ -762,8 +729,7 @@ pub fn increment(name: &str) -> Increment {
                     "UPDATE {schema}.stream_export_job SET position = $2, parts = $3, \
                      rows = rows + $4, last_run_at = now(), last_part_at = now(), \
                      snapshot = $5, floor = $6, run_xid = pg_catalog.pg_current_xact_id(), \
-                     run_subxids = pg_catalog.string_to_array($7, ',')::pg_catalog.xid8[], \
-                     run_cid = $8 \
+                     run_subxids = pg_catalog.string_to_array($7, ',')::pg_catalog.xid8[] \
                      WHERE name = $1"
                 ),
                 None,
@@ -780,7 +746,6 @@ pub fn increment(name: &str) -> Increment {
                         .collect::<Vec<_>>()
                         .join(",")
                         .into(),
-                    i64::from(run_cid).into(),
                 ],
             )
             .map(|_| ())

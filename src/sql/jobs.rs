@@ -129,11 +129,10 @@ CREATE TABLE stream_export_job (
     floor text,
     run_xid xid8,
     run_subxids xid8[],
-    run_cid bigint,
     origin text,
     origin_at timestamptz
 );
-COMMENT ON TABLE stream_export_job IS 'pg_stream_export incremental jobs: what CALL stream_export_increment(name) exports next (position: the resume token after the last exported row, NULL: from the start; snapshot, floor, run_xid, run_subxids, run_cid: the last part''s run, and the ids of its transaction and its snapshot''s command id, which tell the rows it saw of its own transaction, whose late rows the next run picks up; origin, origin_at: the largest key when the job was made and the time right after the snapshot that read it, the floor of its first runs).';
+COMMENT ON TABLE stream_export_job IS 'pg_stream_export incremental jobs: what CALL stream_export_increment(name) exports next (position: the resume token after the last exported row, NULL: from the start; snapshot, floor, run_xid, run_subxids: the last part''s run and the ids of its transaction that its snapshot does not list as seen, whose late rows the next run picks up; origin, origin_at: the largest key when the job was made and the time right after the snapshot that read it, the floor of its first runs).';
 CREATE TABLE stream_export_job_part (
     job text NOT NULL REFERENCES stream_export_job (name) ON DELETE CASCADE ON UPDATE CASCADE,
     part bigint NOT NULL,
