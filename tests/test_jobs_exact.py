@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from helpers import listed_part_lines, oracle_lines, part_lines, sqlstate_of
+from helpers import listed_part_lines, oracle_lines, part_lines, run_in_thread, sqlstate_of, wait_until
 
 
 def recorded_lines(conn, job: str) -> list[str]:
@@ -580,4 +580,70 @@ def test_a_role_that_owns_jobs_is_pinned_without_the_library_and_from_any_databa
         owner.execute("SELECT stream_export_job_drop('pinned-c')")
     assert role not in pins(conn)
     conn.execute(f"REVOKE ALL ON job_pinned FROM {role}")
+    conn.execute(f"DROP ROLE {role}")
+
+
+def test_an_owners_last_job_dropped_while_its_next_is_made_leaves_it_pinned(server, conn, server_dir):
+    """One session drops an owner's last job (its pin goes) and has not
+    committed; another makes the owner's next job. The second waits for
+    the first, then pins the owner again: the role cannot be dropped.
+    (Without the wait it saw the old pin, made none, and DROP ROLE
+    succeeded once the first committed.)"""
+    role = "job_racer"
+    if conn.execute("SELECT FROM pg_roles WHERE rolname = %s", [role]).fetchone():
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+    make_role(conn, role)
+    conn.execute("DROP TABLE IF EXISTS job_race; CREATE TABLE job_race (id int PRIMARY KEY)")
+    conn.execute(f"GRANT SELECT ON job_race TO {role}")
+    with psycopg.connect(server.dsn(user=role), autocommit=True) as first, \
+            psycopg.connect(server.dsn(user=role), autocommit=True) as second:
+        first.execute("SELECT stream_export_job_create('race-old', 'job_race', 'id', %s)", [str(server_dir)])
+        first.execute("BEGIN")
+        first.execute("SELECT stream_export_job_drop('race-old')")
+        thread, result = run_in_thread(lambda: second.execute(
+            "SELECT stream_export_job_create('race-new', 'job_race', 'id', %s)", [str(server_dir)]))
+        wait_until(lambda: conn.execute(
+            "SELECT FROM pg_locks WHERE NOT granted AND relation = 'stream_export_job_owners'::regclass"
+        ).fetchone() is not None)
+        first.execute("COMMIT")
+        thread.join(60)
+        assert not thread.is_alive() and "error" not in result, result
+    assert pins(conn).count(role) == 1
+    conn.execute(f"REVOKE ALL ON job_race FROM {role}")
+    with psycopg.connect(server.dsn("postgres"), autocommit=True) as other:
+        with pytest.raises(psycopg.errors.DependentObjectsStillExist):
+            other.execute(f"DROP ROLE {role}")
+    conn.execute(f"DROP OWNED BY {role}")
+    conn.execute(f"DROP ROLE {role}")
+
+
+def test_drop_owned_under_session_replication_role_replica_still_removes_the_jobs(server, conn, server_dir):
+    """Triggers and event triggers of the default kind do not fire under
+    session_replication_role = replica; the pins' do (ENABLE ALWAYS), so
+    DROP OWNED there removes the jobs with the pin, and a job made under
+    it is pinned."""
+    role = "job_replica"
+    if conn.execute("SELECT FROM pg_roles WHERE rolname = %s", [role]).fetchone():
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")
+    make_role(conn, role)
+    conn.execute("DROP TABLE IF EXISTS job_replica; CREATE TABLE job_replica (id int PRIMARY KEY)")
+    conn.execute(f"GRANT SELECT ON job_replica TO {role}")
+    conn.execute(f"SET ROLE {role}")
+    conn.execute("SELECT stream_export_job_create('replica-a', 'job_replica', 'id', %s)", [str(server_dir)])
+    conn.execute("RESET ROLE")
+    conn.execute("SET session_replication_role = replica")
+    try:
+        conn.execute(f"SET ROLE {role}")
+        conn.execute("SELECT stream_export_job_create('replica-b', 'job_replica', 'id', %s)", [str(server_dir)])
+        conn.execute("RESET ROLE")
+        conn.execute(f"REVOKE ALL ON job_replica FROM {role}")
+        with psycopg.connect(server.dsn(), autocommit=True) as plain:
+            plain.execute("SET session_replication_role = replica")
+            plain.execute(f"DROP OWNED BY {role}")
+    finally:
+        conn.execute("RESET session_replication_role")
+    assert conn.execute("SELECT count(*) FROM stream_export_job WHERE name LIKE 'replica-%'").fetchone() == (0,)
+    assert role not in pins(conn)
     conn.execute(f"DROP ROLE {role}")

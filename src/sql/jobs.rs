@@ -179,6 +179,10 @@ DECLARE
     owner_oid oid;
     stale name;
 BEGIN
+    -- One change of the pins at a time, each reading what the one before
+    -- committed: two sessions dropping and adding an owner's last and
+    -- first job cannot leave it unpinned.
+    LOCK TABLE @extschema@.stream_export_job_owners IN SHARE ROW EXCLUSIVE MODE;
     FOR owner_oid IN
         SELECT DISTINCT j.owner::oid FROM @extschema@.stream_export_job j
         WHERE EXISTS (SELECT FROM pg_roles r WHERE r.oid = j.owner::oid)
@@ -205,8 +209,12 @@ BEGIN
     RETURN NULL;
 END
 $changed$;
+REVOKE ALL ON FUNCTION stream_export_job_owners_changed() FROM PUBLIC;
 CREATE TRIGGER pin_owners AFTER INSERT OR DELETE OR UPDATE OF owner ON stream_export_job
     FOR EACH STATEMENT EXECUTE FUNCTION stream_export_job_owners_changed();
+-- Also under session_replication_role = replica (a data-only restore with
+-- triggers disabled, replication tools).
+ALTER TABLE stream_export_job ENABLE ALWAYS TRIGGER pin_owners;
 -- DROP OWNED BY a role drops its pin: its jobs go with it (their files
 -- stay), as with the library's hook.
 CREATE FUNCTION stream_export_job_owner_dropped() RETURNS event_trigger
@@ -222,8 +230,10 @@ BEGIN
     END IF;
 END
 $dropped$;
+REVOKE ALL ON FUNCTION stream_export_job_owner_dropped() FROM PUBLIC;
 CREATE EVENT TRIGGER stream_export_job_owner_dropped ON sql_drop WHEN TAG IN ('DROP OWNED')
     EXECUTE FUNCTION stream_export_job_owner_dropped();
+ALTER EVENT TRIGGER stream_export_job_owner_dropped ENABLE ALWAYS;
 CREATE PROCEDURE stream_export_increment(job text)
 LANGUAGE c AS 'MODULE_PATHNAME', 'stream_export_increment_wrapper';
 COMMENT ON PROCEDURE stream_export_increment IS 'Export the rows of an incremental job added after its stored position into the job''s next part, and advance the position in the same transaction.';

@@ -147,6 +147,7 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 pub struct Client {
     agent: ureq::Agent,
     config: StoreConfig,
+    timeouts: Timeouts,
     /// Set once the client is stopped: requests in flight fail at once and
     /// new ones are refused.
     stopped: Arc<AtomicBool>,
@@ -207,6 +208,7 @@ impl Client {
         Ok(Client {
             agent,
             config,
+            timeouts,
             stopped,
             watchdog: None,
         })
@@ -250,19 +252,21 @@ impl Client {
     }
 
     /// A client of the same store for the one request that makes an object
-    /// appear: nothing stops it but `limit`, neither a cancel nor a
-    /// terminate, so that when it returns whether the object is there is
-    /// known (a request cut short may still complete at the store later,
-    /// after the clean-up looked). Its own connections, no retry past
-    /// `limit`.
+    /// appear: a cancel or terminate does not cut it short at once (a
+    /// request cut short may still complete at the store later, after the
+    /// clean-up looked), only once one has been pending for `limit`. Its
+    /// own connections, this client's timeouts.
     pub fn for_finishing(&self, limit: Duration) -> Result<Client, StoreError> {
-        let deadline = std::time::Instant::now() + limit;
-        let timeouts = Timeouts {
-            connect: Duration::from_secs(5).min(limit),
-            io: limit,
-        };
-        Ok(Client::new(self.config.clone(), timeouts)?
-            .stopping_when(move || std::time::Instant::now() >= deadline))
+        let pending_since = std::sync::Mutex::new(None::<std::time::Instant>);
+        Ok(
+            Client::new(self.config.clone(), self.timeouts)?.stopping_when(move || {
+                if !super::cancel_or_exit_pending() {
+                    return false;
+                }
+                let mut since = pending_since.lock().unwrap_or_else(|p| p.into_inner());
+                since.get_or_insert_with(std::time::Instant::now).elapsed() >= limit
+            }),
+        )
     }
 
     /// A client of the same store for clean-up once this one stopped: its

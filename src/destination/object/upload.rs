@@ -24,8 +24,9 @@ pub const MIN_PART_BYTES: usize = 5 << 20;
 const BUFFER_BUDGET: usize = 32 << 20;
 /// Threads uploading parts.
 const UPLOAD_THREADS: usize = 2;
-/// The longest the request that makes an object appear may take once a
-/// cancel or terminate came (it is not cut short: see `finish`).
+/// How long the request that makes an object appear goes on once a cancel
+/// or terminate is pending (it is not cut short at once: see `finish`);
+/// until then only the store's timeouts bound it.
 pub const FINISH_LIMIT: Duration = Duration::from_secs(30);
 /// Parts per size step: the part size doubles after 3,334 and 6,667 parts,
 /// so 10,000 parts hold about 7 x 3,334 base-size parts (195 GB at 8 MiB).
@@ -271,9 +272,10 @@ impl ObjectUpload {
     /// Upload what is left and make the object appear. `at_commit` is
     /// called once everything but the one request that makes the object
     /// appear (the PUT, or the completion of the multipart upload) is done,
-    /// just before that request: a cancel before it stops the upload, and
-    /// nothing stops the request itself but [`FINISH_LIMIT`] (see
-    /// [`Client::for_finishing`]).
+    /// just before that request: a cancel before it stops the upload; the
+    /// request itself goes on for [`FINISH_LIMIT`] after a cancel or
+    /// terminate (see [`Client::for_finishing`]), and a PUT cut short then
+    /// is decided by what the store holds.
     pub fn finish(mut self, at_commit: &mut dyn FnMut()) -> io::Result<()> {
         let result = self.complete(at_commit);
         if result.is_ok() {
@@ -293,9 +295,17 @@ impl ObjectUpload {
                 .client
                 .for_finishing(FINISH_LIMIT)
                 .map_err(|e| to_io(uri, e))?;
-            return finishing
-                .put(uri, &self.current, self.overwrite)
-                .map_err(|e| to_io(uri, e));
+            return match finishing.put(uri, &self.current, self.overwrite) {
+                // Cut short with no answer: what the store holds decides.
+                Err(e) if e.failure == Failure::Stopped => {
+                    if super::holds(&finishing, uri, &self.current) {
+                        Ok(())
+                    } else {
+                        Err(to_io(uri, e))
+                    }
+                }
+                other => other.map_err(|e| to_io(uri, e)),
+            };
         }
         if !self.current.is_empty() {
             self.ship()?;
