@@ -7,16 +7,19 @@ it is, afterwards the prefix holds either the new export, whole and
 verified, and the call succeeded, or the old one, whole and verified, and
 the call failed. Before the fix, a cancel while the store was answering the
 manifest's PUT made the call fail after the manifest was committed, and the
-failure's clean-up deleted the parts it lists.
+failure's clean-up deleted the parts it lists. Chunked exports are held at
+every request the same way: before their manifest the old export stays
+whole and the journal lets the same CALL finish; from it on the call
+succeeds, and the journal goes inside the commit point.
 """
 
 from __future__ import annotations
 
-import http.client
-import time
+import json
+import re
 import threading
+import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psycopg
@@ -24,113 +27,11 @@ import pytest
 
 from conftest import crashes_in, start_cluster, stop_cluster
 from helpers import run_in_thread
+from proxy import HoldingProxy
 from stores import start_store
 
 BUCKET = "commits"
 SECRET = "commit-secret"
-
-
-class HoldingProxy:
-    """A store in front of a real one. Request number `hold_at` (counted
-    from `reset`), or the first PUT of a key ending with `hold_suffix`, is
-    handed on and its answer held until `release` is set; `held` is set
-    while it is held. With `refuse`, the held request and every PUT of a
-    key ending with `hold_suffix` are answered 503 instead, without reaching
-    the store. With `late`, the held request reaches the store only once
-    released (even if its client is gone by then), as a store that has a
-    request's whole body stores it a while later; `forwarded` is set once
-    the store answered it."""
-
-    def __init__(self, upstream: str):
-        self.upstream = urllib.parse.urlsplit(upstream)
-        self.lock = threading.Lock()
-        self.requests: list[tuple[str, str]] = []
-        self.hold_at: int | None = None
-        self.hold_suffix: str | None = None
-        self.refuse = False
-        self.late = False
-        self.held = threading.Event()
-        self.forwarded = threading.Event()
-        self.release = threading.Event()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _answer(self, status: int, headers, data: bytes):
-                try:
-                    self._send(status, headers, data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client went away (a late request's)
-
-            def _send(self, status: int, headers, data: bytes):
-                self.send_response(status)
-                for k, v in headers:
-                    if k.lower() not in ("content-length", "connection", "transfer-encoding"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            def _pass(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with proxy.lock:
-                    index = len(proxy.requests)
-                    proxy.requests.append((self.command, self.path))
-                    matches = (proxy.hold_suffix is not None and self.command == "PUT"
-                               and self.path.endswith(proxy.hold_suffix))
-                    hold = index == proxy.hold_at or (matches and not proxy.held.is_set())
-                if proxy.refuse and (hold or matches):
-                    if hold:
-                        proxy.held.set()
-                        proxy.release.wait(60)
-                    return self._answer(503, [], b"<Error><Code>SlowDown</Code></Error>")
-                late = hold and proxy.late
-                if late:
-                    proxy.held.set()
-                    proxy.release.wait(60)
-                up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                up.request(self.command, self.path, body=body,
-                           headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
-                answer = up.getresponse()
-                data = answer.read()
-                up.close()
-                if late:
-                    proxy.forwarded.set()
-                elif hold:
-                    proxy.held.set()
-                    proxy.release.wait(60)
-                self._answer(answer.status, answer.getheaders(), data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever)
-        self.thread.start()
-
-    def reset(self, hold_at: int | None = None, refuse: bool = False, hold_suffix: str | None = None,
-              late: bool = False) -> None:
-        with self.lock:
-            self.requests = []
-            self.hold_at = hold_at
-            self.hold_suffix = hold_suffix
-            self.refuse = refuse
-            self.late = late
-        self.held.clear()
-        self.forwarded.clear()
-        self.release.clear()
-
-    def close(self):
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +78,6 @@ def lines_of(conn) -> list[str]:
 def exported_lines(store, prefix: str) -> tuple[str, list[str]]:
     """The export id of the manifest under `prefix` and the record lines of
     the parts it lists, in part order."""
-    import json
     s3 = store.client()
     manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{prefix}manifest.json")["Body"].read())
     lines: list[str] = []
@@ -395,3 +295,323 @@ def test_a_cancel_while_the_store_stores_a_single_object_late_keeps_the_export(s
         ok = conn.execute("SELECT ok FROM stream_export_verify(%s)", [f"s3://{BUCKET}/{key}"]).fetchone()[0]
     assert ok
     assert f'"crc32":"{crc}"' in data.splitlines()[-1]
+
+
+# Chunked exports to a prefix. Each chunk is committed in a transaction of
+# its own and recorded in the journal (`progress.json`, one
+# `progress-NNNNNNNNNN.json` per chunk); `manifest.json`, put last, is the
+# commit point. Before it, a cancel fails the call, leaves the old export
+# whole, and keeps the journal so that the same CALL again finishes the
+# export; from it on, the call succeeds.
+
+CHUNKED = "CALL stream_export_chunked('cp_src', %s, 'id', chunk_rows => 5000, overwrite => true)"
+
+
+def objects_under(store, prefix: str) -> list[str]:
+    """The names (relative to `prefix`) of every object under it."""
+    s3 = store.client()
+    names: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+    return sorted(names)
+
+
+def manifest_of(store, prefix: str) -> dict:
+    return json.loads(store.client().get_object(Bucket=BUCKET, Key=f"{prefix}manifest.json")["Body"].read())
+
+
+def journal_header(store, prefix: str) -> dict | None:
+    try:
+        body = store.client().get_object(Bucket=BUCKET, Key=f"{prefix}progress.json")["Body"].read()
+    except store.client().exceptions.NoSuchKey:
+        return None
+    return json.loads(body)
+
+
+def only_the_export_is_there(store, prefix: str) -> None:
+    """Nothing under `prefix` but the manifest and the parts it lists: no
+    journal, no lease, no part of another export, no upload in progress."""
+    manifest = manifest_of(store, prefix)
+    assert objects_under(store, prefix) == sorted(["manifest.json"] + [p["file"] for p in manifest["parts"]])
+    assert store.client().list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads", []) == []
+
+
+def chunked_call(server, uri: str) -> tuple[dict, list[str]]:
+    """Run the chunked export with nothing held; (result, its NOTICEs)."""
+    notices: list[str] = []
+    with server.connect() as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        try:
+            conn.execute(CHUNKED, [uri])
+            return {"value": None}, notices
+        except psycopg.Error as exc:
+            return {"error": exc}, notices
+
+
+def chunks_noticed(notices: list[str]) -> tuple[int, int]:
+    """(chunks, chunks from an earlier call) that the call's NOTICE names."""
+    found = [re.search(r"in (\d+) chunk\(s\), (\d+) of them from an earlier call", n) for n in notices]
+    found = [m for m in found if m]
+    assert len(found) == 1, notices
+    return int(found[0].group(1)), int(found[0].group(2))
+
+
+def chunked_cancelled_at(server, proxy, uri: str, index: int | None, hold_suffix: str | None = None,
+                         late: bool = False) -> tuple[dict, bool]:
+    """Run the overwriting chunked export with request `index` (or the
+    first PUT of a key ending with `hold_suffix`) held, and cancel it while
+    it is held. With `late`, the held request reaches the store only once
+    released, and this returns only once the store answered it. Returns
+    (result, whether it was held)."""
+    proxy.reset(hold_at=index, hold_suffix=hold_suffix, late=late)
+    conn = server.connect()
+    pid = conn.info.backend_pid
+
+    def call():
+        conn.execute(CHUNKED, [uri])
+
+    thread, result = run_in_thread(call)
+    was_held = False
+    while thread.is_alive() and not was_held:
+        was_held = proxy.held.wait(0.05)
+    was_held = was_held or proxy.held.is_set()
+    timer = None
+    if was_held:
+        with server.connect() as other:
+            other.execute("SELECT pg_cancel_backend(%s)", [pid])
+        # As in export_cancelled_at: the store answers a little later.
+        timer = threading.Timer(0.5, proxy.release.set)
+        timer.start()
+    thread.join(120)
+    assert not thread.is_alive()
+    if timer is not None:
+        timer.cancel()
+        proxy.release.set()
+        if late:
+            assert proxy.forwarded.wait(60)
+    conn.close()
+    return result, was_held
+
+
+def check_cancelled_chunked_state(store, prefix: str, before: tuple[str, list[str]], old_parts: set[str],
+                                  where) -> int:
+    """After a cancelled call: the old export as it was, no lease, and
+    nothing but the old export, the journal and parts of the journal's
+    export. Returns how many chunks the journal lists."""
+    assert exported_lines(store, prefix) == before, where
+    names = objects_under(store, prefix)
+    assert "lease.json" not in names, (where, names)
+    header = journal_header(store, prefix)
+    entries = [n for n in names if n.startswith("progress-")]
+    if header is None:
+        assert entries == [], (where, names)
+    assert entries == [f"progress-{i:010d}.json" for i in range(len(entries))], (where, names)
+    for name in names:
+        if name in ("manifest.json", "progress.json") or name in entries or name in old_parts:
+            continue
+        assert header is not None and name.startswith(f"part-{header['export_id']}-"), (where, names)
+    return len(entries)
+
+
+def test_a_cancel_at_any_request_of_a_chunked_export_leaves_one_whole_export(server, proxy, store):
+    """Every request of an overwriting chunked export held in turn and the
+    call cancelled meanwhile. Before the manifest's PUT the call fails, the
+    old export is there whole and verified, and the same CALL again
+    finishes the new export from the chunks the journal lists; from the
+    manifest's PUT on, the call succeeds with the new export whole and
+    verified, its journal removed. Either way, after the next successful
+    call the prefix holds that export and nothing else."""
+    prefix = "chunked-every-step/"
+    uri = f"s3://{BUCKET}/{prefix}"
+    proxy.reset()
+    with server.connect() as conn:
+        conn.execute("CALL stream_export_chunked('cp_src', %s, 'id', chunk_rows => 5000)", [uri])
+    only_the_export_is_there(store, prefix)
+    index, outcomes, journal_left, not_exported_again, failed_but_committed = 0, [], [], [], []
+    try:
+        while True:
+            with server.connect() as conn:
+                before = exported_lines(store, prefix)
+                old_parts = {p["file"] for p in manifest_of(store, prefix)["parts"]}
+                conn.execute("UPDATE cp_src SET t = %s WHERE id = 1", [f"chunked step {index}"])
+                now = lines_of(conn)
+            result, held = chunked_cancelled_at(server, proxy, uri, index)
+            if not held:
+                # The export made fewer requests than that: every one was tried.
+                assert "error" not in result, (index, result)
+                assert exported_lines(store, prefix)[1] == now
+                only_the_export_is_there(store, prefix)
+                break
+            method, path = proxy.requests[index]
+            where = (index, method, path, result)
+            with server.connect() as conn:
+                assert verified(conn, uri), where
+            if "error" in result and exported_lines(store, prefix)[0] != before[0]:
+                # Failed, yet the new export is in place: wrong; go on to
+                # see every request where that happens.
+                failed_but_committed.append((index, method, Path(path).name, type(result["error"]).__name__))
+                proxy.reset()
+                again, notices = chunked_call(server, uri)
+                assert "error" not in again, (where, again)
+            elif "error" in result:
+                assert isinstance(result["error"], psycopg.errors.QueryCanceled), where
+                journaled = check_cancelled_chunked_state(store, prefix, before, old_parts, where)
+                # The same CALL again goes on after the chunks the journal lists.
+                proxy.reset()
+                again, notices = chunked_call(server, uri)
+                assert "error" not in again, (where, again)
+                assert chunks_noticed(notices) == (4, journaled), (where, notices)
+            else:
+                after = exported_lines(store, prefix)
+                assert after[1] == now and after[0] != before[0], where
+                names = objects_under(store, prefix)
+                assert "lease.json" not in names, (where, names)
+                journal = [n for n in names if n.startswith("progress")]
+                if journal:
+                    journal_left.append((index, method, Path(path).name, journal))
+                # The next call, with overwrite, is a new export of the
+                # table as it is then (not the finished one again), and
+                # removes what is left.
+                with server.connect() as conn:
+                    conn.execute("UPDATE cp_src SET t = %s WHERE id = 1", [f"after step {index}"])
+                    later = lines_of(conn)
+                proxy.reset()
+                again, notices = chunked_call(server, uri)
+                assert "error" not in again, (where, again)
+                redone = exported_lines(store, prefix)
+                if chunks_noticed(notices) != (4, 0) or redone[1] != later or redone[0] == after[0]:
+                    not_exported_again.append((index, method, Path(path).name, notices,
+                                               redone[0] == after[0], redone[1] == later))
+            with server.connect() as conn:
+                assert verified(conn, uri), where
+                if "error" in result:
+                    assert exported_lines(store, prefix)[1] == lines_of(conn), where
+            only_the_export_is_there(store, prefix)
+            outcomes.append(("failed" if "error" in result else "committed", method, Path(path).name))
+            index += 1
+    finally:
+        with server.connect() as conn:
+            conn.execute("UPDATE cp_src SET t = md5(id::text) WHERE id = 1")
+    for i, outcome in enumerate(outcomes):
+        print(i, *outcome)  # shown with a failure
+    print("journal left:", journal_left)
+    print("not exported again:", not_exported_again)
+    # A call whose export is committed succeeds: (index, method, request,
+    # error) of each call that failed with the new export in place.
+    assert failed_but_committed == [], (failed_but_committed, outcomes)
+    # One session makes every request in order: exactly those before the
+    # manifest's PUT fail.
+    commit = [i for i, o in enumerate(outcomes) if o[1] == "PUT" and o[2].startswith("manifest.json")]
+    assert len(commit) == 1, outcomes
+    assert [o[0] for o in outcomes] == ["failed"] * commit[0] + ["committed"] * (len(outcomes) - commit[0]), \
+        outcomes
+    # A call that succeeded removed its journal: the journal is deleted once
+    # the manifest is in place (README, object storage; ARCHITECTURE.md,
+    # commit points: "journal removed, lease released").
+    assert journal_left == [], (journal_left, outcomes)
+    # An overwriting call after one that succeeded exports anew. (index,
+    # method, request, NOTICEs, same export id as before, lines equal the
+    # table) of each that did not.
+    assert not_exported_again == [], not_exported_again
+
+
+def test_a_chunk_the_store_stores_after_a_cancel_is_not_left_behind(server, proxy, store):
+    """The PUT of each chunk's part in turn reaches the store only after
+    the call was cancelled. The call fails, the old export stays whole and
+    verified, and the next call finishes the export from the chunks the
+    journal lists: then the prefix holds nothing that its manifest does not
+    list (the late part is rewritten or removed)."""
+    prefix = "chunked-late/"
+    uri = f"s3://{BUCKET}/{prefix}"
+    proxy.reset()
+    with server.connect() as conn:
+        conn.execute("CALL stream_export_chunked('cp_src', %s, 'id', chunk_rows => 5000)", [uri])
+    # The requests of one whole overwriting call: which of them put parts.
+    proxy.reset()
+    result, _ = chunked_call(server, uri)
+    assert "error" not in result, result
+    part_puts = [i for i, (m, p) in enumerate(proxy.requests)
+                 if m == "PUT" and Path(urllib.parse.urlsplit(p).path).name.startswith("part-")]
+    assert len(part_puts) == 4, proxy.requests
+    try:
+        for chunk, index in enumerate(part_puts):
+            with server.connect() as conn:
+                before = exported_lines(store, prefix)
+                old_parts = {p["file"] for p in manifest_of(store, prefix)["parts"]}
+                conn.execute("UPDATE cp_src SET t = %s WHERE id = 1", [f"late chunk {chunk}"])
+            result, held = chunked_cancelled_at(server, proxy, uri, index, late=True)
+            assert held, chunk
+            method, path = proxy.requests[index]
+            where = (chunk, index, method, path, result)
+            assert method == "PUT" and f"-{chunk:05d}." in path, where
+            assert isinstance(result.get("error"), psycopg.errors.QueryCanceled), where
+            with server.connect() as conn:
+                assert verified(conn, uri), where
+            journaled = check_cancelled_chunked_state(store, prefix, before, old_parts, where)
+            assert journaled == chunk, (where, objects_under(store, prefix))
+            proxy.reset()
+            again, notices = chunked_call(server, uri)
+            assert "error" not in again, (where, again)
+            assert chunks_noticed(notices) == (4, chunk), (where, notices)
+            with server.connect() as conn:
+                assert verified(conn, uri), where
+                assert exported_lines(store, prefix)[1] == lines_of(conn), where
+            only_the_export_is_there(store, prefix)
+    finally:
+        with server.connect() as conn:
+            conn.execute("UPDATE cp_src SET t = md5(id::text) WHERE id = 1")
+
+
+def test_a_cancel_while_a_chunked_export_removes_its_journal_keeps_the_export(server, proxy, store):
+    """The cancel meets the removal of the journal, after the manifest is in
+    place: the call succeeds (the export is committed). Then the table
+    changes and the next overwriting call is cancelled at its second
+    chunk: the export committed before is still whole and verified, and
+    the call after that exports the table as it is."""
+    prefix = "chunked-journal/"
+    uri = f"s3://{BUCKET}/{prefix}"
+    proxy.reset()
+    with server.connect() as conn:
+        conn.execute("CALL stream_export_chunked('cp_src', %s, 'id', chunk_rows => 5000)", [uri])
+    proxy.reset()
+    result, _ = chunked_call(server, uri)
+    assert "error" not in result, result
+    removal = [i for i, (m, p) in enumerate(proxy.requests)
+               if m == "DELETE" and p.endswith(f"/{prefix}progress-0000000000.json")]
+    assert len(removal) == 1, proxy.requests
+    problems = []
+    try:
+        with server.connect() as conn:
+            conn.execute("UPDATE cp_src SET t = 'journal 1' WHERE id = 1")
+            first = lines_of(conn)
+        result, held = chunked_cancelled_at(server, proxy, uri, removal[0])
+        assert held
+        committed = exported_lines(store, prefix)
+        assert committed[1] == first
+        if "error" in result:
+            problems.append(("the committed call failed", result["error"]))
+        with server.connect() as conn:
+            assert verified(conn, uri)
+            conn.execute("UPDATE cp_src SET t = 'journal 2' WHERE id = 1")
+        # Cancelled before its commit point: the export committed before
+        # stays whole.
+        result, held = chunked_cancelled_at(server, proxy, uri, None, hold_suffix="-00001.ndjson")
+        assert held
+        assert isinstance(result.get("error"), psycopg.errors.QueryCanceled), result
+        with server.connect() as conn:
+            ok, _, _, detail = conn.execute("SELECT * FROM stream_export_verify_manifest(%s)", [uri]).fetchone()
+        if not ok:
+            problems.append(("the committed export no longer verifies", detail))
+        elif exported_lines(store, prefix) != committed:
+            problems.append(("the committed export changed", exported_lines(store, prefix)[0], committed[0]))
+        proxy.reset()
+        result, notices = chunked_call(server, uri)
+        assert "error" not in result, result
+        with server.connect() as conn:
+            assert verified(conn, uri)
+            assert exported_lines(store, prefix)[1] == lines_of(conn)
+        only_the_export_is_there(store, prefix)
+    finally:
+        with server.connect() as conn:
+            conn.execute("UPDATE cp_src SET t = md5(id::text) WHERE id = 1")
+    assert problems == [], problems

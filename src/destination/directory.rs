@@ -462,13 +462,14 @@ impl ExportDirectory {
             ExportDirectory::Server(dir) => {
                 let _ = dir.unlink(OsStr::new(PROGRESS));
             }
+            // A client of its own: the session's stops at a cancel, and
+            // this runs inside the commit point, where one is no reason to
+            // leave the journal.
             ExportDirectory::Prefix(prefix) => {
-                let _ = object::delete_under(
-                    prefix.client(),
-                    &prefix.uri,
-                    "progress",
-                    is_journal_object,
-                );
+                if let Ok(client) = prefix.client().for_cleanup() {
+                    let _ =
+                        object::delete_under(&client, &prefix.uri, "progress", is_journal_object);
+                }
             }
         }
     }

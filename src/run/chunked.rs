@@ -317,7 +317,8 @@ fn chunk_part_of(entry: &Value) -> ChunkPart {
 
 /// Write the manifest from the journal and put it in place (the commit
 /// point); the journal's chunks become its parts, read and copied one by
-/// one. Then the parts of the export it replaced are removed.
+/// one. Then the parts of the export it replaced are removed, and the
+/// journal.
 fn commit_manifest(
     directory: &ExportDirectory,
     claim: ManifestClaim,
@@ -352,7 +353,10 @@ fn commit_manifest(
         },
         // A chunked export keeps its parts when it fails (to go on later).
         &mut || {},
-        &mut || {},
+        // The journal goes inside the commit point: a cancel can neither
+        // fail the committed call nor leave the journal of a finished
+        // export for a later call to take up.
+        &mut || directory.remove_journal(),
     );
 }
 
@@ -378,9 +382,12 @@ fn unfinished_mismatch(
     )
 }
 
-/// `58P02` for a finished export in `directory`, unless `overwrite`.
+/// `58P02` for a finished export in `directory`, unless `overwrite`. The
+/// journal of the finished export (left by a crash or a cancel while it
+/// was being removed) goes either way: it must not be resumed.
 fn refuse_finished(directory: &ExportDirectory, overwrite: bool) {
-    if !overwrite && directory.finished_export() {
+    let finished = directory.finished_export();
+    if !overwrite && finished {
         raise(
             PgSqlErrorCode::ERRCODE_DUPLICATE_FILE,
             format!(
@@ -541,7 +548,6 @@ pub fn export_chunked(
     }
     drop(journal);
     commit_manifest(directory, claim, &export, &tally, overwrite);
-    directory.remove_journal();
     spi.finish();
     if let Some(tracked) = &mut tracked {
         tracked.job_progress(tally.rows, tally.bytes);
