@@ -245,6 +245,54 @@ def test_rows_of_the_runs_own_subtransactions_are_exported_once(server, conn, se
     assert sorted(lines) == sorted(oracle(conn, "job_subxact"))
 
 
+def test_a_run_whose_transaction_inserts_into_the_table_after_the_call_does_not_commit(server, conn, server_dir):
+    """The run's transaction draws key 11, another commits 12, the run
+    exports 12, and then the transaction inserts 11: the next run would
+    take 11 for a row the run saw. Its COMMIT fails (25000) and rolls
+    back, in a transaction block and in a procedure alike; inserts before
+    the CALL and updates after it commit. Once 11 is inserted on its own,
+    every row is exported exactly once. (Row 11 used to be lost.)"""
+    conn.execute("""
+        DROP TABLE IF EXISTS job_after_call;
+        CREATE TABLE job_after_call (id bigserial PRIMARY KEY, v text NOT NULL);
+        INSERT INTO job_after_call (v) SELECT 'v' || g FROM generate_series(1, 10) g;
+        CREATE OR REPLACE PROCEDURE job_after_call_proc(id bigint) LANGUAGE plpgsql AS $$
+        BEGIN
+            CALL stream_export_increment('after_call');
+            INSERT INTO job_after_call (id, v) VALUES (id, 'after the call, in a procedure');
+        END $$;
+    """)
+    wait_for_no_other_transaction(conn)
+    fresh_job(conn, "after_call", "job_after_call", server_dir)
+    conn.execute("CALL stream_export_increment('after_call')")
+    conn.execute("BEGIN")
+    (drawn,) = conn.execute("SELECT nextval('job_after_call_id_seq')").fetchone()
+    with server.connect() as other:
+        other.execute("INSERT INTO job_after_call (v) VALUES ('other')")
+    conn.execute("CALL stream_export_increment('after_call')")
+    conn.execute("INSERT INTO job_after_call (id, v) VALUES (%s, 'after the call')", [drawn])
+    with pytest.raises(psycopg.errors.InvalidTransactionState) as refused:
+        conn.execute("COMMIT")
+    assert "inserted into" in str(refused.value) and "after_call" in str(refused.value)
+    assert conn.execute("SELECT count(*) FROM job_after_call WHERE id = %s", [drawn]).fetchone() == (0,)
+    with pytest.raises(psycopg.errors.InvalidTransactionState):
+        conn.execute("CALL job_after_call_proc(%s)", [drawn])
+    # Inserts before the CALL, and updates after it, commit.
+    with conn.transaction():
+        conn.execute("INSERT INTO job_after_call (v) VALUES ('before the call')")
+        conn.execute("CALL stream_export_increment('after_call')")
+        conn.execute("UPDATE job_after_call SET v = 'updated after the call' WHERE id = 1")
+    conn.execute("INSERT INTO job_after_call (id, v) VALUES (%s, 'on its own')", [drawn])
+    wait_for_no_other_transaction(conn)
+    conn.execute("CALL stream_export_increment('after_call')")
+    conn.execute("CALL stream_export_increment('after_call')")
+    lines = recorded_lines(conn, "after_call")
+    ids = [json.loads(line)["id"] for line in lines]
+    assert sorted(ids) == sorted(set(ids)) == [r[0] for r in conn.execute(
+        "SELECT id FROM job_after_call ORDER BY id")]
+    assert drawn in ids
+
+
 def test_a_key_above_the_position_is_exported_when_the_largest_key_at_creation_is_gone(conn, server_dir):
     conn.execute("""
         DROP TABLE IF EXISTS job_gone;

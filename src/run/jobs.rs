@@ -49,6 +49,7 @@
 
 use pgrx::prelude::*;
 use pgrx::spi::{Spi, SpiClient, SpiResult};
+use pgrx::PgXactCallbackEvent;
 
 use super::catalog::{as_catalog_owner, catalog_failed, catalog_schema};
 
@@ -750,6 +751,7 @@ pub fn increment(name: &str) -> Increment {
             )
             .map(|_| ())
         })?;
+        refuse_inserts_after_the_run(&job.name, &table);
         Ok(Increment::Part {
             number,
             target,
@@ -758,6 +760,73 @@ pub fn increment(name: &str) -> Increment {
         })
     })
     .unwrap_or_else(|e| catalog_failed(e))
+}
+
+/// Rows this transaction inserted into `relation` so far (with its
+/// subtransactions', aborted ones included): the counts the statistics
+/// system keeps for `pg_stat_xact_user_tables`.
+fn inserted_in_this_transaction(relation: pg_sys::Oid) -> i64 {
+    // SAFETY: the built-in function of one oid argument, called through
+    // the function manager as SQL calls it; it reads this backend's
+    // pending counts only.
+    unsafe {
+        pg_sys::OidFunctionCall1Coll(
+            pg_sys::Oid::from(pg_sys::F_PG_STAT_GET_XACT_TUPLES_INSERTED),
+            pg_sys::InvalidOid,
+            pg_sys::Datum::from(relation),
+        )
+        .value() as i64
+    }
+}
+
+/// The run's own transaction must not insert into the job's table after
+/// the run: the next run counts every row of this transaction as seen by
+/// this one, so such a row with a key at or below the position (drawn
+/// before the CALL) would never be exported. Checked when the transaction
+/// commits (or is prepared), from the insert counts of the table's leaf
+/// relations now and then; a COMMIT that would lose rows fails (`25000`)
+/// and the transaction rolls back.
+fn refuse_inserts_after_the_run(job: &str, table: &Source) {
+    let relations: Vec<pg_sys::Oid> = crate::engine::scan::select_one::<Vec<pg_sys::Oid>>(
+        // A table that is not partitioned has no partition tree: itself.
+        "SELECT coalesce(pg_catalog.array_agg(relid::pg_catalog.oid), ARRAY[$1]) \
+         FROM pg_catalog.pg_partition_tree($1) WHERE isleaf",
+        &[table.relation_oid().into()],
+    )
+    .unwrap_or_default();
+    let counted: Vec<(pg_sys::Oid, i64)> = relations
+        .into_iter()
+        .map(|r| (r, inserted_in_this_transaction(r)))
+        .collect();
+    // SAFETY: reads this transaction's id (the run wrote the catalog, so it
+    // has one).
+    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() };
+    let (job, shown) = (job.to_owned(), table.description());
+    let check = move || {
+        // A callback left by a prepared transaction may fire in the next.
+        // SAFETY: as above.
+        if unsafe { pg_sys::GetTopTransactionIdIfAny() } != xid {
+            return;
+        }
+        if counted
+            .iter()
+            .any(|&(relation, before)| inserted_in_this_transaction(relation) > before)
+        {
+            crate::error::raise_with_fields(
+                PgSqlErrorCode::ERRCODE_INVALID_TRANSACTION_STATE,
+                crate::error::ErrorFields {
+                    message: format!(
+                        "job \"{job}\": this transaction inserted into {shown} after CALL stream_export_increment"
+                    ),
+                    detail: Some("The next run counts every row of the run's own transaction as exported, so rows it inserts after the run would be lost; the transaction is rolled back.".into()),
+                    hint: Some("Run CALL stream_export_increment last in its transaction, or in a transaction of its own.".into()),
+                    context: None,
+                },
+            );
+        }
+    };
+    pgrx::register_xact_callback(PgXactCallbackEvent::PreCommit, check.clone());
+    pgrx::register_xact_callback(PgXactCallbackEvent::PrePrepare, check);
 }
 
 /// The ids of this transaction (its subtransactions') at or above the
