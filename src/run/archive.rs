@@ -340,6 +340,9 @@ impl Archive<'_> {
 /// error naming the chunk, raised before any of its rows are deleted.
 fn check_in_place(directory: &ExportDirectory, name: &str, index: usize, counts: &Counts) {
     let failed = |detail: String| -> ! {
+        // A read stopped by a cancel or timeout fails as that (57014), not
+        // as the storage's fault.
+        pgrx::check_for_interrupts!();
         raise(
             PgSqlErrorCode::ERRCODE_IO_ERROR,
             format!("archive chunk {index} (\"{name}\") did not verify: {detail}; none of its rows were deleted"),

@@ -297,6 +297,8 @@ impl ArchivedTable<'_> {
         rows: u64,
     ) -> String {
         let failed = |detail: String| -> ! {
+            // A read stopped by a cancel or timeout fails as that (57014).
+            pgrx::check_for_interrupts!();
             raise(
                 PgSqlErrorCode::ERRCODE_IO_ERROR,
                 format!("archive part \"{name}\" cannot be read back: {detail}; none of its rows were deleted"),
