@@ -9,6 +9,8 @@ import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from helpers import run_in_thread
+
 
 class HoldingProxy:
     """A store in front of a real one. Request number `hold_at` (counted
@@ -111,3 +113,42 @@ class HoldingProxy:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+def cancelled_while_held(server, proxy: HoldingProxy, sql: str, params: list, *, late: bool = False,
+                         **hold) -> tuple[dict, bool]:
+    """Run `sql` on a connection of its own with the request `hold` names
+    held (`hold_at`, `hold_suffix`, `refuse`: see `HoldingProxy.reset`),
+    cancel the backend while it is held, and let the store answer 0.5 s
+    later (a delay of the workload, not a synchronisation: a slower signal
+    only makes the case weaker, never wrong). Returns (the call's result:
+    its rows, or None, or its error; whether the request was held); with
+    `late`, only once the store answered the held request."""
+    proxy.reset(late=late, **hold)
+    conn = server.connect()
+    pid = conn.info.backend_pid
+
+    def call():
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description else None
+
+    thread, result = run_in_thread(call)
+    was_held = False
+    while thread.is_alive() and not was_held:
+        was_held = proxy.held.wait(0.05)
+    was_held = was_held or proxy.held.is_set()
+    timer = None
+    if was_held:
+        with server.connect() as other:
+            other.execute("SELECT pg_cancel_backend(%s)", [pid])
+        timer = threading.Timer(0.5, proxy.release.set)
+        timer.start()
+    thread.join(120)
+    assert not thread.is_alive()
+    if timer is not None:
+        timer.cancel()
+    proxy.release.set()
+    if was_held and late:
+        assert proxy.forwarded.wait(60)
+    conn.close()
+    return result, was_held

@@ -5,6 +5,7 @@ free loopback ports only and is always stopped by its owner."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -159,3 +160,27 @@ def start_store(kind: str, directory: Path, name: str, key_id: str, secret: str)
     if kind == "seaweedfs":
         return SeaweedStore(directory, name, key_id, secret)
     raise ValueError(kind)
+
+
+@contextlib.contextmanager
+def running_store(kind: str, directory: Path, name: str, bucket: str, secret: str):
+    """A store of `kind` with user "testing" and the bucket `bucket`,
+    stopped when the block ends."""
+    s = start_store(kind, directory, name, "testing", secret)
+    try:
+        s.client().create_bucket(Bucket=bucket)
+        yield s
+    finally:
+        s.stop()
+
+
+def store_environment(endpoint: str, secret: str) -> dict[str, str]:
+    """A server's environment that reaches the store at `endpoint` as the
+    user "testing"."""
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ALLOW_HTTP": "true",
+    }

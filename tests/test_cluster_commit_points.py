@@ -13,15 +13,14 @@ replaced their exports in place, so most steps left no export at all.
 from __future__ import annotations
 
 import json
-import threading
 
 import psycopg
 import pytest
 
 from conftest import crashes_in, start_cluster, stop_cluster
-from helpers import oracle_lines, run_in_thread
-from proxy import HoldingProxy
-from stores import start_store
+from helpers import oracle_lines
+from proxy import HoldingProxy, cancelled_while_held
+from stores import running_store, store_environment
 
 BUCKET = "clusters"
 SECRET = "cluster-commit-secret"
@@ -30,12 +29,8 @@ ROWS_PER_NODE = 4000
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    s = start_store("moto", tmp_path_factory.mktemp("store"), "clusters", "testing", SECRET)
-    try:
-        s.client().create_bucket(Bucket=BUCKET)
+    with running_store("moto", tmp_path_factory.mktemp("store"), "clusters", BUCKET, SECRET) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +42,7 @@ def proxy(store):
 
 @pytest.fixture(scope="module")
 def servers(proxy):
-    environment = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": proxy.endpoint,
-        "AWS_ALLOW_HTTP": "true",
-    }
+    environment = store_environment(proxy.endpoint, SECRET)
     started = {}
     try:
         for node, first in (("a", 1), ("b", 2)):
@@ -119,28 +108,8 @@ def test_a_cancel_at_any_request_of_a_cluster_export_leaves_one_whole_export(ser
         with servers["a"].connect() as c:
             c.execute("UPDATE cp_src SET t = %s WHERE id = 1", [f"step {index}"])
         now = table_lines(servers)
-        proxy.reset(hold_at=index)
-        conn = servers["coordinator"].connect()
-        pid = conn.info.backend_pid
-        thread, result = run_in_thread(lambda: conn.execute(sql, [uri, nodes]).fetchall())
-        was_held = False
-        while thread.is_alive() and not was_held:
-            was_held = proxy.held.wait(0.05)
-        timer = None
-        if was_held:
-            with servers["coordinator"].connect() as other:
-                other.execute("SELECT pg_cancel_backend(%s)", [pid])
-            # The store answers a little later (a delay of the workload,
-            # not a synchronisation: a slower signal makes the case weaker,
-            # never wrong).
-            timer = threading.Timer(0.5, proxy.release.set)
-            timer.start()
-        thread.join(120)
-        assert not thread.is_alive()
-        if timer:
-            timer.cancel()
-        proxy.release.set()
-        conn.close()
+        result, was_held = cancelled_while_held(servers["coordinator"], proxy, sql, [uri, nodes],
+                                                hold_at=index)
         if not was_held:
             assert "error" not in result, result
             break

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -27,8 +26,8 @@ import pytest
 
 from conftest import crashes_in, start_cluster, stop_cluster
 from helpers import run_in_thread
-from proxy import HoldingProxy
-from stores import start_store
+from proxy import HoldingProxy, cancelled_while_held
+from stores import running_store, store_environment
 
 BUCKET = "commits"
 SECRET = "commit-secret"
@@ -36,12 +35,8 @@ SECRET = "commit-secret"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    s = start_store("moto", tmp_path_factory.mktemp("store"), "commits", "testing", SECRET)
-    try:
-        s.client().create_bucket(Bucket=BUCKET)
+    with running_store("moto", tmp_path_factory.mktemp("store"), "commits", BUCKET, SECRET) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +48,7 @@ def proxy(store):
 
 @pytest.fixture(scope="module")
 def server(proxy):
-    srv = start_cluster("pg_stream_export", environment={
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": proxy.endpoint,
-        "AWS_ALLOW_HTTP": "true",
-    })
+    srv = start_cluster("pg_stream_export", environment=store_environment(proxy.endpoint, SECRET))
     try:
         with srv.connect() as c:
             c.execute("""
@@ -98,29 +87,9 @@ def export_cancelled_at(server, proxy, uri: str, index: int | None, refuse: bool
     """Run an overwriting directory export with request `index` (or the
     first PUT of a key ending with `hold_suffix`) held, and cancel it while
     the request is held. Returns (result, whether it was held)."""
-    proxy.reset(hold_at=index, refuse=refuse, hold_suffix=hold_suffix)
-    conn = server.connect()
-    pid = conn.info.backend_pid
-    thread, result = run_in_thread(lambda: conn.execute(
-        "SELECT rows FROM stream_export_to_directory('cp_src', %s, 'id', 2, overwrite => true)",
-        [uri]).fetchall())
-    was_held = False
-    while thread.is_alive() and not was_held:
-        was_held = proxy.held.wait(0.05)
-    if was_held:
-        with server.connect() as other:
-            other.execute("SELECT pg_cancel_backend(%s)", [pid])
-        # The cancel is signalled; the store answers a little later (a
-        # delay of the workload, not a synchronisation: a slower signal
-        # only makes the case weaker, never wrong).
-        timer = threading.Timer(0.5, proxy.release.set)
-        timer.start()
-    thread.join(120)
-    assert not thread.is_alive()
-    if was_held:
-        timer.cancel()
-    conn.close()
-    return result, was_held
+    return cancelled_while_held(
+        server, proxy, "SELECT rows FROM stream_export_to_directory('cp_src', %s, 'id', 2, overwrite => true)",
+        [uri], hold_at=index, refuse=refuse, hold_suffix=hold_suffix)
 
 
 def test_a_cancel_while_the_store_answers_the_manifest_put_keeps_the_export(server, proxy, store):
@@ -363,34 +332,8 @@ def chunked_cancelled_at(server, proxy, uri: str, index: int | None, hold_suffix
     it is held. With `late`, the held request reaches the store only once
     released, and this returns only once the store answered it. Returns
     (result, whether it was held)."""
-    proxy.reset(hold_at=index, hold_suffix=hold_suffix, late=late)
-    conn = server.connect()
-    pid = conn.info.backend_pid
-
-    def call():
-        conn.execute(CHUNKED, [uri])
-
-    thread, result = run_in_thread(call)
-    was_held = False
-    while thread.is_alive() and not was_held:
-        was_held = proxy.held.wait(0.05)
-    was_held = was_held or proxy.held.is_set()
-    timer = None
-    if was_held:
-        with server.connect() as other:
-            other.execute("SELECT pg_cancel_backend(%s)", [pid])
-        # As in export_cancelled_at: the store answers a little later.
-        timer = threading.Timer(0.5, proxy.release.set)
-        timer.start()
-    thread.join(120)
-    assert not thread.is_alive()
-    if timer is not None:
-        timer.cancel()
-        proxy.release.set()
-        if late:
-            assert proxy.forwarded.wait(60)
-    conn.close()
-    return result, was_held
+    return cancelled_while_held(server, proxy, CHUNKED, [uri], late=late, hold_at=index,
+                                hold_suffix=hold_suffix)
 
 
 def check_cancelled_chunked_state(store, prefix: str, before: tuple[str, list[str]], old_parts: set[str],

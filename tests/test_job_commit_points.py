@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import collections
 import json
-import threading
 import urllib.parse
 
 import psycopg
 import pytest
 
 from conftest import crashes_in, start_cluster, stop_cluster
-from helpers import oracle_lines, run_in_thread
-from proxy import HoldingProxy
-from stores import start_store
+from helpers import oracle_lines
+from proxy import HoldingProxy, cancelled_while_held
+from stores import running_store, store_environment
 
 BUCKET = "jobcommits"
 SECRET = "job-commit-secret"
@@ -43,12 +42,8 @@ FOOTER = '{"_stream_export":'
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    s = start_store("moto", tmp_path_factory.mktemp("store"), "jobcommits", "testing", SECRET)
-    try:
-        s.client().create_bucket(Bucket=BUCKET)
+    with running_store("moto", tmp_path_factory.mktemp("store"), "jobcommits", BUCKET, SECRET) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +55,7 @@ def proxy(store):
 
 @pytest.fixture(scope="module")
 def server(proxy):
-    srv = start_cluster("pg_stream_export", environment={
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": proxy.endpoint,
-        "AWS_ALLOW_HTTP": "true",
-    })
+    srv = start_cluster("pg_stream_export", environment=store_environment(proxy.endpoint, SECRET))
     try:
         yield srv
     finally:
@@ -75,37 +64,9 @@ def server(proxy):
 
 
 def call_cancelled_at(server, proxy, sql: str, params: list, index: int) -> tuple[dict, bool]:
-    """Run `sql` on an autocommit connection with request `index` held, and
-    cancel the backend while it is held; the store answers 0.5 s later.
-    Returns (result, whether the request was held)."""
-    proxy.reset(hold_at=index)
-    conn = server.connect()
-    pid = conn.info.backend_pid
-
-    def call():
-        conn.execute(sql, params)
-
-    thread, result = run_in_thread(call)
-    was_held = False
-    while thread.is_alive() and not was_held:
-        was_held = proxy.held.wait(0.05)
-    was_held = was_held or proxy.held.is_set()
-    timer = None
-    if was_held:
-        with server.connect() as other:
-            other.execute("SELECT pg_cancel_backend(%s)", [pid])
-        # The store answers a little later (a delay of the workload, not a
-        # synchronisation: a slower signal makes the case weaker, never
-        # wrong).
-        timer = threading.Timer(0.5, proxy.release.set)
-        timer.start()
-    thread.join(120)
-    assert not thread.is_alive()
-    if timer is not None:
-        timer.cancel()
-    proxy.release.set()
-    conn.close()
-    return result, was_held
+    """Run `sql` with request `index` held, and cancel it while the request
+    is held. Returns (result, whether the request was held)."""
+    return cancelled_while_held(server, proxy, sql, params, hold_at=index)
 
 
 def key_of(uri: str) -> str:
