@@ -16,6 +16,8 @@ from __future__ import annotations
 import collections
 import json
 import random
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from conftest import PG_BIN, _as_postgres, start_cluster, stop_cluster
 from helpers import listed_part_lines, oracle_lines, part_lines, run_in_thread, sqlstate_of, wait_until
 
 
@@ -695,3 +698,60 @@ def test_drop_owned_under_session_replication_role_replica_still_removes_the_job
     assert conn.execute("SELECT count(*) FROM stream_export_job WHERE name LIKE 'replica-%'").fetchone() == (0,)
     assert role not in pins(conn)
     conn.execute(f"DROP ROLE {role}")
+
+
+def test_frozen_rows_more_than_two_billion_ids_old_are_not_late(server_dir):
+    """A frozen row keeps its raw xmin. Once the server is more than 2^31
+    ids past it, that xmin widened against a run's snapshot lands after the
+    snapshot, and a window that reaches the row (here: a job made and run
+    in one transaction, whose floor is "from the start") took every such
+    row for a late one and exported it again."""
+    srv = start_cluster("")
+
+    def next_xid() -> int:
+        out = subprocess.run(_as_postgres([str(PG_BIN / "pg_controldata"), str(srv.data)]),
+                             check=True, capture_output=True, text=True).stdout
+        return int(next(line for line in out.splitlines() if "NextXID" in line).split(":")[-1])
+
+    def freeze_all() -> None:
+        with srv.connect("postgres") as c:
+            c.execute("UPDATE pg_database SET datallowconn = true WHERE datname = 'template0'")
+        for database in ("postgres", "template0", "template1", "e2e"):
+            with srv.connect(database) as c:
+                c.execute("VACUUM FREEZE")
+        with srv.connect("postgres") as c:
+            c.execute("UPDATE pg_database SET datallowconn = false WHERE datname = 'template0'")
+            c.execute("CHECKPOINT")
+
+    def jump_to(xid: int) -> None:
+        srv.pg_ctl("-m", "fast", "-w", "stop")
+        segment = srv.data / "pg_xact" / f"{xid >> 20:04X}"
+        if not segment.exists():
+            segment.write_bytes(b"\0" * 262144)
+            shutil.chown(segment, "postgres", "postgres")
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_resetwal"), "-x", str(xid), "-f", str(srv.data)]),
+                       check=True, capture_output=True)
+        srv.start()
+
+    try:
+        with srv.connect() as c:
+            c.execute("CREATE TABLE job_frozen (id bigserial PRIMARY KEY, v text NOT NULL);"
+                      " INSERT INTO job_frozen (v) SELECT 'old ' || g FROM generate_series(1, 10) g")
+        freeze_all()
+        jump_to(next_xid() + 2**31 - 60_000_000)
+        freeze_all()
+        jump_to(next_xid() + 100_000_000)
+        with srv.connect() as c:
+            (raw,) = c.execute("SELECT min(xmin::text::bigint) FROM job_frozen").fetchone()
+            (now,) = c.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+            assert now - raw > 2**31
+            with c.transaction():
+                c.execute("SELECT stream_export_job_create('frozen', 'job_frozen', 'id', %s)", [str(server_dir)])
+                c.execute("CALL stream_export_increment('frozen')")
+            c.execute("INSERT INTO job_frozen (v) VALUES ('new')")
+            c.execute("CALL stream_export_increment('frozen')")
+            assert c.execute("SELECT part, rows FROM stream_export_job_part WHERE job = 'frozen' ORDER BY part"
+                             ).fetchall() == [(1, 10), (2, 1)]
+            assert sorted(recorded_lines(c, "frozen")) == sorted(oracle(c, "job_frozen"))
+    finally:
+        stop_cluster(srv)

@@ -886,7 +886,7 @@ fn parse_snapshot(text: &str) -> Option<SnapshotText> {
 /// `run_subxids` (written as ranges of consecutive ids). The 32-bit
 /// xmin is widened to a full transaction id relative to the snapshot's
 /// xmax (the signed 32-bit difference added to it); the special ids below
-/// 3 (bootstrap, frozen) count as seen.
+/// 3 (bootstrap, frozen) and the ids of frozen rows count as seen.
 fn late_row_condition(snapshot: &str, run_xid: Option<u64>, run_subxids: &[u64]) -> String {
     let Some(parsed) = parse_snapshot(snapshot) else {
         raise(
@@ -911,8 +911,17 @@ fn late_row_condition(snapshot: &str, run_xid: Option<u64>, run_subxids: &[u64])
             format!(" OR {widened} BETWEEN {first} AND {last}")
         };
     }
+    // A frozen row keeps its raw xmin, which may be more than 2^31 ids
+    // behind now and then widens to an id after the snapshot: a row whose
+    // xmin precedes its relation's relfrozenxid, or lies after now, is
+    // frozen (asked only of the rows the snapshot did not see).
+    let age = format!("pg_catalog.age({SOURCE_ALIAS}.xmin)");
+    let frozen = format!(
+        "{age} < 0 OR {age} > pg_catalog.age((SELECT c.relfrozenxid FROM pg_catalog.pg_class c \
+         WHERE c.oid = {SOURCE_ALIAS}.tableoid))"
+    );
     format!(
-        "NOT ({xmin} < 3{own} OR pg_catalog.pg_visible_in_snapshot({widened}::text::pg_catalog.xid8, '{snapshot}'::pg_catalog.pg_snapshot))"
+        "NOT ({xmin} < 3{own} OR pg_catalog.pg_visible_in_snapshot({widened}::text::pg_catalog.xid8, '{snapshot}'::pg_catalog.pg_snapshot) OR {frozen})"
     )
 }
 
