@@ -30,6 +30,7 @@ class HoldingProxy:
         self.hold_at: int | None = None
         self.hold_suffix: str | None = None
         self.refuse = False
+        self.refuse_deletes: str | None = None
         self.late = False
         self.held = threading.Event()
         self.forwarded = threading.Event()
@@ -66,6 +67,8 @@ class HoldingProxy:
                     matches = (proxy.hold_suffix is not None and self.command == "PUT"
                                and self.path.endswith(proxy.hold_suffix))
                     hold = index == proxy.hold_at or (matches and not proxy.held.is_set())
+                if proxy.refuse_deletes and self.command == "DELETE" and proxy.refuse_deletes in self.path:
+                    return self._answer(503, [], b"<Error><Code>SlowDown</Code></Error>")
                 if proxy.refuse and (hold or matches):
                     if hold:
                         proxy.held.set()
@@ -97,8 +100,12 @@ class HoldingProxy:
         self.thread.start()
 
     def reset(self, hold_at: int | None = None, refuse: bool = False, hold_suffix: str | None = None,
-              late: bool = False) -> None:
+              late: bool = False, refuse_deletes: str | None = None) -> None:
+        """Start counting requests again, with what to hold; with
+        `refuse_deletes`, every DELETE of a path containing it is answered
+        503 without reaching the store."""
         with self.lock:
+            self.refuse_deletes = refuse_deletes
             self.requests = []
             self.hold_at = hold_at
             self.hold_suffix = hold_suffix

@@ -964,3 +964,27 @@ def test_a_resume_with_other_settings_exports_the_finished_node_again(shards, st
     assert [(r[0], r[1]) for r in rows] == [("a", True), ("b", True)]
     coordinator.close()
     no_leftovers(store, prefix)
+
+
+def test_a_cluster_export_removes_only_the_node_directories_it_made(coordinator, shards, store):
+    """Objects under the prefix whose names start with "node-" but that no
+    cluster export made (a note, another export's directory) stay through
+    an export and an overwrite; the replaced export's node directories go.
+    (The clean-up after the commit point removed everything under node-*.)"""
+    prefix = "foreign/"
+    client = store.client()
+    foreign = [f"{prefix}node-notes.txt", f"{prefix}node-archive/manifest.json",
+               f"{prefix}node-archive/part-0123456789ab-00000.ndjson", f"{prefix}node-a/readme.txt"]
+    for key in foreign:
+        body = (json.dumps({"parts": [{"file": "part-0123456789ab-00000.ndjson"}]}).encode()
+                if key.endswith("manifest.json") else b"not a cluster export's\n")
+        client.put_object(Bucket=BUCKET, Key=key, Body=body)
+    export(coordinator, prefix, shards)
+    first = {n["directory"] for n in json.loads(get(store, f"{prefix}manifest.json"))["nodes"]}
+    export(coordinator, prefix, shards, overwrite=True)
+    second = {n["directory"] for n in json.loads(get(store, f"{prefix}manifest.json"))["nodes"]}
+    keys = objects(store, prefix)
+    assert all(key in keys for key in foreign), keys
+    assert not any(key.startswith(prefix + d) for d in first for key in keys)
+    assert all(any(key.startswith(prefix + d) for key in keys) for d in second)
+    no_leftovers(store, prefix)

@@ -558,3 +558,36 @@ def test_a_cancel_while_a_chunked_export_removes_its_journal_keeps_the_export(se
         with server.connect() as conn:
             conn.execute("UPDATE cp_src SET t = md5(id::text) WHERE id = 1")
     assert problems == [], problems
+
+
+def test_a_journal_the_store_would_not_delete_is_never_resumed(server, proxy, store):
+    """The store refuses to delete the journal of a chunked export that
+    committed: the next overwriting call does not take that journal up (it
+    used to resume it: the old rows committed again under the old export
+    id); it fails (58030) until the store deletes again, and then exports
+    the table afresh."""
+    prefix = "journal-kept/"
+    uri = f"s3://{BUCKET}/{prefix}"
+    proxy.reset(refuse_deletes=f"/{prefix}progress")
+    try:
+        result, _ = chunked_call(server, uri)
+        assert "error" not in result, result
+        first_id, _ = exported_lines(store, prefix)
+        assert journal_header(store, prefix) is not None
+        with server.connect() as conn:
+            conn.execute("UPDATE cp_src SET t = 'after the first' WHERE id = 1")
+        result, _ = chunked_call(server, uri)
+        assert isinstance(result.get("error"), psycopg.errors.IoError), result
+        assert exported_lines(store, prefix)[0] == first_id
+        proxy.reset()
+        result, notices = chunked_call(server, uri)
+        assert "error" not in result, result
+        assert chunks_noticed(notices)[1] == 0
+        with server.connect() as conn:
+            new_id, lines = exported_lines(store, prefix)
+            assert new_id != first_id and lines == lines_of(conn)
+        only_the_export_is_there(store, prefix)
+    finally:
+        proxy.reset()
+        with server.connect() as conn:
+            conn.execute("UPDATE cp_src SET t = md5(id::text) WHERE id = 1")

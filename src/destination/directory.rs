@@ -12,6 +12,7 @@ use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
+use pgrx::PgSqlErrorCode;
 use serde_json::Value;
 
 use super::file::{self, raise_io, Directory, PartialFile};
@@ -19,6 +20,7 @@ use super::listing;
 use super::object::{self, client::Client, client::Failure, uri::ObjectUri};
 use super::output::Output;
 use super::Target;
+use crate::error::raise;
 use crate::layout::{
     export_id_of_part, is_part_file_name, manifest_parts, MANIFEST, PROGRESS, PROGRESS_HEADER,
 };
@@ -288,7 +290,9 @@ impl ExportDirectory {
         };
         if let (Some(done), Some(journal)) = (&manifest, journal) {
             if done["export_id"] == journal["export_id"] {
+                // Never to be resumed: gone, or an error.
                 self.remove_journal();
+                self.refuse_journal_left();
             }
         }
         match self {
@@ -366,6 +370,9 @@ impl ExportDirectory {
             ExportDirectory::Server(dir) => listing::read_journal(dir, on_entry),
             ExportDirectory::Prefix(prefix) => {
                 let header = prefix.read_json(PROGRESS_HEADER)?;
+                // An entry another export left (its removal failed) is not
+                // this journal's: the journal ends before it.
+                let own = format!("part-{}-", header["export_id"].as_str().unwrap_or(""));
                 let names = prefix.names_under("progress-");
                 let entries = names.iter().filter(|n| is_journal_object(n));
                 for (index, name) in entries.enumerate() {
@@ -373,8 +380,12 @@ impl ExportDirectory {
                         break;
                     }
                     match prefix.read_json(name) {
-                        Some(entry) => on_entry(&entry),
-                        None => break,
+                        Some(entry)
+                            if entry["file"].as_str().is_some_and(|f| f.starts_with(&own)) =>
+                        {
+                            on_entry(&entry)
+                        }
+                        _ => break,
                     }
                 }
                 Some((header, 0))
@@ -427,6 +438,7 @@ impl ExportDirectory {
     pub fn new_journal(&self, header: &Value) -> Journal {
         // A journal whose header never made it is stale.
         self.remove_journal();
+        self.refuse_journal_left();
         match self {
             ExportDirectory::Server(dir) => {
                 let mut journal = dir
@@ -456,6 +468,27 @@ impl ExportDirectory {
         }
     }
 
+    /// `58030` when journal objects are still under the prefix (their
+    /// removal failed): a new journal must not take them up.
+    fn refuse_journal_left(&self) {
+        if let ExportDirectory::Prefix(prefix) = self {
+            let left = prefix
+                .names_under("progress")
+                .into_iter()
+                .find(|name| is_journal_object(name));
+            if let Some(name) = left {
+                raise(
+                    PgSqlErrorCode::ERRCODE_IO_ERROR,
+                    format!(
+                        "could not remove \"{}\", the journal of an earlier export",
+                        prefix.uri.join(&name)
+                    ),
+                    Some("Check that the store accepts DELETE requests, then call again."),
+                );
+            }
+        }
+    }
+
     /// Remove the journal (best effort: it is only read to resume).
     pub fn remove_journal(&self) {
         match self {
@@ -466,7 +499,7 @@ impl ExportDirectory {
             // this runs inside the commit point, where one is no reason to
             // leave the journal.
             ExportDirectory::Prefix(prefix) => {
-                if let Ok(client) = prefix.client().for_cleanup() {
+                if let Ok(client) = prefix.client().for_finishing(object::upload::FINISH_LIMIT) {
                     let _ =
                         object::delete_under(&client, &prefix.uri, "progress", is_journal_object);
                 }
@@ -619,6 +652,17 @@ impl ExportDirectory {
         }
     }
 
+    /// Put the small object `name` under a prefix (replacing one there),
+    /// unless a cancel or terminate is pending. Best effort, never raises:
+    /// for bookkeeping after a commit point.
+    pub fn try_write_small(&self, name: &str, bytes: &[u8]) {
+        if let ExportDirectory::Prefix(prefix) = self {
+            if !object::cancel_or_exit_pending() {
+                let _ = prefix.client().put(&prefix.uri.join(name), bytes, true);
+            }
+        }
+    }
+
     /// Remove the file `name` if it is there.
     pub fn remove_file(&self, name: &str) {
         match self {
@@ -638,16 +682,36 @@ impl ExportDirectory {
         }
     }
 
-    /// Under a prefix, remove the objects whose names (relative to it)
-    /// start with `start` and are in none of the directories `kept`, until
-    /// a cancel or terminate is pending: what a committed export replaced.
-    /// Best effort, never raises (what is left, the next export removes).
-    pub fn remove_objects_except(&self, start: &str, kept: &[String]) {
-        if let ExportDirectory::Prefix(prefix) = self {
-            let _ = object::delete_under(prefix.client(), &prefix.uri, start, |name| {
+    /// Under a prefix, remove the node directories `directories` (relative
+    /// to it) of a cluster export: everything under a run directory
+    /// (`node-<id>/<export id>/`, multipart uploads included), and in a node
+    /// directory itself (exports before 0.4.0) only the files an export
+    /// writes there. Stops when a cancel or terminate is pending. Best
+    /// effort, never raises (what is left, the next export removes).
+    pub fn remove_node_directories(&self, directories: &[String]) {
+        let ExportDirectory::Prefix(prefix) = self else {
+            return;
+        };
+        for directory in directories {
+            if object::cancel_or_exit_pending() {
+                return;
+            }
+            let nested = directory.trim_end_matches('/').contains('/');
+            let _ = object::delete_under(prefix.client(), &prefix.uri, directory, |name| {
+                let Some(file) = name.strip_prefix(directory.as_str()) else {
+                    return false;
+                };
                 !object::cancel_or_exit_pending()
-                    && !kept.iter().any(|k| name.starts_with(k.as_str()))
+                    && (nested
+                        || (!file.contains('/')
+                            && (is_part_file_name(file)
+                                || file == MANIFEST
+                                || file == object::LEASE
+                                || is_journal_object(file))))
             });
+            if nested {
+                object::abort_uploads_under(prefix.client(), &prefix.uri.join(directory));
+            }
         }
     }
 

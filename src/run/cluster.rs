@@ -37,7 +37,8 @@ use crate::destination::ExportDirectory;
 use crate::error::{raise, raise_with_fields, sqlstate_code, ErrorFields};
 use crate::ident::quote_identifier;
 use crate::layout::{
-    is_export_id, new_export_id, node_id_problem, node_run_directory, MANIFEST, NODE_DIRECTORIES,
+    is_export_id, is_node_export_directory, new_export_id, node_id_problem, node_run_directory,
+    MANIFEST,
 };
 use crate::options::ExportOptions;
 use crate::remote::{parse_conninfo, wait_readable, Link, Params, RemoteError};
@@ -811,6 +812,48 @@ fn node_export_of(
     ))
 }
 
+/// The node directories of the cluster exports made at `top` so far: those
+/// its manifest of manifests lists (a node directory itself for exports
+/// before 0.4.0), and every run directory its record names (`runs`: run
+/// id, and the nodes of that run), whether that run finished or not.
+fn replaced_node_directories(top: &ExportDirectory, runs: Option<&Value>) -> Vec<String> {
+    let mut directories = std::collections::BTreeSet::new();
+    let manifest = top
+        .read_small(MANIFEST)
+        .filter(|bytes| bytes.len() as u64 <= crate::sink::verify::MANIFEST_LIMIT)
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok());
+    for node in manifest
+        .as_ref()
+        .and_then(|m| m["nodes"].as_array())
+        .into_iter()
+        .flatten()
+    {
+        let (Some(id), Some(directory)) = (node["node"].as_str(), node["directory"].as_str())
+        else {
+            continue;
+        };
+        if node_id_problem(id).is_none() && is_node_export_directory(id, directory) {
+            directories.insert(directory.to_owned());
+        }
+    }
+    for (run, recorded) in runs.and_then(Value::as_object).into_iter().flatten() {
+        if !is_export_id(run) {
+            continue;
+        }
+        for id in recorded["nodes"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(id, _)| id)
+        {
+            if node_id_problem(id).is_none() {
+                directories.insert(node_run_directory(id, run));
+            }
+        }
+    }
+    directories.into_iter().collect()
+}
+
 fn now_text() -> String {
     crate::engine::scan::select_one::<String>(
         "SELECT pg_catalog.to_char(pg_catalog.clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
@@ -1003,14 +1046,20 @@ pub fn export_cluster(
             .map(|(name, value)| ((*name).to_owned(), Value::from(value.as_str())))
             .collect::<serde_json::Map<String, Value>>(),
     });
+    let recorded_runs = top
+        .read_small(CLUSTER_REQUEST)
+        .filter(|bytes| bytes.len() as u64 <= crate::sink::verify::MANIFEST_LIMIT)
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+        .filter(|earlier| earlier["pg_stream_export_cluster"] == 2)
+        .map(|mut earlier| earlier["runs"].take());
+    // The node directories this prefix's cluster exports made, and only
+    // those, go once this one is committed (never anything else under the
+    // prefix that happens to start with "node-").
+    let replaced = replaced_node_directories(&top, recorded_runs.as_ref());
     let earlier_runs = if request.overwrite {
         None
     } else {
-        top.read_small(CLUSTER_REQUEST)
-            .filter(|bytes| bytes.len() as u64 <= crate::sink::verify::MANIFEST_LIMIT)
-            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
-            .filter(|earlier| earlier["pg_stream_export_cluster"] == 2)
-            .map(|mut earlier| earlier["runs"].take())
+        recorded_runs.clone()
     };
     let made_as_asked = |node: &Node, run: &Value| {
         run["request"] == asked && run["nodes"][&node.id] == node.identity
@@ -1064,7 +1113,17 @@ pub fn export_cluster(
                 .collect::<serde_json::Map<String, Value>>(),
         }),
     );
-    let record = json!({"pg_stream_export_cluster": 2, "runs": runs});
+    // Until this export is committed the record keeps every run it had, so
+    // that their directories stay known (for a later call to reuse or
+    // remove); once committed, only the runs the new manifest uses.
+    let committed_record = json!({"pg_stream_export_cluster": 2, "runs": runs.clone()});
+    let mut every_run = recorded_runs
+        .as_ref()
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    every_run.extend(runs);
+    let record = json!({"pg_stream_export_cluster": 2, "runs": every_run});
     top.write_small(CLUSTER_REQUEST, (record.to_string() + "\n").as_bytes());
 
     let level = request.compression_level.map(|l| l.to_string());
@@ -1161,9 +1220,20 @@ pub fn export_cluster(
         // From the commit point on, the manifest of manifests may list
         // every node's parts: nothing may remove them.
         &mut || run.armed = false,
-        // Committed: what the node directories hold besides this export
-        // (the export it replaced, earlier runs that did not finish) goes.
-        &mut || top.remove_objects_except(NODE_DIRECTORIES, &kept),
+        // Committed: the node directories of the export it replaced and of
+        // earlier runs go (those this export lists stay).
+        &mut || {
+            let gone: Vec<String> = replaced
+                .iter()
+                .filter(|d| !kept.contains(d))
+                .cloned()
+                .collect();
+            top.remove_node_directories(&gone);
+            top.try_write_small(
+                CLUSTER_REQUEST,
+                (committed_record.to_string() + "\n").as_bytes(),
+            );
+        },
     );
     tracked.job_progress(totals.rows, totals.bytes);
     tracked.written(totals.file_bytes);

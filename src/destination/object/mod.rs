@@ -21,7 +21,7 @@ use crate::error::raise;
 use client::{Client, Failure, StoreError};
 use uri::{ObjectUri, UriError};
 
-pub use lease::Lease;
+pub use lease::{Lease, LEASE};
 pub use upload::ObjectUpload;
 
 pub const WRITE_ROLE: &str = "stream_export_object_store_write";
@@ -513,6 +513,23 @@ pub fn delete_under(
         }
     }
     Ok(deleted)
+}
+
+/// Abort every multipart upload in progress under `prefix`. Best effort,
+/// never raises.
+pub fn abort_uploads_under(client: &Client, prefix: &ObjectUri) {
+    if let Ok(uploads) = client.list_uploads(prefix) {
+        for (key, upload_id) in uploads {
+            if cancel_or_exit_pending() {
+                return;
+            }
+            let uri = ObjectUri {
+                bucket: prefix.bucket.clone(),
+                key,
+            };
+            let _ = client.abort_multipart(&uri, &upload_id);
+        }
+    }
 }
 
 /// A client for cleaning up after a failure, with the short timeouts of
