@@ -280,6 +280,21 @@ def test_a_run_whose_transaction_inserts_into_the_table_after_the_call_does_not_
     assert conn.execute("SELECT count(*) FROM job_after_call WHERE id = %s", [drawn]).fetchone() == (0,)
     with pytest.raises(psycopg.errors.InvalidTransactionState):
         conn.execute("CALL job_after_call_proc(%s)", [drawn])
+    # A run rolled back to a savepoint protects nothing: the insert commits.
+    conn.execute("BEGIN")
+    conn.execute("SAVEPOINT before_run")
+    conn.execute("CALL stream_export_increment('after_call')")
+    conn.execute("ROLLBACK TO SAVEPOINT before_run")
+    conn.execute("INSERT INTO job_after_call (v) VALUES ('after a rolled-back run')")
+    conn.execute("COMMIT")
+    # An inheritance child is the job's table too.
+    conn.execute("CREATE TABLE job_after_call_child () INHERITS (job_after_call)")
+    conn.execute("BEGIN")
+    conn.execute("CALL stream_export_increment('after_call')")
+    conn.execute("INSERT INTO job_after_call_child (v) VALUES ('child, after the call')")
+    with pytest.raises(psycopg.errors.InvalidTransactionState):
+        conn.execute("COMMIT")
+    conn.execute("DROP TABLE job_after_call_child")
     # Inserts before the CALL, and updates after it, commit.
     with conn.transaction():
         conn.execute("INSERT INTO job_after_call (v) VALUES ('before the call')")

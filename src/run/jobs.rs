@@ -787,10 +787,13 @@ fn inserted_in_this_transaction(relation: pg_sys::Oid) -> i64 {
 /// relations now and then; a COMMIT that would lose rows fails (`25000`)
 /// and the transaction rolls back.
 fn refuse_inserts_after_the_run(job: &str, table: &Source) {
+    // The table, its partitions and its inheritance children, at any depth
+    // (a partitioned table's own count stays 0).
     let relations: Vec<pg_sys::Oid> = crate::engine::scan::select_one::<Vec<pg_sys::Oid>>(
-        // A table that is not partitioned has no partition tree: itself.
-        "SELECT coalesce(pg_catalog.array_agg(relid::pg_catalog.oid), ARRAY[$1]) \
-         FROM pg_catalog.pg_partition_tree($1) WHERE isleaf",
+        "WITH RECURSIVE tree (relid) AS ( \
+             SELECT $1::pg_catalog.oid \
+             UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.relid) \
+         SELECT pg_catalog.array_agg(relid) FROM tree",
         &[table.relation_oid().into()],
     )
     .unwrap_or_default();
@@ -798,14 +801,24 @@ fn refuse_inserts_after_the_run(job: &str, table: &Source) {
         .into_iter()
         .map(|r| (r, inserted_in_this_transaction(r)))
         .collect();
-    // SAFETY: reads this transaction's id (the run wrote the catalog, so it
-    // has one).
-    let xid = unsafe { pg_sys::GetTopTransactionIdIfAny() };
+    // SAFETY: read this transaction's ids (the run wrote the catalog, so
+    // both the top transaction and the CALL's level have one).
+    let (xid, run_level) = unsafe {
+        (
+            pg_sys::GetTopTransactionIdIfAny(),
+            pg_sys::GetCurrentTransactionIdIfAny(),
+        )
+    };
     let (job, shown) = (job.to_owned(), table.description());
     let check = move || {
-        // A callback left by a prepared transaction may fire in the next.
-        // SAFETY: as above.
-        if unsafe { pg_sys::GetTopTransactionIdIfAny() } != xid {
+        // A callback left by a prepared transaction may fire in the next;
+        // a run rolled back to a savepoint recorded nothing to protect.
+        // SAFETY: questions about this backend's own transaction state.
+        let relevant = unsafe {
+            pg_sys::GetTopTransactionIdIfAny() == xid
+                && pg_sys::TransactionIdIsCurrentTransactionId(run_level)
+        };
+        if !relevant {
             return;
         }
         if counted
