@@ -686,33 +686,38 @@ impl ExportDirectory {
     /// to it) of a cluster export: everything under a run directory
     /// (`node-<id>/<export id>/`, multipart uploads included), and in a node
     /// directory itself (exports before 0.4.0) only the files an export
-    /// writes there. Stops when a cancel or terminate is pending. Best
-    /// effort, never raises (what is left, the next export removes).
+    /// writes there. One listing of the node directories and one of the
+    /// uploads, then a request per object removed; stops when a cancel or
+    /// terminate is pending. Best effort, never raises (what is left, the
+    /// next export removes).
     pub fn remove_node_directories(&self, directories: &[String]) {
         let ExportDirectory::Prefix(prefix) = self else {
             return;
         };
-        for directory in directories {
-            if object::cancel_or_exit_pending() {
-                return;
-            }
-            let nested = directory.trim_end_matches('/').contains('/');
-            let _ = object::delete_under(prefix.client(), &prefix.uri, directory, |name| {
-                let Some(file) = name.strip_prefix(directory.as_str()) else {
-                    return false;
-                };
-                !object::cancel_or_exit_pending()
-                    && (nested
+        if directories.is_empty() {
+            return;
+        }
+        let nested = |directory: &str| directory.trim_end_matches('/').contains('/');
+        let removed = |name: &str| {
+            directories.iter().any(|directory| {
+                name.strip_prefix(directory.as_str()).is_some_and(|file| {
+                    nested(directory)
                         || (!file.contains('/')
                             && (is_part_file_name(file)
                                 || file == MANIFEST
                                 || file == object::LEASE
-                                || is_journal_object(file))))
-            });
-            if nested {
-                object::abort_uploads_under(prefix.client(), &prefix.uri.join(directory));
-            }
-        }
+                                || is_journal_object(file)))
+                })
+            })
+        };
+        let _ = object::delete_under(prefix.client(), &prefix.uri, "node-", |name| {
+            !object::cancel_or_exit_pending() && removed(name)
+        });
+        object::abort_uploads_under(prefix.client(), &prefix.uri, &|name| {
+            directories
+                .iter()
+                .any(|directory| nested(directory) && name.starts_with(directory.as_str()))
+        });
     }
 
     /// Remove what the export `export_id` left here when the process that

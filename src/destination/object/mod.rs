@@ -515,13 +515,17 @@ pub fn delete_under(
     Ok(deleted)
 }
 
-/// Abort every multipart upload in progress under `prefix`. Best effort,
-/// never raises.
-pub fn abort_uploads_under(client: &Client, prefix: &ObjectUri) {
+/// Abort the multipart uploads in progress under `prefix` whose names
+/// (relative to it) pass `wanted`. Best effort, never raises; stops when a
+/// cancel or terminate is pending.
+pub fn abort_uploads_under(client: &Client, prefix: &ObjectUri, wanted: &dyn Fn(&str) -> bool) {
     if let Ok(uploads) = client.list_uploads(prefix) {
         for (key, upload_id) in uploads {
             if cancel_or_exit_pending() {
                 return;
+            }
+            if !key.strip_prefix(prefix.key.as_str()).is_some_and(wanted) {
+                continue;
             }
             let uri = ObjectUri {
                 bucket: prefix.bucket.clone(),
